@@ -1,0 +1,1 @@
+"""The flusher: competing consumers that move the stream into Postgres, exactly once per key."""

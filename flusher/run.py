@@ -1,0 +1,41 @@
+"""Running one flusher process: connections, signals, exit status."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from flusher.db import TickStore
+from flusher.stream import TickStream
+from flusher.worker import Flusher
+from tickpipe import redis_conn
+from tickpipe.settings import Settings
+
+log = logging.getLogger("tickpipe.flusher")
+
+
+async def run_flusher(settings: Settings, *, burst: bool = False) -> Flusher:
+    """Run a flusher until SIGTERM/SIGINT (or, with ``burst``, until the stream is drained)."""
+    consumer = settings.flusher_consumer
+    redis = redis_conn.connect(settings.redis_url, client_name=f"tickpipe-flusher:{consumer}")
+    store = await TickStore.open(settings.database_url)
+    stream = TickStream(redis, settings.stream_name, settings.group_name, consumer)
+    flusher = Flusher(stream, store, settings, burst=burst)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, flusher.stop)
+    try:
+        await flusher.run()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await store.close()
+        await redis.aclose()
+    log.info(
+        "flusher %s stopped: %d rows written, %d entries acknowledged",
+        consumer,
+        flusher.rows_written,
+        flusher.entries_acked,
+    )
+    return flusher

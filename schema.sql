@@ -1,0 +1,16 @@
+-- tickpipe schema. Idempotent: safe to apply any number of times
+-- (`tickpipe schema apply`, or psql -f schema.sql).
+
+-- One row per (symbol, ts). A second tick with the same key replaces the
+-- first: the flusher upserts, last stream entry wins.
+CREATE TABLE IF NOT EXISTS md_ticks (
+    symbol text NOT NULL,
+    ts timestamptz NOT NULL,
+    price numeric NOT NULL,
+    volume numeric NOT NULL,
+    source text NOT NULL,
+    PRIMARY KEY (symbol, ts)
+);
+
+-- "Newest first" history for one symbol.
+CREATE INDEX IF NOT EXISTS md_ticks_symbol_ts_desc ON md_ticks (symbol, ts DESC);

@@ -1,0 +1,152 @@
+"""The `tickpipe` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any
+
+import click
+
+from tickpipe.settings import Settings, SettingsError
+from tickpipe.stack import LocalStack, StackError
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, with command-line flags (when given) on top."""
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        raise click.ClickException(f"configuration: {exc}") from None
+    given = {name: value for name, value in overrides.items() if value is not None}
+    return settings.replace(**given) if given else settings
+
+
+def local_stack(settings: Settings) -> LocalStack:
+    return LocalStack(settings.state_dir, settings.redis_port, settings.pg_port)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    envvar="TICKPIPE_LOG_LEVEL",
+)
+def main(log_level: str) -> None:
+    """tickpipe: market ticks from a webhook into Postgres, through a Redis Stream."""
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# -- local stack ----------------------------------------------------------------
+
+
+@main.command()
+def up() -> None:
+    """Start the local Redis and Postgres, apply the schema, print the URLs to export.
+
+    Use as: eval "$(tickpipe up)"
+    """
+    settings = load_settings()
+    stack = local_stack(settings)
+    try:
+        stack.up()
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from None
+    stack.write_info()
+    click.echo(f"export REDIS_URL={stack.redis_url}")
+    click.echo(f"export DATABASE_URL={stack.database_url}")
+
+
+@main.command()
+def down() -> None:
+    """Stop the local Redis and Postgres (their data stays in the state directory)."""
+    try:
+        local_stack(load_settings()).down()
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+def status() -> None:
+    """Show whether the local Redis and Postgres are running. Exit 1 if either is not."""
+    services = local_stack(load_settings()).status()
+    for service in services:
+        state = f"running (pid {service.pid})" if service.running else "stopped"
+        click.echo(f"{service.name:<9} {state:<22} {service.url}  [{service.detail}]")
+    if not all(s.running for s in services):
+        sys.exit(1)
+
+
+# -- schema ---------------------------------------------------------------------
+
+
+@main.group()
+def schema() -> None:
+    """Manage the Postgres schema."""
+
+
+@schema.command("apply")
+def schema_apply() -> None:
+    """Apply schema.sql to DATABASE_URL (idempotent)."""
+    from tickpipe.schema import apply_schema
+
+    settings = load_settings()
+    try:
+        asyncio.run(apply_schema(settings.database_url))
+    except (OSError, ConnectionError) as exc:
+        raise click.ClickException(f"cannot reach Postgres at DATABASE_URL: {exc}") from None
+    click.echo("schema applied", err=True)
+
+
+# -- services -------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", default=None, help="Address to listen on [env INGEST_HOST].")
+@click.option("--port", type=int, default=None, help="Port to listen on [env INGEST_PORT].")
+def ingest(host: str | None, port: int | None) -> None:
+    """Serve the ingest HTTP API."""
+    from ingest.app import run
+
+    settings = load_settings(ingest_host=host, ingest_port=port)
+    if not settings.ingest_tokens:
+        raise click.ClickException(
+            "no ingest tokens: set INGEST_TOKENS=name:token[,...] or INGEST_TOKENS_FILE"
+        )
+    run(settings)
+
+
+@main.group()
+def flusher() -> None:
+    """Move ticks from the stream into Postgres."""
+
+
+@flusher.command("run")
+@click.option("--consumer", default=None, help="Stable consumer name [env FLUSHER_CONSUMER].")
+@click.option("--burst", is_flag=True, help="Drain the stream, then exit.")
+def flusher_run(consumer: str | None, burst: bool) -> None:
+    """Run one flusher until SIGTERM/SIGINT."""
+    from flusher.run import run_flusher
+
+    settings = load_settings(flusher_consumer=consumer)
+    asyncio.run(run_flusher(settings, burst=burst))
+
+
+@main.command()
+@click.option("--ticks", default=4000, show_default=True, help="How many ticks to feed.")
+def demo(ticks: int) -> None:
+    """Feeder -> ingest -> two flushers (one killed midway) -> Postgres, on the local stack."""
+    from tickpipe.demo import run_demo
+
+    try:
+        ok = run_demo(load_settings(), ticks=ticks)
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(0 if ok else 1)

@@ -1,0 +1,217 @@
+"""Settings: one frozen object read from the environment (12-factor).
+
+Every knob of tickpipe is here, with its default and its unit in the name.
+No other module reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from tickpipe import keys
+
+Durability = Literal["everysec", "fsync"]
+
+DEFAULT_REDIS_PORT = 16379
+DEFAULT_PG_PORT = 15432
+DEFAULT_DATABASE = "tickpipe"
+DEFAULT_PG_USER = "postgres"
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value tickpipe cannot use."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    # Where the servers are; by default the local stack started by `tickpipe up`.
+    redis_url: str
+    database_url: str
+
+    # Stream contract (names shared by ingest, flusher and audit).
+    stream_name: str = keys.STREAM
+    group_name: str = keys.GROUP
+    dead_stream_name: str = keys.DEAD_STREAM
+    latest_key: str = keys.LATEST
+
+    # Ingest.
+    ingest_host: str = "127.0.0.1"
+    ingest_port: int = 8080
+    ingest_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    ingest_max_batch: int = 5000
+    ingest_max_body_bytes: int = 4 * 1024 * 1024
+    ingest_max_backlog: int = 1_000_000
+    ingest_durability: Durability = "everysec"
+    ingest_waitaof_timeout_ms: int = 1000
+
+    # Flusher.
+    flusher_consumer: str = dataclasses.field(default_factory=lambda: os.uname().nodename)
+    flusher_metrics_port: int | None = None
+    flush_batch_size: int = 200
+    flush_interval_s: float = 1.0
+    flush_claim_idle_s: float = 30.0
+    flush_max_deliveries: int = 5
+    stream_retention_s: float = 3600.0
+
+    # Local stack (`tickpipe up`).
+    state_dir: Path = Path(".tickpipe")
+    redis_port: int = DEFAULT_REDIS_PORT
+    pg_port: int = DEFAULT_PG_PORT
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``env`` (default: the process environment)."""
+        env = os.environ if env is None else env
+        r = _Reader(env)
+        redis_port = r.get("TICKPIPE_REDIS_PORT", _port, DEFAULT_REDIS_PORT)
+        pg_port = r.get("TICKPIPE_PG_PORT", _port, DEFAULT_PG_PORT)
+        tokens: dict[str, str] = r.get("INGEST_TOKENS", parse_tokens, {})
+        tokens_file = r.get("INGEST_TOKENS_FILE", Path, None)
+        if tokens_file is not None:
+            tokens = {**tokens, **_read_tokens_file(tokens_file)}
+        defaults = cls(redis_url="", database_url="")
+        return cls(
+            redis_url=r.get("REDIS_URL", str, local_redis_url(redis_port)),
+            database_url=r.get("DATABASE_URL", str, local_database_url(pg_port)),
+            stream_name=r.get("STREAM_NAME", _name, keys.STREAM),
+            group_name=r.get("STREAM_GROUP", _name, keys.GROUP),
+            dead_stream_name=r.get("DEAD_STREAM_NAME", _name, keys.DEAD_STREAM),
+            latest_key=r.get("LATEST_KEY", _name, keys.LATEST),
+            ingest_host=r.get("INGEST_HOST", str, defaults.ingest_host),
+            ingest_port=r.get("INGEST_PORT", _port, defaults.ingest_port),
+            ingest_tokens=tokens,
+            ingest_max_batch=r.get("INGEST_MAX_BATCH", _positive_int, defaults.ingest_max_batch),
+            ingest_max_body_bytes=r.get(
+                "INGEST_MAX_BODY_BYTES", _positive_int, defaults.ingest_max_body_bytes
+            ),
+            ingest_max_backlog=r.get(
+                "INGEST_MAX_BACKLOG", _positive_int, defaults.ingest_max_backlog
+            ),
+            ingest_durability=r.get("INGEST_DURABILITY", _durability, "everysec"),
+            ingest_waitaof_timeout_ms=r.get(
+                "INGEST_WAITAOF_TIMEOUT_MS", _positive_int, defaults.ingest_waitaof_timeout_ms
+            ),
+            flusher_consumer=r.get("FLUSHER_CONSUMER", _name, defaults.flusher_consumer),
+            flusher_metrics_port=r.get("FLUSHER_METRICS_PORT", _port, None),
+            flush_batch_size=r.get("FLUSH_BATCH_SIZE", _positive_int, defaults.flush_batch_size),
+            flush_interval_s=r.get("FLUSH_INTERVAL_S", _positive_float, defaults.flush_interval_s),
+            flush_claim_idle_s=r.get(
+                "FLUSH_CLAIM_IDLE_S", _positive_float, defaults.flush_claim_idle_s
+            ),
+            flush_max_deliveries=r.get(
+                "FLUSH_MAX_DELIVERIES", _positive_int, defaults.flush_max_deliveries
+            ),
+            stream_retention_s=r.get(
+                "STREAM_RETENTION_S", _non_negative_float, defaults.stream_retention_s
+            ),
+            state_dir=r.get("TICKPIPE_STATE_DIR", Path, defaults.state_dir),
+            redis_port=redis_port,
+            pg_port=pg_port,
+        )
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with some fields changed (command-line flags override the environment)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def local_redis_url(port: int) -> str:
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def local_database_url(port: int) -> str:
+    return f"postgresql://{DEFAULT_PG_USER}@127.0.0.1:{port}/{DEFAULT_DATABASE}"
+
+
+def parse_tokens(raw: str) -> dict[str, str]:
+    """Parse ``name:token,name2:token2`` into ``{name: token}``."""
+    tokens: dict[str, str] = {}
+    for item in raw.replace("\n", ",").split(","):
+        item = item.strip()
+        if not item or item.startswith("#"):
+            continue
+        name, sep, token = item.partition(":")
+        name, token = name.strip(), token.strip()
+        if not sep or not name or not token:
+            # Never echo the item: it may be a secret.
+            raise SettingsError("expected name:token entries separated by commas")
+        if name in tokens:
+            raise SettingsError(f"token name {name!r} appears twice")
+        tokens[name] = token
+    return tokens
+
+
+def _read_tokens_file(path: Path) -> dict[str, str]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SettingsError(f"INGEST_TOKENS_FILE: cannot read {path}: {exc.strerror}") from None
+    try:
+        return parse_tokens(text)
+    except SettingsError as exc:
+        raise SettingsError(f"INGEST_TOKENS_FILE {path}: {exc}") from None
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def get(self, name: str, parse: Callable[[str], T], default: T) -> T:
+        raw = self._env.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            return parse(raw)
+        except SettingsError as exc:
+            raise SettingsError(f"{name}: {exc}") from None
+        except ValueError:
+            shown = "<hidden>" if "TOKEN" in name else repr(raw)
+            raise SettingsError(f"{name}={shown} is not a valid value") from None
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise SettingsError(f"must be a positive integer, got {raw!r}")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 < value < 65536:
+        raise SettingsError(f"must be a TCP port (1-65535), got {raw!r}")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0 or value == float("inf"):
+        raise SettingsError(f"must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0 or value == float("inf"):
+        raise SettingsError(f"must be zero or a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _name(raw: str) -> str:
+    if raw.strip() != raw or any(c.isspace() for c in raw):
+        raise SettingsError(f"must not contain whitespace, got {raw!r}")
+    return raw
+
+
+def _durability(raw: str) -> Durability:
+    if raw == "everysec":
+        return "everysec"
+    if raw == "fsync":
+        return "fsync"
+    raise SettingsError(f"must be 'everysec' or 'fsync', got {raw!r}")

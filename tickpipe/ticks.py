@@ -1,0 +1,196 @@
+"""The tick: wire format, validation, and its encoding as a stream entry.
+
+One module owns the contract so that ingest (which writes entries) and the
+flusher (which reads them) cannot drift apart. Prices and volumes are
+``Decimal`` from the JSON text to the Postgres ``numeric``; no float on the way.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Annotated
+
+import msgspec
+
+from tickpipe.keys import ENTRY_FIELDS
+
+SYMBOL_PATTERN = r"^[A-Za-z0-9._:/-]{1,32}$"
+MAX_DECIMAL_DIGITS = 38
+"""Significant digits a price or volume may carry."""
+MAX_DECIMAL_SCALE = 18
+"""Digits after the decimal point a price or volume may carry."""
+MAX_DECIMAL_INTEGER_DIGITS = 20
+"""Digits before the decimal point a price or volume may carry."""
+
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_ONE_US = dt.timedelta(microseconds=1)
+_MAX_TS_US = (dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC) - EPOCH) // _ONE_US
+_RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.(?P<frac>\d+))?(?P<offset>[Zz]|[+-]\d{2}:\d{2})$"
+)
+
+
+class TickIn(msgspec.Struct, forbid_unknown_fields=True):
+    """A tick as a feeder sends it (JSON)."""
+
+    symbol: Annotated[str, msgspec.Meta(pattern=SYMBOL_PATTERN)]
+    ts: int | str
+    price: Decimal
+    volume: Decimal
+    source: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class Tick(msgspec.Struct, frozen=True):
+    """A validated tick. ``ts_us`` is microseconds since the Unix epoch (UTC)."""
+
+    symbol: str
+    ts_us: int
+    price: Decimal
+    volume: Decimal
+    source: str
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """The identity of a tick: a second tick with the same key replaces the first."""
+        return (self.symbol, self.ts_us)
+
+    @property
+    def ts(self) -> dt.datetime:
+        return EPOCH + dt.timedelta(microseconds=self.ts_us)
+
+
+class TickError(ValueError):
+    """A tick failed validation. ``field`` names the offending field, if any."""
+
+    def __init__(self, detail: str, field: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.field = field
+
+
+def validate(raw: TickIn) -> Tick:
+    """Check the rules msgspec cannot express and normalise ``ts``."""
+    return Tick(
+        symbol=raw.symbol,
+        ts_us=parse_ts(raw.ts),
+        price=check_decimal(raw.price, "price", allow_zero=False),
+        volume=check_decimal(raw.volume, "volume", allow_zero=True),
+        source=raw.source,
+    )
+
+
+def parse_ts(value: int | str) -> int:
+    """RFC 3339 with an explicit offset, or integer epoch milliseconds -> epoch microseconds."""
+    if isinstance(value, int):
+        ts_us = value * 1000
+    else:
+        match = _RFC3339.match(value)
+        if match is None:
+            raise TickError(
+                "ts must be RFC 3339 with an explicit offset (e.g. 2024-05-01T12:00:00.123456Z)"
+                " or integer epoch milliseconds",
+                "ts",
+            )
+        frac = match.group("frac")
+        if frac is not None and len(frac) > 6:
+            raise TickError("ts has more than microsecond precision", "ts")
+        try:
+            parsed = dt.datetime.fromisoformat(value.replace("z", "Z").replace("t", "T"))
+        except ValueError:
+            raise TickError(f"ts is not a valid date and time: {value!r}", "ts") from None
+        ts_us = datetime_to_us(parsed)
+    if not 0 <= ts_us <= _MAX_TS_US:
+        raise TickError("ts must lie between 1970-01-01 and 9999-12-31 (UTC)", "ts")
+    return ts_us
+
+
+def datetime_to_us(value: dt.datetime) -> int:
+    """Microseconds since the Unix epoch of an aware datetime (exact, no float)."""
+    return (value - EPOCH) // _ONE_US
+
+
+def check_decimal(value: Decimal, field: str, *, allow_zero: bool) -> Decimal:
+    """Reject NaN, infinities, negative or absurd values; keep the exact digits."""
+    if not value.is_finite():
+        raise TickError(f"{field} must be a finite number", field)
+    if value < 0 or (value == 0 and not allow_zero):
+        raise TickError(f"{field} must be {'>= 0' if allow_zero else '> 0'}", field)
+    _sign, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)  # finite
+    scale = max(0, -exponent)
+    integer_digits = max(0, len(digits) + exponent)
+    if (
+        scale > MAX_DECIMAL_SCALE
+        or integer_digits > MAX_DECIMAL_INTEGER_DIGITS
+        or len(digits) > MAX_DECIMAL_DIGITS
+    ):
+        raise TickError(
+            f"{field} is out of range: at most {MAX_DECIMAL_INTEGER_DIGITS} digits before and"
+            f" {MAX_DECIMAL_SCALE} after the decimal point",
+            field,
+        )
+    if exponent > 0:
+        # 1E+3 -> 1000, so the stream and Postgres see plain digits.
+        value = value.quantize(Decimal(1))
+    return value
+
+
+def to_fields(tick: Tick) -> dict[str, str]:
+    """The stream entry of a tick: readable strings, so ``XRANGE`` output is useful."""
+    return {
+        "symbol": tick.symbol,
+        "ts": str(tick.ts_us),
+        "price": format(tick.price, "f"),
+        "volume": format(tick.volume, "f"),
+        "source": tick.source,
+    }
+
+
+def from_fields(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Tick:
+    """Decode a stream entry written by :func:`to_fields`; raises TickError if it is not one."""
+    text = {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in fields.items()
+    }
+    try:
+        symbol, ts, price, volume, source = (
+            text["symbol"],
+            text["ts"],
+            text["price"],
+            text["volume"],
+            text["source"],
+        )
+    except KeyError as exc:
+        raise TickError(f"stream entry lacks field {exc.args[0]!r}", exc.args[0]) from None
+    if len(text) != 5:
+        raise TickError(
+            f"stream entry has unexpected fields {sorted(set(text) - set(ENTRY_FIELDS))}"
+        )
+    if not re.match(SYMBOL_PATTERN, symbol):
+        raise TickError("stream entry has an invalid symbol", "symbol")
+    if not 1 <= len(source) <= 64:
+        raise TickError("stream entry has an invalid source", "source")
+    try:
+        ts_us = int(ts)
+        price_d = Decimal(price)
+        volume_d = Decimal(volume)
+    except (ValueError, InvalidOperation):
+        raise TickError("stream entry has a malformed number") from None
+    if not 0 <= ts_us <= _MAX_TS_US:
+        raise TickError("stream entry ts is out of range", "ts")
+    return Tick(
+        symbol=symbol,
+        ts_us=ts_us,
+        price=check_decimal(price_d, "price", allow_zero=False),
+        volume=check_decimal(volume_d, "volume", allow_zero=True),
+        source=source,
+    )
+
+
+tick_decoder = msgspec.json.Decoder(TickIn)
+"""Decodes one JSON tick; reused for every request."""
+batch_decoder = msgspec.json.Decoder(list[TickIn])
+"""Decodes a JSON array of ticks."""
