@@ -6,6 +6,9 @@ import asyncio
 import logging
 import signal
 
+import asyncpg
+from redis.exceptions import RedisError
+
 from flusher.db import TickStore
 from flusher.stream import TickStream
 from flusher.worker import Flusher
@@ -39,3 +42,27 @@ async def run_flusher(settings: Settings, *, burst: bool = False) -> Flusher:
         flusher.entries_acked,
     )
     return flusher
+
+
+async def check(settings: Settings) -> list[str]:
+    """Problems that would stop a flusher from working (empty when it could run)."""
+    problems: list[str] = []
+    redis = redis_conn.connect(settings.redis_url, client_name="tickpipe-flusher-check")
+    try:
+        await redis_conn.ensure_group(redis, settings.stream_name, settings.group_name)
+    except RedisError as exc:
+        problems.append(f"Redis at REDIS_URL: {exc}")
+    finally:
+        await redis.aclose()
+    try:
+        conn = await asyncpg.connect(settings.database_url, timeout=5)
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        problems.append(f"Postgres at DATABASE_URL: {exc}")
+    else:
+        try:
+            await conn.execute("SELECT 1 FROM md_ticks LIMIT 0")
+        except asyncpg.PostgresError as exc:
+            problems.append(f"Postgres at DATABASE_URL: {exc} (run `tickpipe schema apply`)")
+        finally:
+            await conn.close()
+    return problems

@@ -162,7 +162,7 @@ class Flusher:
         await self._retry("acknowledge the batch", functools.partial(self.stream.ack, ids))
         self.rows_written += len(rows)
         self.entries_acked += len(ids)
-        log.info(
+        log.debug(
             "committed %d rows, acked %d entries in %.1f ms",
             len(rows),
             len(ids),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -77,7 +78,8 @@ async def error_middleware(
         if exc.status < 400:
             raise
         code = exc.reason.lower().replace(" ", "_")
-        return json_response({"error": code, "detail": exc.reason}, exc.status, dict(exc.headers))
+        headers = {k: v for k, v in exc.headers.items() if k.lower() != "content-type"}
+        return json_response({"error": code, "detail": exc.reason}, exc.status, headers)
     except REDIS_DOWN as exc:
         log.warning("redis unavailable: %s", exc)
         return json_response(
@@ -110,16 +112,20 @@ def check_length(request: web.Request) -> None:
         raise ApiError(413, "too_large", f"request body exceeds {limit} bytes")
 
 
+_AT_PATH = re.compile(r" - at `\$(?:\[(?P<index>\d+)\])?(?:\.(?P<field>\w+))?")
+_NAMED_FIELD = re.compile(r"(?:missing required|unknown) field `(?P<field>\w+)`")
+
+
 def decode_error(exc: msgspec.DecodeError) -> ApiError:
+    """400 for JSON that does not parse; 422 naming the field (and index) that is wrong."""
     message = str(exc)
-    if isinstance(exc, msgspec.ValidationError):
-        field = None
-        if " - at `$." in message:
-            field = message.rsplit(" - at `$.", 1)[1].rstrip("`").split("[")[0].split(".")[0]
-        elif "unknown field" in message:
-            field = message.split("`")[1]
-        return ApiError(422, "invalid_field", message, field=field)
-    return ApiError(400, "malformed_json", message)
+    if not isinstance(exc, msgspec.ValidationError):
+        return ApiError(400, "malformed_json", message)
+    at = _AT_PATH.search(message)
+    named = _NAMED_FIELD.search(message)
+    field = named["field"] if named else (at["field"] if at else None)
+    index = int(at["index"]) if at and at["index"] is not None else None
+    return ApiError(422, "invalid_field", message, field=field, index=index)
 
 
 async def post_tick(request: web.Request) -> web.Response:
@@ -157,22 +163,28 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response({"status": "ready"})
 
 
-async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    redis = redis_conn.connect(settings.redis_url, client_name="tickpipe-ingest")
-    app[REDIS] = redis
-    app[WRITER] = TickWriter(redis, settings.stream_name, settings.latest_key)
-    try:
-        await redis_conn.ensure_group(redis, settings.stream_name, settings.group_name)
-    except RedisError as exc:
-        # Start anyway: requests answer 503 until Redis is back; a flusher creates the group.
-        log.warning("redis unavailable at start (%s); answering 503 until it is back", exc)
-    yield
-    await redis.aclose()
+def redis_ctx(client: Redis | None) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The Redis client: ``client`` if given (tests), else one opened from REDIS_URL."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        redis = client or redis_conn.connect(settings.redis_url, client_name="tickpipe-ingest")
+        app[REDIS] = redis
+        app[WRITER] = TickWriter(redis, settings.stream_name, settings.latest_key)
+        try:
+            await redis_conn.ensure_group(redis, settings.stream_name, settings.group_name)
+        except RedisError as exc:
+            # Start anyway: requests get 503 until Redis is back.
+            log.warning("redis unavailable at start (%s); answering 503 until it is back", exc)
+        yield
+        if client is None:
+            await redis.aclose()
+
+    return ctx
 
 
-def create_app(settings: Settings) -> web.Application:
-    """The ingest application for ``settings``."""
+def create_app(settings: Settings, *, redis: Redis | None = None) -> web.Application:
+    """The ingest application for ``settings`` (``redis``: a client to use instead of REDIS_URL)."""
     if not settings.ingest_tokens:
         raise ValueError("no ingest tokens configured: set INGEST_TOKENS or INGEST_TOKENS_FILE")
     app = web.Application(
@@ -180,7 +192,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[AUTH] = TokenAuth(settings.ingest_tokens)
-    app.cleanup_ctx.append(redis_ctx)
+    app.cleanup_ctx.append(redis_ctx(redis))
     app.router.add_post("/ingest/tick", post_tick)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -131,11 +131,20 @@ def flusher() -> None:
 @flusher.command("run")
 @click.option("--consumer", default=None, help="Stable consumer name [env FLUSHER_CONSUMER].")
 @click.option("--burst", is_flag=True, help="Drain the stream, then exit.")
-def flusher_run(consumer: str | None, burst: bool) -> None:
+@click.option(
+    "--check", is_flag=True, help="Check Redis, the group and Postgres, then exit (0 = ready)."
+)
+def flusher_run(consumer: str | None, burst: bool, check: bool) -> None:
     """Run one flusher until SIGTERM/SIGINT."""
+    from flusher.run import check as check_ready
     from flusher.run import run_flusher
 
     settings = load_settings(flusher_consumer=consumer)
+    if check:
+        problems = asyncio.run(check_ready(settings))
+        for problem in problems:
+            click.echo(f"not ready: {problem}", err=True)
+        sys.exit(2 if problems else 0)
     asyncio.run(run_flusher(settings, burst=burst))
 
 

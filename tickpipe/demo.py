@@ -146,7 +146,11 @@ async def _wait_healthy(base_url: str, timeout_s: float = 30.0) -> None:
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "tickpipe", *args], env=env)
+    # Ingest's access log would drown the demo's own output.
+    level = "warning" if args[0] == "ingest" else "info"
+    return subprocess.Popen(
+        [sys.executable, "-m", "tickpipe", "--log-level", level, *args], env=env
+    )
 
 
 @contextlib.contextmanager

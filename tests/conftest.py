@@ -1,0 +1,77 @@
+"""Shared fixtures: one real Redis and one real Postgres for the whole test session.
+
+They are started by the same code as `tickpipe up` (tickpipe.stack), in a
+temporary state directory on free ports, and stopped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from tickpipe import redis_conn
+from tickpipe.settings import Settings
+from tickpipe.stack import LocalStack, free_port
+
+TEST_TOKEN = "test-token-0123456789"
+TEST_TOKEN_NAME = "feeder-a"
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """The real servers, started once per test session."""
+    local = LocalStack(tmp_path_factory.mktemp("stack"), free_port(), free_port(), log=_quiet)
+    try:
+        local.up()
+        yield local
+    finally:
+        local.down()
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def service_env(stack: LocalStack, **extra: str) -> dict[str, str]:
+    """The environment a tickpipe process needs to use the test servers."""
+    return {
+        "REDIS_URL": stack.redis_url,
+        "DATABASE_URL": stack.database_url,
+        "INGEST_TOKENS": f"{TEST_TOKEN_NAME}:{TEST_TOKEN}",
+        "FLUSH_INTERVAL_S": "0.1",
+        "FLUSHER_CONSUMER": "test-flusher",
+        **extra,
+    }
+
+
+@pytest.fixture
+def settings(stack: LocalStack) -> Settings:
+    return Settings.from_env(service_env(stack))
+
+
+@pytest.fixture
+def subprocess_env(stack: LocalStack) -> dict[str, str]:
+    """os.environ plus the test servers, for tickpipe processes started by a test."""
+    return {**os.environ, **service_env(stack)}
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    """A client on an empty Redis."""
+    client = redis_conn.connect(settings.redis_url, client_name="tickpipe-tests")
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def pg(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to a database whose md_ticks is empty."""
+    conn = await asyncpg.connect(settings.database_url)
+    await conn.execute("TRUNCATE md_ticks")
+    yield conn
+    await conn.close()

@@ -1,0 +1,121 @@
+"""The whole path: HTTP -> ingest -> stream -> flusher -> md_ticks."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
+
+from flusher.run import run_flusher
+from ingest.app import create_app
+from tickpipe.settings import Settings
+from tickpipe.stack import free_port
+
+pytestmark = pytest.mark.services
+
+TOKEN = "test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+TICK = {
+    "symbol": "EURUSD",
+    "ts": "2024-05-01T12:00:00.000001+00:00",
+    "price": "1.072510000000000001",
+    "volume": "1500000.50",
+    "source": "ecn-1",
+}
+
+
+async def test_posted_tick_lands_exactly_and_is_acknowledged(
+    settings: Settings, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    async with TestClient(TestServer(create_app(settings))) as client:
+        response = await client.post("/ingest/tick", json=TICK, headers=AUTH)
+        assert response.status == 200
+    await run_flusher(settings, burst=True)
+    row = await pg.fetchrow("SELECT * FROM md_ticks")
+    assert row is not None
+    assert row["symbol"] == "EURUSD"
+    assert row["price"] == Decimal("1.072510000000000001")
+    assert str(row["price"]) == "1.072510000000000001"
+    assert row["volume"] == Decimal("1500000.50")
+    assert row["ts"].isoformat() == "2024-05-01T12:00:00.000001+00:00"
+    assert row["source"] == "ecn-1"
+    pending = await redis.xpending(settings.stream_name, settings.group_name)
+    assert pending["pending"] == 0
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def spawn(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tickpipe", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+async def wait_ready(url: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{url} never became ready")
+
+
+async def test_real_processes_ingest_and_flusher(
+    subprocess_env: dict[str, str],
+    redis: Redis,
+    pg: asyncpg.Connection,
+    processes: list[subprocess.Popen[bytes]],
+) -> None:
+    port = free_port()
+    env = {**subprocess_env, "INGEST_PORT": str(port)}
+    processes.append(spawn(env, "ingest"))
+    flusher = spawn(env, "flusher", "run", "--consumer", "proc-flusher")
+    processes.append(flusher)
+    base = f"http://127.0.0.1:{port}"
+    await wait_ready(f"{base}/readyz")
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{base}/ingest/tick", json=TICK, headers=AUTH) as response,
+    ):
+        assert response.status == 200, await response.text()
+
+    # The flusher runs with FLUSH_INTERVAL_S=0.1; allow generous time on a loaded machine.
+    deadline = time.monotonic() + 30
+    price = None
+    while price is None and time.monotonic() < deadline:
+        price = await pg.fetchval("SELECT price FROM md_ticks WHERE symbol = 'EURUSD'")
+        await asyncio.sleep(0.05)
+    assert price == Decimal("1.072510000000000001")
+
+    flusher.send_signal(signal.SIGTERM)
+    assert flusher.wait(timeout=30) == 0
+    assert (await redis.xpending("ticks.received", "flushers"))["pending"] == 0

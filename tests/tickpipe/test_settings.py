@@ -1,0 +1,97 @@
+from pathlib import Path
+
+import pytest
+
+from tickpipe.settings import Settings, SettingsError, parse_tokens
+
+
+def test_defaults_point_at_the_local_stack() -> None:
+    settings = Settings.from_env({})
+    assert settings.redis_url == "redis://127.0.0.1:16379/0"
+    assert settings.database_url == "postgresql://postgres@127.0.0.1:15432/tickpipe"
+    assert settings.stream_name == "ticks.received"
+    assert settings.group_name == "flushers"
+    assert settings.flush_batch_size == 200
+    assert settings.flush_interval_s == 1.0
+    assert settings.ingest_max_batch == 5000
+    assert settings.ingest_durability == "everysec"
+    assert settings.state_dir == Path(".tickpipe")
+
+
+def test_environment_overrides() -> None:
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": "redis://r:6379/1",
+            "DATABASE_URL": "postgresql://u@h/db",
+            "TICKPIPE_PG_PORT": "25432",
+            "FLUSH_BATCH_SIZE": "500",
+            "FLUSH_INTERVAL_S": "0.25",
+            "INGEST_DURABILITY": "fsync",
+            "STREAM_NAME": "ticks.test",
+            "FLUSHER_CONSUMER": "flusher-1",
+            "INGEST_TOKENS": "a:tok1, b:tok2",
+        }
+    )
+    assert settings.redis_url == "redis://r:6379/1"
+    assert settings.pg_port == 25432
+    assert settings.flush_batch_size == 500
+    assert settings.flush_interval_s == 0.25
+    assert settings.ingest_durability == "fsync"
+    assert settings.stream_name == "ticks.test"
+    assert settings.flusher_consumer == "flusher-1"
+    assert dict(settings.ingest_tokens) == {"a": "tok1", "b": "tok2"}
+
+
+def test_local_urls_follow_the_stack_ports() -> None:
+    settings = Settings.from_env({"TICKPIPE_REDIS_PORT": "26379", "TICKPIPE_PG_PORT": "25432"})
+    assert settings.redis_url.endswith(":26379/0")
+    assert ":25432/" in settings.database_url
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("FLUSH_BATCH_SIZE", "0", "FLUSH_BATCH_SIZE: must be a positive integer"),
+        ("FLUSH_BATCH_SIZE", "many", "FLUSH_BATCH_SIZE='many' is not a valid value"),
+        ("FLUSH_INTERVAL_S", "-1", "FLUSH_INTERVAL_S: must be a positive number"),
+        ("FLUSH_INTERVAL_S", "nan", "FLUSH_INTERVAL_S: must be a positive number"),
+        ("INGEST_PORT", "70000", "INGEST_PORT: must be a TCP port"),
+        ("INGEST_DURABILITY", "always", "INGEST_DURABILITY: must be 'everysec' or 'fsync'"),
+        ("STREAM_NAME", "has space", "STREAM_NAME: must not contain whitespace"),
+    ],
+)
+def test_bad_values_name_the_variable(name: str, value: str, message: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({name: value})
+    assert message in str(info.value)
+
+
+def test_token_errors_never_echo_the_secret() -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"INGEST_TOKENS": "supersecretvalue"})
+    assert "supersecretvalue" not in str(info.value)
+    assert "INGEST_TOKENS" in str(info.value)
+
+
+def test_tokens_file(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text("# feeders\nalpha:t-alpha\nbeta:t-beta\n")
+    settings = Settings.from_env({"INGEST_TOKENS_FILE": str(path), "INGEST_TOKENS": "gamma:t-g"})
+    assert dict(settings.ingest_tokens) == {"gamma": "t-g", "alpha": "t-alpha", "beta": "t-beta"}
+
+
+def test_missing_tokens_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="cannot read"):
+        Settings.from_env({"INGEST_TOKENS_FILE": str(tmp_path / "absent")})
+
+
+def test_duplicate_token_names_are_rejected() -> None:
+    with pytest.raises(SettingsError, match="appears twice"):
+        parse_tokens("a:x,a:y")
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings.from_env({})
+    with pytest.raises(AttributeError):
+        settings.flush_batch_size = 1  # type: ignore[misc]
+    assert settings.replace(flush_batch_size=7).flush_batch_size == 7
