@@ -24,7 +24,7 @@ def load_settings(**overrides: Any) -> Settings:
 
 
 def local_stack(settings: Settings) -> LocalStack:
-    return LocalStack(settings.state_dir, settings.redis_port, settings.pg_port)
+    return LocalStack.from_settings(settings)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

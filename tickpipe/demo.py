@@ -32,7 +32,7 @@ DEMO_SYMBOLS = ("DEMO.AAPL", "DEMO.MSFT", "DEMO.EURUSD", "DEMO.BTC-USD", "DEMO.E
 
 def run_demo(settings: Settings, *, ticks: int) -> bool:
     """Run the demo; True when every acknowledged tick is in Postgres with its exact value."""
-    stack = LocalStack(settings.state_dir, settings.redis_port, settings.pg_port)
+    stack = LocalStack.from_settings(settings)
     stack.up()
     stack.write_info()
     token = secrets.token_urlsafe(24)

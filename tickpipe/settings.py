@@ -61,6 +61,8 @@ class Settings:
     state_dir: Path = Path(".tickpipe")
     redis_port: int = DEFAULT_REDIS_PORT
     pg_port: int = DEFAULT_PG_PORT
+    stack_embedded_only: bool = False
+    """Use the servers shipped by the embedded wheels even when system ones exist."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -111,6 +113,7 @@ class Settings:
             state_dir=r.get("TICKPIPE_STATE_DIR", Path, defaults.state_dir),
             redis_port=redis_port,
             pg_port=pg_port,
+            stack_embedded_only=r.get("TICKPIPE_EMBEDDED", _flag, False),
         )
 
     def replace(self, **changes: object) -> Settings:
@@ -201,6 +204,15 @@ def _non_negative_float(raw: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise SettingsError(f"must be zero or a positive number of seconds, got {raw!r}")
     return value
+
+
+def _flag(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"must be 1/true/yes/on or 0/false/no/off, got {raw!r}")
 
 
 def _name(raw: str) -> str:

