@@ -97,6 +97,10 @@ async def _feed_and_check(
     say(f"wrong value         {wrong}")
     ok = missing == 0 and wrong == 0 and len(accepted) == len(sent)
     say("zero lost: every acknowledged tick is in Postgres" if ok else "LOSS DETECTED")
+    say("")
+    say("the stack is still running; look around with:")
+    say(f"  psql {database_url} -c 'SELECT * FROM md_ticks ORDER BY ts DESC LIMIT 5'")
+    say("and stop it with `tickpipe down` (or `make down`)")
     return ok
 
 
