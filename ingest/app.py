@@ -1,22 +1,35 @@
-"""The aiohttp application: routes, resources, and the error contract."""
+"""The aiohttp application: routes, resources, and the checks every request passes.
+
+A request is refused, in this order, for: no valid token (401), a content type
+it cannot read (415), a body too large (413), a backlog above the limit (429),
+a body that is not JSON (400), a tick that breaks a rule (422). Only then is it
+appended, in one atomic step, and answered 200 with the stream ids.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-import re
+import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import msgspec
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.exceptions import BusyLoadingError, ConnectionError, RedisError, TimeoutError
+from redis.exceptions import RedisError, ResponseError
 
+from ingest import metrics
 from ingest.auth import TokenAuth
-from ingest.writer import TickWriter
+from ingest.backpressure import BacklogMonitor
+from ingest.decode import decode_json_array, decode_ndjson, decode_tick
+from ingest.errors import ApiError, error_middleware, json_response
+from ingest.openapi import openapi_document
+from ingest.writer import NotDurable, TickWriter
 from tickpipe import redis_conn
 from tickpipe.settings import Settings
-from tickpipe.ticks import TickError, tick_decoder, validate
+from tickpipe.ticks import Tick
 
 log = logging.getLogger("tickpipe.ingest")
 
@@ -24,69 +37,14 @@ SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", Redis)
 WRITER = web.AppKey("writer", TickWriter)
 AUTH = web.AppKey("auth", TokenAuth)
+BACKLOG = web.AppKey("backlog", BacklogMonitor)
+TOKEN_NAME = web.RequestKey("token_name", str)
 
-_json = msgspec.json.Encoder()
-REDIS_DOWN = (ConnectionError, TimeoutError, BusyLoadingError)
-
-
-class ApiError(Exception):
-    """A request that tickpipe refuses, with the status and body the contract fixes."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        detail: str,
-        *,
-        index: int | None = None,
-        field: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.body: dict[str, Any] = {"error": code, "detail": detail}
-        if index is not None:
-            self.body["index"] = index
-        if field is not None:
-            self.body["field"] = field
-        self.headers = headers or {}
+JSON = "application/json"
+NDJSON = "application/x-ndjson"
 
 
-def json_response(
-    body: object, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.Response(
-        body=_json.encode(body), status=status, content_type="application/json", headers=headers
-    )
-
-
-@web.middleware
-async def error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Every error leaves as JSON: ours, aiohttp's (404, 405, 413), and Redis outages."""
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return json_response(exc.body, exc.status, exc.headers)
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[SETTINGS].ingest_max_body_bytes
-        return json_response(
-            {"error": "too_large", "detail": f"request body exceeds {limit} bytes"}, 413
-        )
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = exc.reason.lower().replace(" ", "_")
-        headers = {k: v for k, v in exc.headers.items() if k.lower() != "content-type"}
-        return json_response({"error": code, "detail": exc.reason}, exc.status, headers)
-    except REDIS_DOWN as exc:
-        log.warning("redis unavailable: %s", exc)
-        return json_response(
-            {"error": "redis_unavailable", "detail": "the tick store is unavailable; retry later"},
-            503,
-            {"Retry-After": "1"},
-        )
+# -- the checks ---------------------------------------------------------------------
 
 
 def authenticate(request: web.Request) -> str:
@@ -95,59 +53,99 @@ def authenticate(request: web.Request) -> str:
         raise ApiError(
             401,
             "unauthorized",
-            "missing or invalid bearer token",
+            "missing or invalid bearer token (Authorization: Bearer <token>)",
             headers={"WWW-Authenticate": 'Bearer realm="tickpipe"'},
         )
+    request[TOKEN_NAME] = name
     return name
 
 
-def require_json(request: web.Request) -> None:
-    if request.content_type != "application/json":
-        raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
+def require_content_type(request: web.Request, *accepted: str) -> str:
+    if request.content_type not in accepted:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type must be {' or '.join(accepted)}, not {request.content_type!r}",
+        )
+    return request.content_type
 
 
-def check_length(request: web.Request) -> None:
+def check_declared_length(request: web.Request) -> None:
+    """Refuse on Content-Length before reading; chunked bodies stop at the same limit."""
     limit = request.app[SETTINGS].ingest_max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, "too_large", f"request body exceeds {limit} bytes")
 
 
-_AT_PATH = re.compile(r" - at `\$(?:\[(?P<index>\d+)\])?(?:\.(?P<field>\w+))?")
-_NAMED_FIELD = re.compile(r"(?:missing required|unknown) field `(?P<field>\w+)`")
+def check_backlog(request: web.Request) -> None:
+    monitor = request.app[BACKLOG]
+    if monitor.over_limit:
+        raise ApiError(
+            429,
+            "backpressure",
+            f"the flushers are {monitor.backlog} entries behind (limit {monitor.limit});"
+            " retry later",
+            headers={"Retry-After": "1"},
+        )
 
 
-def decode_error(exc: msgspec.DecodeError) -> ApiError:
-    """400 for JSON that does not parse; 422 naming the field (and index) that is wrong."""
-    message = str(exc)
-    if not isinstance(exc, msgspec.ValidationError):
-        return ApiError(400, "malformed_json", message)
-    at = _AT_PATH.search(message)
-    named = _NAMED_FIELD.search(message)
-    field = named["field"] if named else (at["field"] if at else None)
-    index = int(at["index"]) if at and at["index"] is not None else None
-    return ApiError(422, "invalid_field", message, field=field, index=index)
+async def store(request: web.Request, token_name: str, ticks: list[Tick]) -> web.Response:
+    try:
+        ids = await request.app[WRITER].append(ticks)
+    except NotDurable as exc:
+        raise ApiError(
+            503,
+            "not_durable",
+            f"{exc}; the ticks may or may not be stored: resend them (resending is idempotent)",
+            headers={"Retry-After": "1"},
+        ) from None
+    except ResponseError as exc:
+        if "WAITAOF" not in str(exc):
+            raise
+        log.error("INGEST_DURABILITY=fsync but Redis refuses WAITAOF: %s", exc)
+        raise ApiError(
+            503,
+            "not_durable",
+            f"Redis cannot confirm durability: {exc}",
+            headers={"Retry-After": "1"},
+        ) from None
+    metrics.ACCEPTED_TICKS.labels(token=token_name).inc(len(ticks))
+    metrics.BATCH_TICKS.observe(len(ticks))
+    log.debug("accepted %d ticks from %s, first id %s", len(ticks), token_name, ids[0])
+    return json_response({"accepted": len(ids), "ids": ids})
+
+
+# -- handlers -----------------------------------------------------------------------
 
 
 async def post_tick(request: web.Request) -> web.Response:
     """POST /ingest/tick: one JSON tick."""
     token_name = authenticate(request)
-    require_json(request)
-    check_length(request)
+    require_content_type(request, JSON)
+    check_declared_length(request)
+    check_backlog(request)
+    tick = decode_tick(await request.read())
+    return await store(request, token_name, [tick])
+
+
+async def post_ticks(request: web.Request) -> web.Response:
+    """POST /ingest/ticks: a JSON array or NDJSON, all or nothing."""
+    token_name = authenticate(request)
+    content_type = require_content_type(request, JSON, NDJSON)
+    check_declared_length(request)
+    check_backlog(request)
     body = await request.read()
-    try:
-        tick = validate(tick_decoder.decode(body))
-    except msgspec.DecodeError as exc:
-        raise decode_error(exc) from None
-    except TickError as exc:
-        raise ApiError(422, "invalid_field", exc.detail, field=exc.field) from None
-    ids = await request.app[WRITER].append([tick])
-    log.debug("accepted 1 tick from %s: %s", token_name, ids[0])
-    return json_response({"accepted": 1, "ids": ids})
+    max_batch = request.app[SETTINGS].ingest_max_batch
+    if content_type == NDJSON:
+        ticks = decode_ndjson(body, max_batch)
+    else:
+        ticks = decode_json_array(body, max_batch)
+    return await store(request, token_name, ticks)
 
 
 async def healthz(request: web.Request) -> web.Response:
     """GET /healthz: the process is up."""
-    return json_response({"status": "ok"})
+    return json_response({"status": "ok", "pid": os.getpid()})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -156,11 +154,49 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         groups = await request.app[REDIS].xinfo_groups(settings.stream_name)
     except RedisError as exc:
-        return json_response({"status": "unavailable", "detail": str(exc)}, 503)
+        return json_response({"status": "unavailable", "detail": f"redis: {exc}"}, 503)
     names = {g["name"].decode() if isinstance(g["name"], bytes) else g["name"] for g in groups}
     if settings.group_name not in names:
         return json_response({"status": "unavailable", "detail": "consumer group missing"}, 503)
     return json_response({"status": "ready"})
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text format."""
+    body, content_type = metrics.render(request.app[SETTINGS].prometheus_multiproc_dir)
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def openapi_view(request: web.Request) -> web.Response:
+    """GET /openapi.json."""
+    return json_response(openapi_document())
+
+
+# -- middleware and resources -------------------------------------------------------
+
+
+@web.middleware
+async def timing_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    started = time.perf_counter()
+    try:
+        return await handler(request)
+    finally:
+        if request.path.startswith("/ingest/"):
+            metrics.REQUEST_SECONDS.labels(endpoint=request.path).observe(
+                time.perf_counter() - started
+            )
+
+
+def record_refusal(request: web.Request, error: ApiError) -> None:
+    token_name = request.get(TOKEN_NAME, "anonymous")
+    if request.path.startswith("/ingest/"):
+        metrics.REJECTED_REQUESTS.labels(reason=error.code, token=token_name).inc()
+    level = logging.WARNING if error.status >= 500 else logging.DEBUG
+    if error.status in (401, 429):
+        level = logging.INFO
+    log.log(level, "refused %s %s from %s: %s", error.status, error.code, token_name, error)
 
 
 def redis_ctx(client: Redis | None) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -170,13 +206,32 @@ def redis_ctx(client: Redis | None) -> Callable[[web.Application], AsyncIterator
         settings = app[SETTINGS]
         redis = client or redis_conn.connect(settings.redis_url, client_name="tickpipe-ingest")
         app[REDIS] = redis
-        app[WRITER] = TickWriter(redis, settings.stream_name, settings.latest_key)
+        app[WRITER] = TickWriter(
+            redis,
+            settings.stream_name,
+            settings.latest_key,
+            fsync=settings.ingest_durability == "fsync",
+            waitaof_timeout_ms=settings.ingest_waitaof_timeout_ms,
+        )
+        monitor = BacklogMonitor(
+            redis,
+            settings.stream_name,
+            settings.group_name,
+            settings.ingest_max_backlog,
+            settings.ingest_backlog_poll_s,
+        )
+        app[BACKLOG] = monitor
         try:
             await redis_conn.ensure_group(redis, settings.stream_name, settings.group_name)
+            monitor.backlog = await monitor.measure()
         except RedisError as exc:
             # Start anyway: requests get 503 until Redis is back.
             log.warning("redis unavailable at start (%s); answering 503 until it is back", exc)
+        poller = asyncio.create_task(monitor.run(), name="backlog-monitor")
         yield
+        poller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await poller
         if client is None:
             await redis.aclose()
 
@@ -188,23 +243,33 @@ def create_app(settings: Settings, *, redis: Redis | None = None) -> web.Applica
     if not settings.ingest_tokens:
         raise ValueError("no ingest tokens configured: set INGEST_TOKENS or INGEST_TOKENS_FILE")
     app = web.Application(
-        middlewares=[error_middleware], client_max_size=settings.ingest_max_body_bytes
+        middlewares=[
+            timing_middleware,
+            error_middleware(settings.ingest_max_body_bytes, record_refusal),
+        ],
+        client_max_size=settings.ingest_max_body_bytes,
     )
     app[SETTINGS] = settings
     app[AUTH] = TokenAuth(settings.ingest_tokens)
     app.cleanup_ctx.append(redis_ctx(redis))
     app.router.add_post("/ingest/tick", post_tick)
+    app.router.add_post("/ingest/ticks", post_ticks)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/openapi.json", openapi_view)
     return app
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings, *, reuse_port: bool = False) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests finish first."""
+    kwargs: dict[str, Any] = {"reuse_port": True} if reuse_port else {}
     web.run_app(
         create_app(settings),
         host=settings.ingest_host,
         port=settings.ingest_port,
-        print=lambda line: log.info("%s", line),
-        shutdown_timeout=10.0,
+        print=lambda line: log.info("%s", line.strip()),
+        shutdown_timeout=settings.ingest_shutdown_timeout_s,
+        access_log=None,
+        **kwargs,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from tickpipe.ticks import Tick, to_fields
 
@@ -38,17 +39,61 @@ return ids
 """
 
 
-class TickWriter:
-    """Appends validated ticks to the stream and the latest-price hash."""
+class NotDurable(Exception):
+    """WAITAOF did not confirm the local AOF fsync in time (INGEST_DURABILITY=fsync)."""
 
-    def __init__(self, redis: Redis, stream: str, latest_key: str) -> None:
+
+class TickWriter:
+    """Appends validated ticks to the stream and the latest-price hash.
+
+    With ``fsync``, the answer waits for WAITAOF to report that the local AOF
+    holds the entries on disk; WAITAOF covers the writes of its own connection,
+    so it travels with the script in one pipeline: still one round trip.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        stream: str,
+        latest_key: str,
+        *,
+        fsync: bool = False,
+        waitaof_timeout_ms: int = 1000,
+    ) -> None:
+        self._redis = redis
         self._keys = [stream, latest_key]
-        self._append = redis.register_script(APPEND_LUA)
+        self._script = redis.register_script(APPEND_LUA)
+        self._fsync = fsync
+        self._waitaof_timeout_ms = waitaof_timeout_ms
 
     async def append(self, ticks: Sequence[Tick]) -> list[str]:
-        """Append every tick in one round trip; returns their stream ids in order."""
+        """Append every tick atomically; returns their stream ids in order."""
         argv: list[str] = []
         for tick in ticks:
             argv.extend(to_fields(tick).values())
-        ids = await self._append(keys=self._keys, args=argv)
+        if self._fsync:
+            ids = await self._append_fsync(argv)
+        else:
+            ids = await self._script(keys=self._keys, args=argv)
         return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+    async def _append_fsync(self, argv: list[str]) -> list[bytes]:
+        for attempt in (1, 2):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.evalsha(self._script.sha, len(self._keys), *self._keys, *argv)
+                pipe.execute_command("WAITAOF", 1, 0, self._waitaof_timeout_ms)
+                try:
+                    ids, (local, _replicas) = await pipe.execute()
+                except NoScriptError:
+                    # The script did not run (a restarted Redis): load it and run it once more.
+                    if attempt == 2:
+                        raise
+                    await self._redis.script_load(APPEND_LUA)
+                    continue
+            if int(local) < 1:
+                raise NotDurable(
+                    f"Redis did not confirm the AOF fsync within {self._waitaof_timeout_ms} ms"
+                )
+            result: list[bytes] = ids
+            return result
+        raise AssertionError("unreachable")

@@ -111,16 +111,26 @@ def schema_apply() -> None:
 @main.command()
 @click.option("--host", default=None, help="Address to listen on [env INGEST_HOST].")
 @click.option("--port", type=int, default=None, help="Port to listen on [env INGEST_PORT].")
-def ingest(host: str | None, port: int | None) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Processes serving the port, SO_REUSEPORT [env INGEST_WORKERS, default 1].",
+)
+@click.option("--reuse-port", is_flag=True, hidden=True)
+def ingest(host: str | None, port: int | None, workers: int | None, reuse_port: bool) -> None:
     """Serve the ingest HTTP API."""
     from ingest.app import run
+    from ingest.workers import Supervisor
 
-    settings = load_settings(ingest_host=host, ingest_port=port)
+    settings = load_settings(ingest_host=host, ingest_port=port, ingest_workers=workers)
     if not settings.ingest_tokens:
         raise click.ClickException(
             "no ingest tokens: set INGEST_TOKENS=name:token[,...] or INGEST_TOKENS_FILE"
         )
-    run(settings)
+    if settings.ingest_workers > 1:
+        sys.exit(Supervisor(settings, settings.ingest_workers).run())
+    run(settings, reuse_port=reuse_port)
 
 
 @main.group()

@@ -47,6 +47,10 @@ class Settings:
     ingest_max_backlog: int = 1_000_000
     ingest_durability: Durability = "everysec"
     ingest_waitaof_timeout_ms: int = 1000
+    ingest_backlog_poll_s: float = 0.5
+    ingest_shutdown_timeout_s: float = 10.0
+    ingest_workers: int = 1
+    prometheus_multiproc_dir: Path | None = None
 
     # Flusher.
     flusher_consumer: str = dataclasses.field(default_factory=lambda: os.uname().nodename)
@@ -97,6 +101,14 @@ class Settings:
             ingest_waitaof_timeout_ms=r.get(
                 "INGEST_WAITAOF_TIMEOUT_MS", _positive_int, defaults.ingest_waitaof_timeout_ms
             ),
+            ingest_backlog_poll_s=r.get(
+                "INGEST_BACKLOG_POLL_S", _positive_float, defaults.ingest_backlog_poll_s
+            ),
+            ingest_shutdown_timeout_s=r.get(
+                "INGEST_SHUTDOWN_TIMEOUT_S", _positive_float, defaults.ingest_shutdown_timeout_s
+            ),
+            ingest_workers=r.get("INGEST_WORKERS", _positive_int, defaults.ingest_workers),
+            prometheus_multiproc_dir=r.get("PROMETHEUS_MULTIPROC_DIR", Path, None),
             flusher_consumer=r.get("FLUSHER_CONSUMER", _name, defaults.flusher_consumer),
             flusher_metrics_port=r.get("FLUSHER_METRICS_PORT", _port, None),
             flush_batch_size=r.get("FLUSH_BATCH_SIZE", _positive_int, defaults.flush_batch_size),

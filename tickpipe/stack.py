@@ -132,9 +132,9 @@ class LocalStack:
         self.stop_postgres()
 
     def status(self) -> list[ServiceStatus]:
-        redis_pid = self._redis_pid()
+        redis_pid = self._redis_pid(remove_stale=False)
         redis_up = redis_pid is not None and _redis_ping(self.redis_port)
-        pg_pid = self._pg_pid()
+        pg_pid = self._pg_pid(remove_stale=False)
         return [
             ServiceStatus(
                 "redis",
@@ -196,13 +196,27 @@ class LocalStack:
             self.redis_pidfile.unlink(missing_ok=True)
             return
         self.log(f"{'killing' if kill else 'stopping'} redis (pid {pid})")
-        os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
-        if not _wait_for(lambda: not _pid_alive(pid), STOP_TIMEOUT_S):
-            raise StackError(f"redis (pid {pid}) did not stop within {STOP_TIMEOUT_S:.0f}s")
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while True:
+            _signal(pid, signal.SIGKILL if kill else signal.SIGTERM, "redis")
+            # Redis declines a SIGTERM while it writes its first AOF; ask again.
+            if _wait_for(lambda: not _pid_alive(pid), 3.0):
+                break
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"redis (pid {pid}) did not stop within {STOP_TIMEOUT_S:.0f}s;"
+                    f" see {self.redis_logfile}"
+                )
         self.redis_pidfile.unlink(missing_ok=True)
 
-    def _redis_pid(self) -> int | None:
-        return _live_pid(self.redis_pidfile, ("redis", "valkey"), self.log)
+    def _redis_pid(self, *, remove_stale: bool = True) -> int | None:
+        return _live_pid(
+            self.redis_pidfile,
+            self.redis_dir,
+            ("redis", "valkey"),
+            self.log,
+            remove_stale=remove_stale,
+        )
 
     # -- postgres -------------------------------------------------------------
 
@@ -246,7 +260,7 @@ class LocalStack:
             return
         self.log(f"{'killing' if kill else 'stopping'} postgres (pid {pid})")
         if kill:
-            os.kill(pid, signal.SIGKILL)
+            _signal(pid, signal.SIGKILL, "postgres")
             _wait_for(lambda: not _pid_alive(pid), STOP_TIMEOUT_S)
             return
         result = self._pg_run(
@@ -265,9 +279,9 @@ class LocalStack:
         asyncio.run(ensure_database(self.database_url))
         asyncio.run(apply_schema(self.database_url))
 
-    def _pg_pid(self) -> int | None:
+    def _pg_pid(self, *, remove_stale: bool = True) -> int | None:
         pidfile = self.pg_data / "postmaster.pid"
-        return _live_pid(pidfile, ("postgres",), self.log, remove_stale=True)
+        return _live_pid(pidfile, self.pg_data, ("postgres",), self.log, remove_stale=remove_stale)
 
     def _pg_bindir(self) -> Path:
         # A cluster must be run by the major version that created it: remember it.
@@ -423,25 +437,56 @@ def _grant_traversal(path: Path, owner: pwd.struct_passwd, log: Callable[[str], 
 
 def _live_pid(
     pidfile: Path,
+    workdir: Path,
     names: tuple[str, ...],
     log: Callable[[str], None],
     *,
-    remove_stale: bool = True,
+    remove_stale: bool,
 ) -> int | None:
-    """The pid in ``pidfile`` if that process is alive and is the server we expect."""
+    """The pid in ``pidfile`` if that process is alive and is our server.
+
+    Pids are reused (the state directory outlives reboots), so the process must
+    also be a server of that name working in ``workdir`` (Redis chdirs to its
+    --dir, the postmaster to its data directory).
+    """
     try:
         first_line = pidfile.read_text().splitlines()[0].strip()
-        pid = int(first_line)
     except (FileNotFoundError, IndexError):
         return None
-    except ValueError:
-        pid = -1
-    if pid > 0 and _pid_alive(pid) and any(n in _cmdline(pid) for n in names):
+    except OSError as exc:
+        raise StackError(f"cannot read {pidfile}: {exc.strerror}; are you its owner?") from None
+    pid = int(first_line) if first_line.isdigit() else -1
+    if pid > 0 and _pid_alive(pid) and _is_our_server(pid, workdir, names):
         return pid
     if remove_stale:
-        log(f"removing stale pid file {pidfile} (process {pid} is gone)")
+        what = f"process {pid} is gone" if pid > 0 else "it holds no pid"
+        if pid > 0 and _pid_alive(pid):
+            what = f"process {pid} is not this server"
+        log(f"removing stale pid file {pidfile} ({what})")
         pidfile.unlink(missing_ok=True)
     return None
+
+
+def _is_our_server(pid: int, workdir: Path, names: tuple[str, ...]) -> bool:
+    if not any(name in _cmdline(pid) for name in names):
+        return False
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd")) == workdir.resolve()
+    except PermissionError:
+        return True  # another user's process: the name has to do
+    except OSError:
+        return False
+
+
+def _signal(pid: int, signum: int, name: str) -> None:
+    try:
+        os.kill(pid, signum)
+    except PermissionError:
+        raise StackError(
+            f"not allowed to stop {name} (pid {pid}): run this as the user who started it"
+        ) from None
+    except ProcessLookupError:
+        pass
 
 
 def _pid_alive(pid: int) -> bool:
@@ -476,6 +521,9 @@ def _postmaster_port(data: Path) -> int | None:
 
 def _check_port_free(port: int, env_name: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As the servers themselves do: connections of a server just stopped may
+        # linger in TIME_WAIT, which does not make the port "in use".
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:

@@ -28,6 +28,7 @@ MAX_DECIMAL_INTEGER_DIGITS = 20
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _ONE_US = dt.timedelta(microseconds=1)
 _MAX_TS_US = (dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC) - EPOCH) // _ONE_US
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _RFC3339 = re.compile(
     r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.(?P<frac>\d+))?(?P<offset>[Zz]|[+-]\d{2}:\d{2})$"
 )
@@ -78,8 +79,17 @@ def validate(raw: TickIn) -> Tick:
         ts_us=parse_ts(raw.ts),
         price=check_decimal(raw.price, "price", allow_zero=False),
         volume=check_decimal(raw.volume, "volume", allow_zero=True),
-        source=raw.source,
+        source=check_source(raw.source),
     )
+
+
+def check_source(source: str) -> str:
+    """1-64 characters, no control characters (Postgres text cannot even hold NUL)."""
+    if not 1 <= len(source) <= 64:
+        raise TickError("source must be 1 to 64 characters", "source")
+    if _CONTROL.search(source):
+        raise TickError("source must not contain control characters", "source")
+    return source
 
 
 def parse_ts(value: int | str) -> int:
@@ -171,8 +181,6 @@ def from_fields(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Tick:
         )
     if not re.match(SYMBOL_PATTERN, symbol):
         raise TickError("stream entry has an invalid symbol", "symbol")
-    if not 1 <= len(source) <= 64:
-        raise TickError("stream entry has an invalid source", "source")
     try:
         ts_us = int(ts)
         price_d = Decimal(price)
@@ -186,7 +194,7 @@ def from_fields(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Tick:
         ts_us=ts_us,
         price=check_decimal(price_d, "price", allow_zero=False),
         volume=check_decimal(volume_d, "volume", allow_zero=True),
-        source=source,
+        source=check_source(source),
     )
 
 

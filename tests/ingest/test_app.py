@@ -1,10 +1,13 @@
-"""The ingest endpoint against a real Redis: accepted ticks, refusals, outages."""
+"""The ingest endpoints against a real Redis: accepted ticks, every refusal, outages."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -12,7 +15,7 @@ from redis.asyncio import Redis
 
 from ingest.app import create_app
 from tickpipe.settings import Settings
-from tickpipe.stack import free_port
+from tickpipe.stack import LocalStack, free_port
 
 pytestmark = pytest.mark.services
 
@@ -25,15 +28,41 @@ GOOD = {
     "volume": 100,
     "source": "nasdaq",
 }
+Client = TestClient[Any, Any]
+MakeClient = Callable[..., AbstractAsyncContextManager[Client]]
 
 
 @pytest.fixture
-async def client(settings: Settings, redis: Redis) -> AsyncIterator[TestClient[object, object]]:
-    async with TestClient(TestServer(create_app(settings))) as test_client:
+def make_client(settings: Settings, redis: Redis) -> MakeClient:
+    """An in-process ingest app on the test Redis, with settings overridden."""
+
+    @asynccontextmanager
+    async def make(**overrides: Any) -> AsyncIterator[Client]:
+        app = create_app(settings.replace(**overrides))
+        async with TestClient(TestServer(app)) as client:
+            yield client
+
+    return make
+
+
+@pytest.fixture
+async def client(make_client: MakeClient) -> AsyncIterator[Client]:
+    async with make_client() as test_client:
         yield test_client
 
 
-async def test_accepts_a_tick(client: TestClient[object, object], redis: Redis) -> None:
+def ndjson(*ticks: dict[str, Any]) -> bytes:
+    return b"".join(json.dumps(t).encode() + b"\n" for t in ticks)
+
+
+def tick_at(second: int, **changes: Any) -> dict[str, Any]:
+    return {**GOOD, "ts": f"2024-05-01T12:00:{second:02d}Z", **changes}
+
+
+# -- accepted ---------------------------------------------------------------------------
+
+
+async def test_accepts_a_tick(client: Client, redis: Redis) -> None:
     response = await client.post("/ingest/tick", json=GOOD, headers=AUTH)
     assert response.status == 200
     body = await response.json()
@@ -58,68 +87,184 @@ async def test_accepts_a_tick(client: TestClient[object, object], redis: Redis) 
     }
 
 
-async def test_latest_keeps_the_newest_ts(client: TestClient[object, object], redis: Redis) -> None:
-    newer = {**GOOD, "ts": "2024-05-01T12:00:01Z", "price": "2"}
-    older = {**GOOD, "ts": "2024-05-01T11:59:59Z", "price": "3"}
-    for tick in (newer, older):
-        assert (await client.post("/ingest/tick", json=tick, headers=AUTH)).status == 200
-    latest = json.loads(await redis.hget("ticks:latest", "AAPL"))
-    assert latest["price"] == "2"
-    assert await redis.xlen("ticks.received") == 2
+@pytest.mark.parametrize("content_type", ["application/json", "application/x-ndjson"])
+async def test_accepts_a_batch_in_order(client: Client, redis: Redis, content_type: str) -> None:
+    ticks = [tick_at(s, symbol=f"S{s % 3}", price=f"{s}.5") for s in range(10)]
+    body = json.dumps(ticks).encode() if content_type == "application/json" else ndjson(*ticks)
+    response = await client.post(
+        "/ingest/ticks", data=body, headers={**AUTH, "Content-Type": content_type}
+    )
+    assert response.status == 200, await response.text()
+    payload = await response.json()
+    assert payload["accepted"] == 10
+    entries = await redis.xrange("ticks.received")
+    assert [e[0].decode() for e in entries] == payload["ids"]
+    assert [e[1][b"price"].decode() for e in entries] == [t["price"] for t in ticks]
 
 
-async def test_ingest_creates_the_group_from_the_first_entry(
-    client: TestClient[object, object], redis: Redis
-) -> None:
+async def test_latest_keeps_the_newest_ts(client: Client, redis: Redis) -> None:
+    batch = [tick_at(1, price="2"), tick_at(0, price="3"), tick_at(1, symbol="B", price="4")]
+    response = await client.post("/ingest/ticks", json=batch, headers=AUTH)
+    assert response.status == 200
+    assert (
+        await client.post("/ingest/tick", json=tick_at(0, price="5"), headers=AUTH)
+    ).status == 200
+    assert json.loads(await redis.hget("ticks:latest", "AAPL"))["price"] == "2"
+    assert json.loads(await redis.hget("ticks:latest", "B"))["price"] == "4"
+    # An equal ts is a replacement of the same key: it wins, as it does in md_ticks.
+    assert (
+        await client.post("/ingest/tick", json=tick_at(1, price="6"), headers=AUTH)
+    ).status == 200
+    assert json.loads(await redis.hget("ticks:latest", "AAPL"))["price"] == "6"
+
+
+async def test_ingest_creates_the_group_from_the_first_entry(client: Client, redis: Redis) -> None:
     [group] = await redis.xinfo_groups("ticks.received")
     assert group["name"] == b"flushers"
     assert group["last-delivered-id"] == b"0-0"
 
 
-@pytest.mark.parametrize(
-    ("headers", "body", "status", "error", "field"),
-    [
-        ({}, json.dumps(GOOD), 401, "unauthorized", None),
-        ({"Authorization": "Bearer wrong"}, json.dumps(GOOD), 401, "unauthorized", None),
-        ({"Authorization": f"Basic {TOKEN}"}, json.dumps(GOOD), 401, "unauthorized", None),
-        (
-            {**AUTH, "Content-Type": "text/plain"},
-            json.dumps(GOOD),
-            415,
-            "unsupported_media_type",
-            None,
-        ),
-        (AUTH, "{not json", 400, "malformed_json", None),
-        (AUTH, json.dumps({**GOOD, "price": "NaN"}), 422, "invalid_field", "price"),
-        (AUTH, json.dumps({**GOOD, "price": -1}), 422, "invalid_field", "price"),
-        (AUTH, json.dumps({**GOOD, "ts": "2024-05-01T12:00:00"}), 422, "invalid_field", "ts"),
-        (AUTH, json.dumps({**GOOD, "symbol": "A B"}), 422, "invalid_field", "symbol"),
-        (AUTH, json.dumps({**GOOD, "extra": 1}), 422, "invalid_field", "extra"),
-        (
-            AUTH,
-            json.dumps({k: v for k, v in GOOD.items() if k != "source"}),
-            422,
-            "invalid_field",
-            "source",
-        ),
-        (AUTH, json.dumps(GOOD) + " " * 5_000_000, 413, "too_large", None),
-    ],
-)
-async def test_refusals_append_nothing(
-    client: TestClient[object, object],
-    redis: Redis,
+# -- refused ----------------------------------------------------------------------------
+
+JSON = {"Content-Type": "application/json"}
+ND = {"Content-Type": "application/x-ndjson"}
+OK = {**AUTH, **JSON}
+BIG = json.dumps(GOOD) + " " * 5_000_000
+
+
+def body(**changes: Any) -> bytes:
+    """GOOD with some fields changed (a value of None drops the field)."""
+    tick = {k: v for k, v in {**GOOD, **changes}.items() if v is not None}
+    return json.dumps(tick).encode()
+
+
+def refusal(
+    name: str,
+    path: str,
     headers: dict[str, str],
-    body: str,
+    data: bytes,
     status: int,
     error: str,
+    index: int | None = None,
+    field: str | None = None,
+) -> Any:
+    return pytest.param(path, headers, data, status, error, index, field, id=name)
+
+
+REFUSALS = [
+    refusal("no token", "tick", JSON, body(), 401, "unauthorized"),
+    refusal(
+        "bad token", "tick", {**JSON, "Authorization": "Bearer x"}, body(), 401, "unauthorized"
+    ),
+    refusal(
+        "basic", "tick", {**JSON, "Authorization": f"Basic {TOKEN}"}, b"{}", 401, "unauthorized"
+    ),
+    refusal("batch no token", "ticks", JSON, b"[]", 401, "unauthorized"),
+    refusal(
+        "text/plain",
+        "tick",
+        {**AUTH, "Content-Type": "text/plain"},
+        body(),
+        415,
+        "unsupported_media_type",
+    ),
+    refusal("ndjson to /tick", "tick", {**AUTH, **ND}, ndjson(GOOD), 415, "unsupported_media_type"),
+    refusal(
+        "form",
+        "ticks",
+        {**AUTH, "Content-Type": "application/x-www-form-urlencoded"},
+        b"a=1",
+        415,
+        "unsupported_media_type",
+    ),
+    refusal("body too large", "tick", OK, BIG.encode(), 413, "too_large"),
+    refusal("batch body too large", "ticks", OK, f"[{BIG}]".encode(), 413, "too_large"),
+    refusal("batch too many", "ticks", OK, json.dumps([GOOD] * 6).encode(), 413, "batch_too_large"),
+    refusal("not json", "tick", OK, b"{not json", 400, "malformed_json"),
+    refusal("empty body", "tick", OK, b"", 400, "malformed_json"),
+    refusal("batch not json", "ticks", OK, b"[{", 400, "malformed_json"),
+    refusal(
+        "ndjson bad line", "ticks", {**AUTH, **ND}, ndjson(GOOD) + b"{x\n", 400, "malformed_json", 1
+    ),
+    refusal("empty batch", "ticks", OK, b"[]", 422, "invalid_batch"),
+    refusal("empty ndjson", "ticks", {**AUTH, **ND}, b"\n\n", 422, "invalid_batch"),
+    refusal("object to /ticks", "ticks", OK, body(), 422, "invalid_batch"),
+    refusal("array to /tick", "tick", OK, json.dumps([GOOD]).encode(), 422, "invalid_field"),
+    refusal("NaN", "tick", OK, body(price="NaN"), 422, "invalid_field", None, "price"),
+    refusal("Infinity", "tick", OK, body(price="Infinity"), 422, "invalid_field", None, "price"),
+    refusal(
+        "huge exponent", "tick", OK, body(price="1e999999"), 422, "invalid_field", None, "price"
+    ),
+    refusal("tiny exponent", "tick", OK, body(price="1e-30"), 422, "invalid_field", None, "price"),
+    refusal("zero price", "tick", OK, body(price=0), 422, "invalid_field", None, "price"),
+    refusal("negative volume", "tick", OK, body(volume="-1"), 422, "invalid_field", None, "volume"),
+    refusal("bool volume", "tick", OK, body(volume=True), 422, "invalid_field", None, "volume"),
+    refusal(
+        "naive ts", "tick", OK, body(ts="2024-05-01T12:00:00"), 422, "invalid_field", None, "ts"
+    ),
+    refusal(
+        "ns ts",
+        "tick",
+        OK,
+        body(ts="2024-05-01T12:00:00.123456789Z"),
+        422,
+        "invalid_field",
+        None,
+        "ts",
+    ),
+    refusal("float ts", "tick", OK, body(ts=1.5), 422, "invalid_field", None, "ts"),
+    refusal("empty symbol", "tick", OK, body(symbol=""), 422, "invalid_field", None, "symbol"),
+    refusal("long symbol", "tick", OK, body(symbol="A" * 33), 422, "invalid_field", None, "symbol"),
+    refusal("spaced symbol", "tick", OK, body(symbol="A B"), 422, "invalid_field", None, "symbol"),
+    refusal("empty source", "tick", OK, body(source=""), 422, "invalid_field", None, "source"),
+    refusal("long source", "tick", OK, body(source="s" * 65), 422, "invalid_field", None, "source"),
+    refusal(
+        "NUL in source", "tick", OK, body(source="a\u0000b"), 422, "invalid_field", None, "source"
+    ),
+    refusal("unknown field", "tick", OK, body(extra=1), 422, "invalid_field", None, "extra"),
+    refusal("missing field", "tick", OK, body(source=None), 422, "invalid_field", None, "source"),
+    refusal(
+        "bad tick in batch",
+        "ticks",
+        OK,
+        json.dumps([GOOD, GOOD, {**GOOD, "price": -1}]).encode(),
+        422,
+        "invalid_field",
+        2,
+        "price",
+    ),
+    refusal(
+        "bad ndjson tick",
+        "ticks",
+        {**AUTH, **ND},
+        ndjson(GOOD, {**GOOD, "ts": "x"}),
+        422,
+        "invalid_field",
+        1,
+        "ts",
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "headers", "data", "status", "error", "index", "field"), REFUSALS)
+async def test_refusals_append_nothing(
+    make_client: MakeClient,
+    redis: Redis,
+    path: str,
+    headers: dict[str, str],
+    data: bytes,
+    status: int,
+    error: str,
+    index: int | None,
     field: str | None,
 ) -> None:
-    headers = {"Content-Type": "application/json", **headers}
-    response = await client.post("/ingest/tick", data=io.BytesIO(body.encode()), headers=headers)
-    assert response.status == status
-    payload = await response.json()
+    async with make_client(ingest_max_batch=5) as client:
+        response = await client.post(f"/ingest/{path}", data=io.BytesIO(data), headers=headers)
+        assert response.status == status
+        payload = await response.json()
     assert payload["error"] == error
     assert payload["detail"]
+    assert payload.get("index") == index
     assert payload.get("field") == field
     if status == 401:
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
@@ -127,23 +272,155 @@ async def test_refusals_append_nothing(
     assert await redis.hlen("ticks:latest") == 0
 
 
-async def test_unknown_route_is_json(client: TestClient[object, object]) -> None:
+async def test_chunked_body_over_the_limit_is_refused(
+    make_client: MakeClient, redis: Redis
+) -> None:
+    """No Content-Length to check up front: reading stops at the limit."""
+    async with make_client(ingest_max_body_bytes=1000) as client:
+        payload = json.dumps([GOOD] * 50).encode()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for start in range(0, len(payload), 256):
+                yield payload[start : start + 256]
+
+        response = await client.post("/ingest/ticks", data=chunks(), headers={**AUTH, **JSON})
+        assert "Content-Length" not in response.request_info.headers
+        assert response.status == 413
+        assert (await response.json())["error"] == "too_large"
+    assert await redis.xlen("ticks.received") == 0
+
+
+async def test_unknown_route_and_method_are_json(client: Client) -> None:
     response = await client.get("/nope")
     assert response.status == 404
     assert (await response.json())["error"] == "not_found"
+    response = await client.get("/ingest/tick")
+    assert response.status == 405
+    assert (await response.json())["error"] == "method_not_allowed"
 
 
-async def test_redis_down_gives_503(settings: Settings) -> None:
+# -- backpressure ------------------------------------------------------------------------
+
+
+async def test_backpressure_429_until_the_flushers_catch_up(
+    make_client: MakeClient, redis: Redis, settings: Settings
+) -> None:
+    async with make_client(ingest_max_backlog=3, ingest_backlog_poll_s=0.02) as client:
+        for second in range(4):
+            assert (
+                await client.post("/ingest/tick", json=tick_at(second), headers=AUTH)
+            ).status == 200
+        await asyncio.sleep(0.2)
+        response = await client.post("/ingest/tick", json=tick_at(9), headers=AUTH)
+        assert response.status == 429
+        assert response.headers["Retry-After"] == "1"
+        assert (await response.json())["error"] == "backpressure"
+        assert await redis.xlen("ticks.received") == 4
+
+        # A flusher reads and acknowledges everything: the backlog drains.
+        entries = await redis.xreadgroup("flushers", "f", {"ticks.received": ">"})
+        await redis.xack("ticks.received", "flushers", *[i for i, _ in entries[0][1]])
+        await asyncio.sleep(0.2)
+        assert (await client.post("/ingest/tick", json=tick_at(9), headers=AUTH)).status == 200
+
+
+# -- durability ------------------------------------------------------------------------
+
+
+async def test_fsync_mode_confirms_with_waitaof(make_client: MakeClient, redis: Redis) -> None:
+    async with make_client(ingest_durability="fsync") as client:
+        response = await client.post("/ingest/ticks", json=[tick_at(1), tick_at(2)], headers=AUTH)
+        assert response.status == 200
+        assert (await response.json())["accepted"] == 2
+        # After SCRIPT FLUSH the script is loaded again, still one step per request.
+        await redis.script_flush()
+        assert (await client.post("/ingest/tick", json=tick_at(3), headers=AUTH)).status == 200
+    assert await redis.xlen("ticks.received") == 3
+
+
+async def wait_for_aof_rewrite(redis: Redis) -> None:
+    """Turning AOF back on starts a rewrite; Redis will not shut down before it ends."""
+    for _ in range(200):
+        if not (await redis.info("persistence"))["aof_rewrite_in_progress"]:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def test_fsync_mode_without_aof_is_503(make_client: MakeClient, redis: Redis) -> None:
+    await redis.config_set("appendonly", "no")
+    try:
+        async with make_client(ingest_durability="fsync") as client:
+            response = await client.post("/ingest/tick", json=GOOD, headers=AUTH)
+            assert response.status == 503
+            assert (await response.json())["error"] == "not_durable"
+    finally:
+        await redis.config_set("appendonly", "yes")
+        await wait_for_aof_rewrite(redis)
+
+
+# -- Redis outages ---------------------------------------------------------------------
+
+
+async def test_redis_unreachable_gives_503(settings: Settings) -> None:
     dead = settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     async with TestClient(TestServer(create_app(dead))) as client:
         response = await client.post("/ingest/tick", json=GOOD, headers=AUTH)
         assert response.status == 503
-        assert (await response.json())["error"] == "redis_unavailable"
+        body = await response.json()
+        assert body["error"] == "redis_unavailable"
+        assert response.headers["Retry-After"] == "1"
         assert (await client.get("/readyz")).status == 503
         assert (await client.get("/healthz")).status == 200
 
 
-async def test_readyz(client: TestClient[object, object]) -> None:
+async def test_recovers_when_redis_comes_back(
+    client: Client, redis: Redis, stack: LocalStack
+) -> None:
+    assert (await client.post("/ingest/tick", json=tick_at(1), headers=AUTH)).status == 200
+    stack.stop_redis()
+    try:
+        response = await client.post("/ingest/tick", json=tick_at(2), headers=AUTH)
+        assert response.status == 503
+        assert (await client.get("/readyz")).status == 503
+    finally:
+        stack.start_redis()
+    response = await client.post("/ingest/tick", json=tick_at(3), headers=AUTH)
+    assert response.status == 200
+    assert (await client.get("/readyz")).status == 200
+    # The entry acknowledged before the restart survived it (AOF).
+    await redis.connection_pool.disconnect()  # the test's own client: drop dead connections
+    prices = [fields[b"ts"] for _, fields in await redis.xrange("ticks.received")]
+    assert prices == [b"1714564801000000", b"1714564803000000"]
+
+
+# -- health, metrics, OpenAPI -------------------------------------------------------------
+
+
+async def test_readyz_and_healthz(client: Client) -> None:
     response = await client.get("/readyz")
     assert response.status == 200
     assert await response.json() == {"status": "ready"}
+    health = await (await client.get("/healthz")).json()
+    assert health["status"] == "ok"
+    assert isinstance(health["pid"], int)
+
+
+async def test_metrics_count_by_token_and_reason(client: Client) -> None:
+    await client.post("/ingest/ticks", json=[tick_at(1), tick_at(2), tick_at(3)], headers=AUTH)
+    await client.post("/ingest/tick", json={**GOOD, "price": -1}, headers=AUTH)
+    await client.post("/ingest/tick", json=GOOD)
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    text = await response.text()
+    assert 'tickpipe_ingest_ticks_accepted_total{token="feeder-a"}' in text
+    assert (
+        'tickpipe_ingest_requests_rejected_total{reason="invalid_field",token="feeder-a"}' in text
+    )
+    assert (
+        'tickpipe_ingest_requests_rejected_total{reason="unauthorized",token="anonymous"}' in text
+    )
+    assert 'tickpipe_ingest_request_seconds_bucket{endpoint="/ingest/ticks"' in text
+    assert "tickpipe_ingest_batch_ticks_bucket" in text
+    assert "tickpipe_ingest_backlog_entries" in text
+    assert TOKEN not in text

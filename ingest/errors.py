@@ -1,0 +1,89 @@
+"""The error contract: every refusal is JSON ``{"error", "detail", "index"?, "field"?}``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+
+log = logging.getLogger("tickpipe.ingest")
+
+_json = msgspec.json.Encoder()
+
+REDIS_DOWN = (ConnectionError, TimeoutError, BusyLoadingError)
+"""Redis errors that mean "unavailable right now": 503, retry later."""
+
+
+class ApiError(Exception):
+    """A request that tickpipe refuses, with the status and body the contract fixes."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        index: int | None = None,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.body: dict[str, Any] = {"error": code, "detail": detail}
+        if index is not None:
+            self.body["index"] = index
+        if field is not None:
+            self.body["field"] = field
+        self.headers = headers or {}
+
+
+def json_response(
+    body: object, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=_json.encode(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+OnError = Callable[[web.Request, ApiError], None]
+
+
+def error_middleware(max_body_bytes: int, on_error: OnError) -> Any:
+    """Turn ours, aiohttp's (404, 405, 413) and Redis outages into JSON errors."""
+
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            error = exc
+        except web.HTTPRequestEntityTooLarge:
+            error = ApiError(413, "too_large", f"request body exceeds {max_body_bytes} bytes")
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            error = ApiError(
+                exc.status,
+                exc.reason.lower().replace(" ", "_"),
+                exc.reason,
+                headers={k: v for k, v in exc.headers.items() if k.lower() != "content-type"},
+            )
+        except REDIS_DOWN as exc:
+            log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
+            error = ApiError(
+                503,
+                "redis_unavailable",
+                "the tick store (Redis) is unavailable; nothing was stored, retry later",
+                headers={"Retry-After": "1"},
+            )
+        on_error(request, error)
+        return json_response(error.body, error.status, error.headers)
+
+    return middleware

@@ -1,0 +1,56 @@
+"""Prometheus metrics of the ingest service.
+
+With ``--workers N`` every worker process writes its samples to
+PROMETHEUS_MULTIPROC_DIR and any worker's ``/metrics`` answers for all of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+ACCEPTED_TICKS = Counter(
+    "tickpipe_ingest_ticks_accepted",
+    "Ticks appended to the stream and acknowledged with 200, by token name.",
+    ["token"],
+)
+REJECTED_REQUESTS = Counter(
+    "tickpipe_ingest_requests_rejected",
+    "Requests refused, by error code and token name (anonymous when unauthenticated).",
+    ["reason", "token"],
+)
+REQUEST_SECONDS = Histogram(
+    "tickpipe_ingest_request_seconds",
+    "Time from request to answer on the ingest endpoints.",
+    ["endpoint"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+BATCH_TICKS = Histogram(
+    "tickpipe_ingest_batch_ticks",
+    "Ticks per accepted request.",
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
+)
+BACKLOG_ENTRIES = Gauge(
+    "tickpipe_ingest_backlog_entries",
+    "The consumer group's backlog (lag + pending) as last seen by ingest.",
+    multiprocess_mode="livemostrecent",
+)
+
+
+def render(multiproc_dir: Path | None) -> tuple[bytes, str]:
+    """The Prometheus text exposition and its content type."""
+    if multiproc_dir is None:
+        return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
+    return generate_latest(registry), CONTENT_TYPE_LATEST
