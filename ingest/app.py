@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 from redis.asyncio import Redis
@@ -25,6 +25,7 @@ from ingest.auth import TokenAuth
 from ingest.backpressure import BacklogMonitor
 from ingest.decode import decode_json_array, decode_ndjson, decode_tick
 from ingest.errors import ApiError, error_middleware, json_response
+from ingest.inflight import InFlight
 from ingest.openapi import openapi_document
 from ingest.writer import NotDurable, TickWriter
 from tickpipe import redis_conn
@@ -38,6 +39,7 @@ REDIS = web.AppKey("redis", Redis)
 WRITER = web.AppKey("writer", TickWriter)
 AUTH = web.AppKey("auth", TokenAuth)
 BACKLOG = web.AppKey("backlog", BacklogMonitor)
+INFLIGHT = web.AppKey("inflight", InFlight)
 TOKEN_NAME = web.RequestKey("token_name", str)
 
 JSON = "application/json"
@@ -179,10 +181,17 @@ async def openapi_view(request: web.Request) -> web.Response:
 async def timing_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
+    """Times ingest requests and counts every request in flight (see :class:`InFlight`)."""
     started = time.perf_counter()
+    inflight = request.app[INFLIGHT]
+    inflight.enter()
     try:
-        return await handler(request)
+        response = await handler(request)
+        if inflight.stopping:
+            response.force_close()  # no next request on this connection
+        return response
     finally:
+        inflight.leave()
         if request.path.startswith("/ingest/"):
             metrics.REQUEST_SECONDS.labels(endpoint=request.path).observe(
                 time.perf_counter() - started
@@ -251,6 +260,7 @@ def create_app(settings: Settings, *, redis: Redis | None = None) -> web.Applica
     )
     app[SETTINGS] = settings
     app[AUTH] = TokenAuth(settings.ingest_tokens)
+    app[INFLIGHT] = InFlight()
     app.cleanup_ctx.append(redis_ctx(redis))
     app.router.add_post("/ingest/tick", post_tick)
     app.router.add_post("/ingest/ticks", post_ticks)
@@ -261,15 +271,40 @@ def create_app(settings: Settings, *, redis: Redis | None = None) -> web.Applica
     return app
 
 
+async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
+    """Serve until SIGINT/SIGTERM, then let in-flight requests finish before exiting."""
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(
+        runner, settings.ingest_host, settings.ingest_port, reuse_port=reuse_port or None
+    )
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError(
+            f"cannot listen on {settings.ingest_host}:{settings.ingest_port}: {exc.strerror}"
+        ) from None
+    log.info("ingest listening on http://%s:%d", settings.ingest_host, settings.ingest_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    inflight = app[INFLIGHT]
+    inflight.stopping = True
+    log.info("ingest stopping: %d requests in flight", inflight.count)
+    await site.stop()
+    if not await inflight.drained(settings.ingest_shutdown_timeout_s):
+        log.warning("ingest: %d requests still in flight after the timeout", inflight.count)
+    await runner.cleanup()
+
+
+class ListenError(OSError):
+    """The ingest address cannot be bound (port in use, address not local...)."""
+
+
 def run(settings: Settings, *, reuse_port: bool = False) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests finish first."""
-    kwargs: dict[str, Any] = {"reuse_port": True} if reuse_port else {}
-    web.run_app(
-        create_app(settings),
-        host=settings.ingest_host,
-        port=settings.ingest_port,
-        print=lambda line: log.info("%s", line.strip()),
-        shutdown_timeout=settings.ingest_shutdown_timeout_s,
-        access_log=None,
-        **kwargs,
-    )
+    asyncio.run(serve(settings, reuse_port=reuse_port))

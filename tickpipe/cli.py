@@ -120,7 +120,7 @@ def schema_apply() -> None:
 @click.option("--reuse-port", is_flag=True, hidden=True)
 def ingest(host: str | None, port: int | None, workers: int | None, reuse_port: bool) -> None:
     """Serve the ingest HTTP API."""
-    from ingest.app import run
+    from ingest.app import ListenError, run
     from ingest.workers import Supervisor
 
     settings = load_settings(ingest_host=host, ingest_port=port, ingest_workers=workers)
@@ -130,7 +130,10 @@ def ingest(host: str | None, port: int | None, workers: int | None, reuse_port: 
         )
     if settings.ingest_workers > 1:
         sys.exit(Supervisor(settings, settings.ingest_workers).run())
-    run(settings, reuse_port=reuse_port)
+    try:
+        run(settings, reuse_port=reuse_port)
+    except ListenError as exc:
+        raise click.ClickException(f"{exc}; choose another with --port or INGEST_PORT") from None
 
 
 @main.group()

@@ -1,0 +1,110 @@
+"""`tickpipe ingest --workers N` as real processes: one port, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import pytest
+from redis.asyncio import Redis
+
+from tickpipe.stack import free_port
+
+pytestmark = pytest.mark.services
+
+AUTH = {"Authorization": "Bearer test-token-0123456789"}
+TICK = {"symbol": "W", "ts": 1, "price": "1.5", "volume": 1, "source": "s"}
+
+
+@pytest.fixture
+def server(
+    subprocess_env: dict[str, str], redis: Redis
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tickpipe", "ingest", "--workers", "2", "--port", str(port)],
+        env={**subprocess_env, "INGEST_SHUTDOWN_TIMEOUT_S": "20"},
+    )
+    yield f"http://127.0.0.1:{port}", proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+async def ready(base: str) -> None:
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(f"{base}/readyz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("ingest never became ready")
+
+
+async def test_workers_share_the_port_and_the_metrics(
+    server: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    base, proc = server
+    await ready(base)
+    pids = set()
+    # A new connection per request, so the kernel spreads them over the workers.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(60):
+            async with session.get(f"{base}/healthz") as response:
+                pids.add((await response.json())["pid"])
+            async with session.post(f"{base}/ingest/tick", json=TICK, headers=AUTH) as response:
+                assert response.status == 200
+        assert len(pids) == 2
+        assert proc.pid not in pids
+        async with session.get(f"{base}/metrics") as response:
+            text = await response.text()
+    accepted = [
+        line
+        for line in text.splitlines()
+        if line.startswith('tickpipe_ingest_ticks_accepted_total{token="feeder-a"}')
+    ]
+    assert accepted == ['tickpipe_ingest_ticks_accepted_total{token="feeder-a"} 60.0']
+
+
+async def slow_body(first: bytes, rest: bytes, gate: asyncio.Event) -> AsyncIterator[bytes]:
+    yield first
+    await gate.wait()
+    yield rest
+
+
+async def test_sigterm_lets_in_flight_requests_finish(
+    server: tuple[str, subprocess.Popen[bytes]], redis: Redis
+) -> None:
+    base, proc = server
+    await ready(base)
+    body = json.dumps(TICK).encode()
+    gate = asyncio.Event()
+    async with aiohttp.ClientSession() as session:
+        request = asyncio.create_task(
+            session.post(
+                f"{base}/ingest/tick",
+                data=slow_body(body[:10], body[10:], gate),
+                headers={**AUTH, "Content-Type": "application/json"},
+            )
+        )
+        await asyncio.sleep(0.5)  # the worker holds half a body
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        gate.set()
+        response = await request
+        assert response.status == 200
+        [entry_id] = (await response.json())["ids"]
+        response.release()
+    assert await asyncio.to_thread(proc.wait, 30) == 0
+    assert [i.decode() for i, _ in await redis.xrange("ticks.received")] == [entry_id]
