@@ -18,10 +18,18 @@ from tickpipe.settings import Settings
 log = logging.getLogger("tickpipe.flusher")
 
 
+class FlusherError(RuntimeError):
+    """The flusher cannot work with this configuration; the message says what to do."""
+
+
 async def run_flusher(settings: Settings, *, burst: bool = False) -> Flusher:
     """Run a flusher until SIGTERM/SIGINT (or, with ``burst``, until the stream is drained)."""
     consumer = settings.flusher_consumer
-    redis = redis_conn.connect(settings.redis_url, client_name=f"tickpipe-flusher:{consumer}")
+    redis = redis_conn.connect(
+        settings.redis_url,
+        client_name=f"tickpipe-flusher:{consumer}",
+        socket_timeout_s=max(redis_conn.REDIS_SOCKET_TIMEOUT_S, settings.flush_interval_s + 10),
+    )
     store = await TickStore.open(settings.database_url)
     stream = TickStream(redis, settings.stream_name, settings.group_name, consumer)
     flusher = Flusher(stream, store, settings, burst=burst)
@@ -30,6 +38,11 @@ async def run_flusher(settings: Settings, *, burst: bool = False) -> Flusher:
         loop.add_signal_handler(signum, flusher.stop)
     try:
         await flusher.run()
+    except asyncpg.UndefinedTableError as exc:
+        raise FlusherError(
+            f"Postgres at DATABASE_URL has no md_ticks ({exc}); run `tickpipe schema apply`."
+            " Nothing was acknowledged: the entries wait in the stream."
+        ) from None
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

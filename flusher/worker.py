@@ -62,6 +62,7 @@ class Flusher:
         self.burst = burst
         self._stopping = asyncio.Event()
         self._stop_deadline: float | None = None
+        self._recheck_own_pending = False
         self.rows_written = 0
         self.entries_acked = 0
 
@@ -87,6 +88,9 @@ class Flusher:
         )
         await self._drain_own_pending()
         while not self.stopping:
+            if self._recheck_own_pending:
+                self._recheck_own_pending = False
+                await self._drain_own_pending()
             batch = await self._next_batch()
             if batch:
                 await self._flush(batch)
@@ -126,7 +130,7 @@ class Flusher:
                     break
             count = size - len(batch)
             got = await self._retry(
-                "read new entries", functools.partial(self.stream.read_new, count, block_ms)
+                "read new entries", functools.partial(self._read_new, count, block_ms)
             )
             if not got:
                 if batch or self.burst:
@@ -136,6 +140,15 @@ class Flusher:
                 deadline = time.monotonic() + self.settings.flush_interval_s
             batch.extend(got)
         return batch
+
+    async def _read_new(self, count: int, block_ms: int | None) -> list[Entry]:
+        try:
+            return await self.stream.read_new(count, block_ms)
+        except TRANSIENT_ERRORS:
+            # Redis may have delivered entries whose reply was lost: they now wait in
+            # this consumer's pending list, which only a read from 0 finds.
+            self._recheck_own_pending = True
+            raise
 
     async def _flush(self, batch: Sequence[Entry]) -> None:
         ticks: list[Tick] = []

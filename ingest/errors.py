@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
-from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+from redis.exceptions import BusyLoadingError, ConnectionError, ResponseError, TimeoutError
 
 log = logging.getLogger("tickpipe.ingest")
 
@@ -74,6 +74,15 @@ def error_middleware(max_body_bytes: int, on_error: OnError) -> Any:
                 exc.reason.lower().replace(" ", "_"),
                 exc.reason,
                 headers={k: v for k, v in exc.headers.items() if k.lower() != "content-type"},
+            )
+        except ResponseError as exc:
+            # MISCONF, OOM, READONLY...: Redis is up but will not take the write.
+            log.error("redis refused the request: %s", exc)
+            error = ApiError(
+                503,
+                "redis_unavailable",
+                f"the tick store (Redis) refused the write ({exc}); nothing was stored",
+                headers={"Retry-After": "1"},
             )
         except REDIS_DOWN as exc:
             log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)

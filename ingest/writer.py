@@ -9,13 +9,16 @@ from redis.exceptions import NoScriptError
 
 from tickpipe.ticks import Tick, to_fields
 
+# The "#!lua" shebang (Redis 7 script flags, here none) makes Redis refuse the
+# script whole when it cannot write (OOM, read-only replica) instead of failing
+# at some XADD midway: a request's ticks are appended all together or not at all.
 # KEYS[1] the stream, KEYS[2] the latest-price hash.
 # ARGV: five strings per tick (symbol, ts, price, volume, source).
 # Each tick becomes one entry; the hash keeps, per symbol, the tick with the
 # greatest ts (a tick with an equal ts replaces it, as it replaces the row).
 # ts are non-negative integers without leading zeros, compared as strings by
 # length then lexically: exact where Lua's doubles are not (above 2^53).
-APPEND_LUA = """
+APPEND_LUA = """#!lua
 local stream, latest = KEYS[1], KEYS[2]
 local ids = {}
 for i = 1, #ARGV, 5 do

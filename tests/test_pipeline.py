@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from flusher.run import run_flusher
 from ingest.app import create_app
 from tickpipe.settings import Settings
-from tickpipe.stack import free_port
+from tickpipe.stack import LocalStack, free_port
 
 pytestmark = pytest.mark.services
 
@@ -119,3 +119,26 @@ async def test_real_processes_ingest_and_flusher(
     flusher.send_signal(signal.SIGTERM)
     assert flusher.wait(timeout=30) == 0
     assert (await redis.xpending("ticks.received", "flushers"))["pending"] == 0
+
+
+async def test_flusher_without_md_ticks_says_what_to_do(
+    subprocess_env: dict[str, str], redis: Redis, stack: LocalStack
+) -> None:
+    from tickpipe.schema import ensure_database
+
+    bare = stack.database_url.rsplit("/", 1)[0] + "/tickpipe_bare"
+    await ensure_database(bare)
+    async with TestClient(TestServer(create_app(Settings.from_env(subprocess_env)))) as client:
+        assert (await client.post("/ingest/tick", json=TICK, headers=AUTH)).status == 200
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "tickpipe", "flusher", "run", "--burst"],
+        env={**subprocess_env, "DATABASE_URL": bare},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "tickpipe schema apply" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (await redis.xpending("ticks.received", "flushers"))["pending"] == 1

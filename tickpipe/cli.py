@@ -55,13 +55,22 @@ def up() -> None:
     """
     settings = load_settings()
     stack = local_stack(settings)
+    own_redis = not settings.redis_url_configured
+    own_postgres = not settings.database_url_configured
+    for name, own in (("REDIS_URL", own_redis), ("DATABASE_URL", own_postgres)):
+        if not own:
+            click.echo(f"tickpipe: {name} is set: using it, not starting a local server", err=True)
     try:
-        stack.up()
+        stack.up(redis=own_redis, postgres=own_postgres)
+        if not own_postgres:
+            _apply_schema(settings.database_url)
     except StackError as exc:
         raise click.ClickException(str(exc)) from None
     stack.write_info()
-    click.echo(f"export REDIS_URL={stack.redis_url}")
-    click.echo(f"export DATABASE_URL={stack.database_url}")
+    click.echo(f"export REDIS_URL={stack.redis_url if own_redis else settings.redis_url}")
+    click.echo(
+        f"export DATABASE_URL={stack.database_url if own_postgres else settings.database_url}"
+    )
 
 
 @main.command()
@@ -95,14 +104,21 @@ def schema() -> None:
 @schema.command("apply")
 def schema_apply() -> None:
     """Apply schema.sql to DATABASE_URL (idempotent)."""
+    _apply_schema(load_settings().database_url)
+    click.echo("schema applied", err=True)
+
+
+def _apply_schema(database_url: str) -> None:
+    import asyncpg
+
     from tickpipe.schema import apply_schema
 
-    settings = load_settings()
     try:
-        asyncio.run(apply_schema(settings.database_url))
-    except (OSError, ConnectionError) as exc:
+        asyncio.run(apply_schema(database_url))
+    except OSError as exc:
         raise click.ClickException(f"cannot reach Postgres at DATABASE_URL: {exc}") from None
-    click.echo("schema applied", err=True)
+    except asyncpg.PostgresError as exc:
+        raise click.ClickException(f"Postgres at DATABASE_URL refused the schema: {exc}") from None
 
 
 # -- services -------------------------------------------------------------------
@@ -149,8 +165,8 @@ def flusher() -> None:
 )
 def flusher_run(consumer: str | None, burst: bool, check: bool) -> None:
     """Run one flusher until SIGTERM/SIGINT."""
+    from flusher.run import FlusherError, run_flusher
     from flusher.run import check as check_ready
-    from flusher.run import run_flusher
 
     settings = load_settings(flusher_consumer=consumer)
     if check:
@@ -158,7 +174,10 @@ def flusher_run(consumer: str | None, burst: bool, check: bool) -> None:
         for problem in problems:
             click.echo(f"not ready: {problem}", err=True)
         sys.exit(2 if problems else 0)
-    asyncio.run(run_flusher(settings, burst=burst))
+    try:
+        asyncio.run(run_flusher(settings, burst=burst))
+    except FlusherError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()

@@ -10,17 +10,18 @@ REDIS_SOCKET_TIMEOUT_S = 10.0
 REDIS_CONNECT_TIMEOUT_S = 3.0
 
 
-def connect(url: str, *, client_name: str) -> Redis:
+def connect(url: str, *, client_name: str, socket_timeout_s: float | None = None) -> Redis:
     """A client that never retries by itself.
 
     Silent retries would resend an XADD whose reply was lost (a duplicate entry)
     or hide an outage; tickpipe retries where it knows the command is safe, with
-    backoff, and says so in the log.
+    backoff, and says so in the log. A client that sends blocking reads needs a
+    ``socket_timeout_s`` longer than its longest BLOCK.
     """
     client: Redis = Redis.from_url(
         url,
         client_name=client_name,
-        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        socket_timeout=socket_timeout_s or REDIS_SOCKET_TIMEOUT_S,
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
         retry=Retry(NoBackoff(), 0),
         retry_on_error=[],

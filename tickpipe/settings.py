@@ -67,6 +67,10 @@ class Settings:
     pg_port: int = DEFAULT_PG_PORT
     stack_embedded_only: bool = False
     """Use the servers shipped by the embedded wheels even when system ones exist."""
+    redis_url_configured: bool = False
+    """REDIS_URL was given: `tickpipe up` leaves Redis to it."""
+    database_url_configured: bool = False
+    """DATABASE_URL was given: `tickpipe up` only applies the schema there."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -126,6 +130,8 @@ class Settings:
             redis_port=redis_port,
             pg_port=pg_port,
             stack_embedded_only=r.get("TICKPIPE_EMBEDDED", _flag, False),
+            redis_url_configured=bool(env.get("REDIS_URL")),
+            database_url_configured=bool(env.get("DATABASE_URL")),
         )
 
     def replace(self, **changes: object) -> Settings:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import glob
 import importlib.util
 import json
@@ -26,6 +27,8 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import asyncpg
 
 from tickpipe.settings import (
     DEFAULT_DATABASE,
@@ -119,17 +122,31 @@ class LocalStack:
 
     # -- the whole stack ----------------------------------------------------
 
-    def up(self) -> None:
-        """Start both servers (a no-op for one already running) and apply the schema."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.start_redis()
-        self.start_postgres()
-        self.prepare_database()
+    def up(self, *, redis: bool = True, postgres: bool = True) -> None:
+        """Start the servers (a no-op for one already running) and apply the schema."""
+        with self._locked():
+            if redis:
+                self.start_redis()
+            if postgres:
+                self.start_postgres()
+                self.prepare_database()
 
     def down(self) -> None:
         """Stop both servers; harmless when they are not running."""
-        self.stop_redis()
-        self.stop_postgres()
+        with self._locked():
+            self.stop_redis()
+            self.stop_postgres()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One `up` or `down` at a time per state directory."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with (self.state_dir / "lock").open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def status(self) -> list[ServiceStatus]:
         redis_pid = self._redis_pid(remove_stale=False)
@@ -276,8 +293,11 @@ class LocalStack:
         """Create the tickpipe database if missing and apply schema.sql."""
         from tickpipe.schema import apply_schema, ensure_database
 
-        asyncio.run(ensure_database(self.database_url))
-        asyncio.run(apply_schema(self.database_url))
+        try:
+            asyncio.run(ensure_database(self.database_url))
+            asyncio.run(apply_schema(self.database_url))
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StackError(f"cannot prepare the database at {self.database_url}: {exc}") from None
 
     def _pg_pid(self, *, remove_stale: bool = True) -> int | None:
         pidfile = self.pg_data / "postmaster.pid"

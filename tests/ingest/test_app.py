@@ -424,3 +424,17 @@ async def test_metrics_count_by_token_and_reason(client: Client) -> None:
     assert "tickpipe_ingest_batch_ticks_bucket" in text
     assert "tickpipe_ingest_backlog_entries" in text
     assert TOKEN not in text
+
+
+async def test_redis_refusing_writes_gives_503(client: Client, redis: Redis) -> None:
+    await redis.config_set("maxmemory", "1")
+    try:
+        batch = [tick_at(s) for s in range(50)]
+        response = await client.post("/ingest/ticks", json=batch, headers=AUTH)
+        assert response.status == 503
+        body = await response.json()
+        assert body["error"] == "redis_unavailable"
+        assert "maxmemory" in body["detail"]
+    finally:
+        await redis.config_set("maxmemory", "0")
+    assert await redis.xlen("ticks.received") == 0

@@ -209,3 +209,31 @@ def test_schema_apply_without_postgres_is_a_clear_error() -> None:
     assert result.returncode == 1
     assert "cannot reach Postgres" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_up_uses_configured_urls(stack: LocalStack, tmp_path: Path) -> None:
+    """With REDIS_URL and DATABASE_URL given, `up` starts nothing and applies the schema."""
+    env = {
+        "TICKPIPE_STATE_DIR": str(tmp_path),
+        "TICKPIPE_REDIS_PORT": str(free_port()),
+        "TICKPIPE_PG_PORT": str(free_port()),
+        "REDIS_URL": stack.redis_url,
+        "DATABASE_URL": stack.database_url,
+    }
+    result = tickpipe("up", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"export REDIS_URL={stack.redis_url}",
+        f"export DATABASE_URL={stack.database_url}",
+    ]
+    assert "REDIS_URL is set" in result.stderr
+    assert not (tmp_path / "redis").exists()
+    assert not (tmp_path / "postgres").exists()
+
+
+def test_schema_apply_to_a_missing_database_is_a_clear_error(stack: LocalStack) -> None:
+    env = {"DATABASE_URL": stack.database_url.rsplit("/", 1)[0] + "/no_such_db"}
+    result = tickpipe("schema", "apply", env=env)
+    assert result.returncode == 1
+    assert "no_such_db" in result.stderr
+    assert "Traceback" not in result.stderr
