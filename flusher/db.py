@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 
 import asyncpg
 
+from flusher.errors import FatalError, RowsRejected, TransientError
 from tickpipe.ticks import Tick
 
 _COLUMNS = ("symbol", "ts", "price", "volume", "source")
@@ -47,6 +48,8 @@ class TickStore:
 
     @classmethod
     async def open(cls, database_url: str, *, max_size: int = 4) -> TickStore:
+        # min_size=0: no connection is made here, so a flusher starts (and
+        # retries with backoff) while Postgres is down.
         pool = await asyncpg.create_pool(
             database_url, min_size=0, max_size=max_size, init=_init_connection
         )
@@ -59,13 +62,52 @@ class TickStore:
         """Write ``rows`` (unique keys, sorted) in one transaction; returns after COMMIT."""
         if not rows:
             return
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.copy_records_to_table(
-                "md_ticks_stage",
-                records=[(t.symbol, t.ts, t.price, t.volume, t.source) for t in rows],
-                columns=_COLUMNS,
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.copy_records_to_table(
+                    "md_ticks_stage",
+                    records=[(t.symbol, t.ts, t.price, t.volume, t.source) for t in rows],
+                    columns=_COLUMNS,
+                )
+                await conn.execute(UPSERT_SQL)
+        except Exception as exc:
+            raise _classify(exc) from exc
+
+    async def check(self) -> None:
+        """Raise unless md_ticks can be written (the readiness probe)."""
+        try:
+            async with self._pool.acquire() as conn:
+                await conn.execute("SELECT 1 FROM md_ticks LIMIT 0")
+        except Exception as exc:
+            raise _classify(exc) from exc
+
+
+# SQLSTATE classes: 08 connection, 40 transaction rollback (deadlock,
+# serialization), 53 insufficient resources, 57 operator intervention
+# (shutdown, cannot connect now), 58 system error.
+_TRANSIENT_CLASSES = ("08", "40", "53", "57", "58")
+# 22 data exception, 23 integrity constraint violation: the rows themselves.
+_REJECTED_CLASSES = ("22", "23")
+
+
+def _classify(exc: Exception) -> Exception:
+    """Map an asyncpg/OS error to TransientError, RowsRejected or FatalError."""
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate = exc.sqlstate or ""
+        if sqlstate[:2] in _TRANSIENT_CLASSES:
+            return TransientError(f"postgres: {exc}")
+        if sqlstate[:2] in _REJECTED_CLASSES:
+            return RowsRejected(f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, asyncpg.UndefinedTableError):
+            return FatalError(
+                f"Postgres at DATABASE_URL has no md_ticks ({exc}); run `tickpipe schema apply`"
             )
-            await conn.execute(UPSERT_SQL)
+        return FatalError(f"Postgres refused the write: {type(exc).__name__}: {exc}")
+    if isinstance(exc, asyncpg.ClientConfigurationError):
+        return FatalError(f"DATABASE_URL: {exc}")
+    if isinstance(exc, OSError | asyncpg.InterfaceError | TimeoutError):
+        return TransientError(f"postgres: {type(exc).__name__}: {exc}")
+    return FatalError(f"unexpected error writing to Postgres: {type(exc).__name__}: {exc}")
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

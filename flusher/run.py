@@ -1,4 +1,4 @@
-"""Running one flusher process: connections, signals, exit status."""
+"""Running one flusher process: connections, signals, metrics endpoint, exit status."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import logging
 import signal
 
 import asyncpg
+from prometheus_client import start_http_server
 from redis.exceptions import RedisError
 
 from flusher.db import TickStore
+from flusher.errors import FatalError
+from flusher.faults import Faults
 from flusher.stream import TickStream
 from flusher.worker import Flusher
 from tickpipe import redis_conn
@@ -25,34 +28,62 @@ class FlusherError(RuntimeError):
 async def run_flusher(settings: Settings, *, burst: bool = False) -> Flusher:
     """Run a flusher until SIGTERM/SIGINT (or, with ``burst``, until the stream is drained)."""
     consumer = settings.flusher_consumer
+    try:
+        faults = Faults(settings.fault)
+    except ValueError as exc:
+        raise FlusherError(str(exc)) from None
     redis = redis_conn.connect(
         settings.redis_url,
         client_name=f"tickpipe-flusher:{consumer}",
         socket_timeout_s=max(redis_conn.REDIS_SOCKET_TIMEOUT_S, settings.flush_interval_s + 10),
     )
     store = await TickStore.open(settings.database_url)
-    stream = TickStream(redis, settings.stream_name, settings.group_name, consumer)
-    flusher = Flusher(stream, store, settings, burst=burst)
+    stream = TickStream(
+        redis,
+        settings.stream_name,
+        settings.group_name,
+        consumer,
+        dead_stream=settings.dead_stream_name,
+        lost_key=settings.lost_key,
+    )
+    flusher = Flusher(stream, store, settings, burst=burst, faults=faults)
+    metrics_server = None
+    if settings.flusher_metrics_port is not None:
+        try:
+            metrics_server, _thread = start_http_server(
+                settings.flusher_metrics_port, addr=settings.flusher_metrics_host
+            )
+        except OSError as exc:
+            await store.close()
+            await redis.aclose()
+            raise FlusherError(
+                f"cannot serve metrics on port {settings.flusher_metrics_port}: {exc.strerror}"
+            ) from None
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, flusher.stop)
     try:
         await flusher.run()
-    except asyncpg.UndefinedTableError as exc:
+    except FatalError as exc:
         raise FlusherError(
-            f"Postgres at DATABASE_URL has no md_ticks ({exc}); run `tickpipe schema apply`."
-            " Nothing was acknowledged: the entries wait in the stream."
+            f"{exc}. Nothing was acknowledged: the entries wait in the stream."
         ) from None
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        if metrics_server is not None:
+            metrics_server.shutdown()
         await store.close()
         await redis.aclose()
     log.info(
-        "flusher %s stopped: %d rows written, %d entries acknowledged",
+        "flusher %s stopped: %d rows written, %d entries acknowledged, %d reclaimed,"
+        " %d dead-lettered, %d lost",
         consumer,
         flusher.rows_written,
         flusher.entries_acked,
+        flusher.reclaimed,
+        flusher.dead_lettered,
+        flusher.lost,
     )
     return flusher
 

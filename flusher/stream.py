@@ -1,14 +1,37 @@
-"""The flusher's Redis side: read through the consumer group, acknowledge."""
+"""The flusher's Redis side: read through the group, acknowledge, reclaim, dead-letter, trim.
+
+Every redis-py error that means "Redis is unavailable" leaves this module as
+:class:`~flusher.errors.TransientError`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Any
+import functools
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 from redis.asyncio import Redis
+from redis.exceptions import BusyLoadingError, ConnectionError, ReadOnlyError, TimeoutError
 
+from flusher.errors import TransientError
 from tickpipe import redis_conn
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_UNAVAILABLE = (ConnectionError, TimeoutError, BusyLoadingError, ReadOnlyError, OSError)
+
+
+def _transient(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except _UNAVAILABLE as exc:
+            raise TransientError(f"redis: {type(exc).__name__}: {exc}") from exc
+
+    return wrapper
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -19,31 +42,192 @@ class Entry:
     fields: dict[bytes, bytes] | None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeadLetter:
+    entry: Entry
+    reason: str
+    deliveries: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GroupStats:
+    pending: int
+    lag: int | None
+
+
+# MINID for XTRIM: the oldest id any group still needs, never newer than the
+# retention floor (ARGV[1]). Computed and applied in one atomic step, so no
+# entry can become pending between the measure and the trim.
+# Returns {entries trimmed, minid used} or {0, ""} when nothing may be trimmed.
+TRIM_LUA = """#!lua
+local stream, floor = KEYS[1], ARGV[1]
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function older(a, b)
+  local ams, aseq = parse(a)
+  local bms, bseq = parse(b)
+  return ams < bms or (ams == bms and aseq < bseq)
+end
+if redis.call('EXISTS', stream) == 0 then return {0, ''} end
+local groups = redis.call('XINFO', 'GROUPS', stream)
+if #groups == 0 then return {0, ''} end
+local minid = floor
+for _, group in ipairs(groups) do
+  local info = {}
+  for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+  if older(info['last-delivered-id'], minid) then minid = info['last-delivered-id'] end
+  if info['pending'] > 0 then
+    local summary = redis.call('XPENDING', stream, info['name'])
+    if older(summary[2], minid) then minid = summary[2] end
+  end
+end
+return {redis.call('XTRIM', stream, 'MINID', minid), minid}
+"""
+
+# Delete a consumer only if it still has nothing pending: XGROUP DELCONSUMER
+# drops a consumer's pending entries with it, so check and delete atomically.
+DELETE_IDLE_CONSUMER_LUA = """#!lua
+local consumers = redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+for _, consumer in ipairs(consumers) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  if info['name'] == ARGV[2] then
+    if info['pending'] == 0 and info['idle'] >= tonumber(ARGV[3]) then
+      return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+    end
+    return -1
+  end
+end
+return -1
+"""
+
+
 class TickStream:
     """The stream and consumer group, as one flusher consumer sees them."""
 
-    def __init__(self, redis: Redis, stream: str, group: str, consumer: str) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        dead_stream: str,
+        lost_key: str,
+    ) -> None:
         self.redis = redis
         self.stream = stream
         self.group = group
         self.consumer = consumer
+        self.dead_stream = dead_stream
+        self.lost_key = lost_key
+        self._trim = redis.register_script(TRIM_LUA)
+        self._delete_idle_consumer = redis.register_script(DELETE_IDLE_CONSUMER_LUA)
 
+    @_transient
     async def ensure_group(self) -> None:
         await redis_conn.ensure_group(self.redis, self.stream, self.group)
 
+    @_transient
     async def read_new(self, count: int, block_ms: int | None) -> list[Entry]:
         """Entries never delivered to any consumer (``>``), waiting up to ``block_ms``."""
         return await self._read(">", count, block_ms)
 
+    @_transient
     async def read_own_pending(self, after: str, count: int) -> list[Entry]:
         """This consumer's pending entries with ids greater than ``after`` (start at ``0``)."""
         return await self._read(after, count, None)
 
+    @_transient
     async def ack(self, ids: Sequence[str]) -> int:
         if not ids:
             return 0
         acked: int = await self.redis.xack(self.stream, self.group, *ids)
         return acked
+
+    @_transient
+    async def claim(
+        self, min_idle_ms: int, cursor: str, count: int
+    ) -> tuple[str, list[Entry], list[str]]:
+        """XAUTOCLAIM entries idle for ``min_idle_ms``: (next cursor, entries, deleted ids).
+
+        Deleted ids are entries trimmed or XDELed while pending: Redis drops them
+        from the pending list and they can never be written.
+        """
+        reply: Any = await self.redis.xautoclaim(
+            self.stream, self.group, self.consumer, min_idle_ms, start_id=cursor, count=count
+        )
+        next_cursor, messages, deleted = reply[0], reply[1], reply[2] if len(reply) > 2 else []
+        entries = [Entry(_text(i), fields or None) for i, fields in messages]
+        return _text(next_cursor), entries, [_text(i) for i in deleted]
+
+    @_transient
+    async def deliveries(self, ids: Sequence[str]) -> dict[str, int]:
+        """How many times each pending id has been delivered (XPENDING, one call per id)."""
+        counts: dict[str, int] = {}
+        for entry_id in ids:
+            rows = await self.redis.xpending_range(
+                self.stream, self.group, min=entry_id, max=entry_id, count=1
+            )
+            if rows:
+                counts[entry_id] = int(rows[0]["times_delivered"])
+        return counts
+
+    @_transient
+    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        """Move entries to the dead-letter stream and acknowledge them, atomically."""
+        if not letters:
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for letter in letters:
+                fields = {
+                    "original_id": letter.entry.id,
+                    "stream": self.stream,
+                    "reason": letter.reason,
+                    "deliveries": str(letter.deliveries),
+                }
+                for key, value in (letter.entry.fields or {}).items():
+                    fields[f"field:{_text(key)}"] = _text(value)
+                pipe.xadd(self.dead_stream, fields)  # type: ignore[arg-type]
+            pipe.xack(self.stream, self.group, *[letter.entry.id for letter in letters])
+            await pipe.execute()
+
+    @_transient
+    async def count_lost(self, ids: Sequence[str]) -> int:
+        """Add to the shared lost counter (read by `tickpipe audit`); returns the total."""
+        total: int = await self.redis.incrby(self.lost_key, len(ids))
+        return total
+
+    @_transient
+    async def trim(self, retention_floor_id: str) -> tuple[int, str]:
+        """XTRIM MINID to the oldest id still needed; returns (entries trimmed, minid)."""
+        trimmed, minid = await self._trim(keys=[self.stream], args=[retention_floor_id])
+        return int(trimmed), _text(minid)
+
+    @_transient
+    async def delete_idle_consumers(self, idle_ms: int) -> list[str]:
+        """Delete consumers idle for ``idle_ms`` that have nothing pending; returns their names."""
+        deleted = []
+        for consumer in await self.redis.xinfo_consumers(self.stream, self.group):
+            name = _text(consumer["name"])
+            if name == self.consumer or consumer["pending"] or consumer["idle"] < idle_ms:
+                continue
+            removed = await self._delete_idle_consumer(
+                keys=[self.stream], args=[self.group, name, idle_ms]
+            )
+            if int(removed) >= 0:
+                deleted.append(name)
+        return deleted
+
+    @_transient
+    async def stats(self) -> GroupStats:
+        for group in await self.redis.xinfo_groups(self.stream):
+            if _text(group["name"]) == self.group:
+                lag = group.get("lag")
+                return GroupStats(int(group["pending"]), None if lag is None else int(lag))
+        return GroupStats(0, None)
 
     async def _read(self, start: str, count: int, block_ms: int | None) -> list[Entry]:
         reply: Any = await self.redis.xreadgroup(
@@ -52,6 +236,9 @@ class TickStream:
         entries: list[Entry] = []
         for _stream, messages in reply or []:
             for raw_id, fields in messages:
-                entry_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
-                entries.append(Entry(entry_id, fields or None))
+                entries.append(Entry(_text(raw_id), fields or None))
         return entries
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

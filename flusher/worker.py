@@ -5,24 +5,28 @@ The worker joins :class:`~flusher.stream.TickStream` (Redis) and
 Its one invariant: an entry is acknowledged only after the transaction holding
 its row has committed. A crash anywhere leaves the entry pending, to be read
 again by this consumer on restart or reclaimed by another.
+
+Besides the main loop, two upkeep loops run: reclaim (XAUTOCLAIM entries other
+consumers left idle) and upkeep (trim the stream, delete idle consumers,
+publish pending and lag).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-import asyncpg
-from redis.exceptions import BusyLoadingError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
+from flusher import metrics
 from flusher.db import TickStore, last_per_key
-from flusher.stream import Entry, TickStream
+from flusher.errors import RowsRejected, TransientError
+from flusher.faults import Faults
+from flusher.stream import DeadLetter, Entry, TickStream
 from tickpipe.backoff import Backoff
 from tickpipe.settings import Settings
 from tickpipe.ticks import Tick, TickError, from_fields
@@ -31,43 +35,44 @@ log = logging.getLogger("tickpipe.flusher")
 
 T = TypeVar("T")
 
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    BusyLoadingError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.InterfaceError,
-    ConnectionError,
-    OSError,
-    asyncio.TimeoutError,
-)
-"""Errors that mean "a server is unavailable": retried with backoff, never fatal."""
-
 SHUTDOWN_GRACE_S = 10.0
 """After a stop request, how long an in-flight batch may keep retrying before we give up
 (its entries stay pending, nothing is lost)."""
+
+
+class Stopping(Exception):
+    """Raised out of a retry loop when the shutdown grace has passed."""
 
 
 class Flusher:
     """One consumer of the group: batches entries into Postgres until stopped."""
 
     def __init__(
-        self, stream: TickStream, store: TickStore, settings: Settings, *, burst: bool = False
+        self,
+        stream: TickStream,
+        store: TickStore,
+        settings: Settings,
+        *,
+        burst: bool = False,
+        faults: Faults | None = None,
     ) -> None:
         self.stream = stream
         self.store = store
         self.settings = settings
         self.burst = burst
+        self.faults = faults or Faults(None)
         self._stopping = asyncio.Event()
         self._stop_deadline: float | None = None
         self._recheck_own_pending = False
+        self._servers_ok = True
         self.rows_written = 0
         self.entries_acked = 0
+        self.dead_lettered = 0
+        self.reclaimed = 0
+        self.lost = 0
 
     def stop(self) -> None:
-        """Ask the loop to finish its in-flight batch and return. Idempotent."""
+        """Ask the loops to finish their in-flight batch and return. Idempotent."""
         if not self._stopping.is_set():
             log.info("stopping: finishing the in-flight batch")
             self._stop_deadline = time.monotonic() + SHUTDOWN_GRACE_S
@@ -77,26 +82,53 @@ class Flusher:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
+    # -- the loops ---------------------------------------------------------------------
+
     async def run(self) -> None:
         """Drain this consumer's own pending entries, then new ones, until stopped."""
-        await self._retry("create the consumer group", self.stream.ensure_group)
+        try:
+            await self._retry("create the consumer group", self.stream.ensure_group)
+        except Stopping:
+            return
         log.info(
             "flusher %s reading %s as group %s",
             self.stream.consumer,
             self.stream.stream,
             self.stream.group,
         )
-        await self._drain_own_pending()
-        while not self.stopping:
-            if self._recheck_own_pending:
-                self._recheck_own_pending = False
-                await self._drain_own_pending()
-            batch = await self._next_batch()
-            if batch:
-                await self._flush(batch)
-            elif self.burst:
-                log.info("burst: stream drained, exiting")
-                return
+        if self.burst:
+            with contextlib.suppress(Stopping):
+                await self._reclaim_pass()
+            await self._main_loop()
+            return
+        helpers = [
+            asyncio.create_task(self._reclaim_loop(), name="reclaim"),
+            asyncio.create_task(self._upkeep_loop(), name="upkeep"),
+        ]
+        try:
+            await self._main_loop()
+        finally:
+            self.stop()
+            # The helpers notice the stop and finish their own in-flight batch.
+            await asyncio.wait(helpers, timeout=SHUTDOWN_GRACE_S + 5)
+            for helper in helpers:
+                helper.cancel()
+
+    async def _main_loop(self) -> None:
+        try:
+            await self._drain_own_pending()
+            while not self.stopping:
+                if self._recheck_own_pending:
+                    self._recheck_own_pending = False
+                    await self._drain_own_pending()
+                batch = await self._next_batch()
+                if batch:
+                    await self._flush(batch)
+                elif self.burst:
+                    log.info("burst: stream drained, exiting")
+                    return
+        except Stopping:
+            log.warning("shutdown grace over: unfinished entries stay pending")
 
     async def _drain_own_pending(self) -> None:
         """Entries delivered to this consumer name before a crash or restart come first."""
@@ -144,61 +176,241 @@ class Flusher:
     async def _read_new(self, count: int, block_ms: int | None) -> list[Entry]:
         try:
             return await self.stream.read_new(count, block_ms)
-        except TRANSIENT_ERRORS:
+        except TransientError:
             # Redis may have delivered entries whose reply was lost: they now wait in
             # this consumer's pending list, which only a read from 0 finds.
             self._recheck_own_pending = True
             raise
 
+    async def _reclaim_loop(self) -> None:
+        while not await self._sleep_unless_stopped(self.settings.flush_claim_interval_s):
+            if not self._servers_ok:
+                continue  # the main loop is waiting out an outage; no point piling on
+            try:
+                await self._reclaim_pass()
+            except Stopping:
+                return
+            except Exception:
+                log.exception(
+                    "reclaim pass failed; next one in %.1fs", self.settings.flush_claim_interval_s
+                )
+
+    async def _reclaim_pass(self) -> None:
+        """XAUTOCLAIM every entry idle longer than FLUSH_CLAIM_IDLE_S, cursor to 0-0."""
+        min_idle_ms = int(self.settings.flush_claim_idle_s * 1000)
+        cursor = "0-0"
+        while not self.stopping:
+            cursor, entries, deleted = await self._retry(
+                "reclaim idle entries",
+                functools.partial(
+                    self.stream.claim, min_idle_ms, cursor, self.settings.flush_batch_size
+                ),
+            )
+            if deleted:
+                await self._count_lost(deleted, "deleted from the stream while pending")
+            if entries:
+                log.info(
+                    "reclaimed %d entries idle for over %.1fs", len(entries), min_idle_ms / 1000
+                )
+                self.reclaimed += len(entries)
+                metrics.RECLAIMED.inc(len(entries))
+                await self._flush(entries)
+            if cursor == "0-0":
+                return
+
+    async def _upkeep_loop(self) -> None:
+        interval = self.settings.flush_upkeep_interval_s
+        while not await self._sleep_unless_stopped(interval):
+            try:
+                await self.upkeep()
+            except TransientError as exc:
+                log.warning("upkeep skipped: %s", exc)
+            except Exception:
+                log.exception("upkeep failed; next one in %.1fs", interval)
+
+    async def upkeep(self) -> None:
+        """Trim what no group needs, delete idle consumers, publish pending and lag."""
+        retention_ms = int(self.settings.stream_retention_s * 1000)
+        floor = f"{max(0, int(time.time() * 1000) - retention_ms)}-0"
+        trimmed, minid = await self.stream.trim(floor)
+        if trimmed:
+            log.info("trimmed %d acknowledged entries older than %s", trimmed, minid)
+            metrics.TRIMMED.inc(trimmed)
+        idle_ms = int(self.settings.flush_consumer_idle_delete_s * 1000)
+        for name in await self.stream.delete_idle_consumers(idle_ms):
+            log.info("deleted consumer %s: idle with nothing pending", name)
+        stats = await self.stream.stats()
+        metrics.PENDING.set(stats.pending)
+        if stats.lag is not None:
+            metrics.LAG.set(stats.lag)
+
+    async def _sleep_unless_stopped(self, seconds: float) -> bool:
+        """Sleep; True as soon as a stop is requested."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        return self.stopping
+
+    # -- one batch -----------------------------------------------------------------------
+
     async def _flush(self, batch: Sequence[Entry]) -> None:
-        ticks: list[Tick] = []
-        ids: list[str] = []
+        # COMMIT then XACK as one step that a cancellation cannot split.
+        await asyncio.shield(self._commit_then_ack(batch))
+
+    async def _commit_then_ack(self, batch: Sequence[Entry]) -> None:
+        started = time.perf_counter()
+        decoded: list[tuple[Entry, Tick]] = []
+        poison: list[tuple[Entry, str]] = []
+        gone: list[str] = []
         for entry in batch:
             if entry.fields is None:
-                # Trimmed or deleted while pending: nothing left to write.
-                log.error("entry %s was deleted from the stream before it was written", entry.id)
-                ids.append(entry.id)
+                gone.append(entry.id)
                 continue
             try:
-                ticks.append(from_fields(entry.fields))
+                decoded.append((entry, from_fields(entry.fields)))
             except TickError as exc:
-                log.error("entry %s cannot be decoded (%s); leaving it pending", entry.id, exc)
-                continue
-            ids.append(entry.id)
-        rows = last_per_key(ticks)
-        # COMMIT then XACK as one step that a cancellation cannot split.
-        await asyncio.shield(self._commit_then_ack(rows, ids))
+                poison.append((entry, f"undecodable: {exc}"))
+        await self.faults.hit("after_read")
 
-    async def _commit_then_ack(self, rows: Sequence[Tick], ids: Sequence[str]) -> None:
-        started = time.perf_counter()
-        await self._retry("write the batch to Postgres", functools.partial(self.store.upsert, rows))
-        await self._retry("acknowledge the batch", functools.partial(self.stream.ack, ids))
-        self.rows_written += len(rows)
-        self.entries_acked += len(ids)
+        written, rejected = await self._write(decoded)
+        poison.extend(rejected)
+        await self.faults.hit("after_commit")
+
+        if gone:
+            await self._count_lost(gone, "deleted from the stream while pending")
+        ack_ids = [entry.id for entry in written] + gone
+        await self._retry("acknowledge the batch", functools.partial(self.stream.ack, ack_ids))
+        await self.faults.hit("after_ack")
+
+        committed_at = time.time()
+        for entry in written:
+            metrics.COMMIT_LAG.observe(max(0.0, committed_at - _entry_time(entry.id)))
+        written_ids = {entry.id for entry in written}
+        rows = len({tick.key for entry, tick in decoded if entry.id in written_ids})
+        self.rows_written += rows
+        self.entries_acked += len(ack_ids)
+        metrics.BATCHES.inc()
+        metrics.ROWS.inc(rows)
+        metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
         log.debug(
             "committed %d rows, acked %d entries in %.1f ms",
-            len(rows),
-            len(ids),
+            rows,
+            len(ack_ids),
             (time.perf_counter() - started) * 1000,
         )
+        if poison:
+            await self._handle_poison(poison)
+
+    async def _write(
+        self, decoded: Sequence[tuple[Entry, Tick]]
+    ) -> tuple[list[Entry], list[tuple[Entry, str]]]:
+        """Upsert the batch; when Postgres rejects rows, bisect so the rest still commits.
+
+        Returns the entries whose rows are committed and the rejected entries with
+        the reason. Entries sharing a key share the fate of that key's last row.
+        """
+        entries_by_key: dict[tuple[str, int], list[Entry]] = defaultdict(list)
+        for entry, tick in decoded:
+            entries_by_key[tick.key].append(entry)
+        rejected_rows = await self._upsert_isolating(last_per_key(t for _, t in decoded))
+        rejected_keys = {row.key: reason for row, reason in rejected_rows}
+        written = [entry for entry, tick in decoded if tick.key not in rejected_keys]
+        rejected = [
+            (entry, f"rejected by Postgres: {rejected_keys[key]}")
+            for key in rejected_keys
+            for entry in entries_by_key[key]
+        ]
+        return written, rejected
+
+    async def _upsert_isolating(self, rows: Sequence[Tick]) -> list[tuple[Tick, str]]:
+        if not rows:
+            return []
+        await self.faults.hit("before_commit")
+        try:
+            await self._retry(
+                "write the batch to Postgres", functools.partial(self.store.upsert, rows)
+            )
+        except RowsRejected as exc:
+            if len(rows) == 1:
+                return [(rows[0], str(exc))]
+            middle = len(rows) // 2
+            return await self._upsert_isolating(rows[:middle]) + await self._upsert_isolating(
+                rows[middle:]
+            )
+        return []
+
+    async def _handle_poison(self, poison: Sequence[tuple[Entry, str]]) -> None:
+        """Dead-letter entries that failed FLUSH_MAX_DELIVERIES times; leave the others pending."""
+        deliveries = await self._retry(
+            "count deliveries",
+            functools.partial(self.stream.deliveries, [entry.id for entry, _ in poison]),
+        )
+        limit = self.settings.flush_max_deliveries
+        letters = []
+        for entry, reason in poison:
+            count = deliveries.get(entry.id, limit)
+            if count >= limit:
+                letters.append(DeadLetter(entry, reason, count))
+            else:
+                log.warning(
+                    "entry %s failed (%s), delivery %d of %d: left pending, retried after %.0fs",
+                    entry.id,
+                    reason,
+                    count,
+                    limit,
+                    self.settings.flush_claim_idle_s,
+                )
+        if letters:
+            await self._retry(
+                "dead-letter entries", functools.partial(self.stream.dead_letter, letters)
+            )
+            for letter in letters:
+                log.error(
+                    "dead-lettered entry %s to %s after %d deliveries: %s",
+                    letter.entry.id,
+                    self.stream.dead_stream,
+                    letter.deliveries,
+                    letter.reason,
+                )
+            self.dead_lettered += len(letters)
+            self.entries_acked += len(letters)
+            metrics.DEAD_LETTERED.inc(len(letters))
+
+    async def _count_lost(self, ids: Sequence[str], why: str) -> None:
+        total = await self._retry(
+            "count lost entries", functools.partial(self.stream.count_lost, ids)
+        )
+        self.lost += len(ids)
+        metrics.LOST.inc(len(ids))
+        log.error("LOST %d entries (%s): %s; lost so far: %d", len(ids), why, ", ".join(ids), total)
+
+    # -- retries -------------------------------------------------------------------------
 
     async def _retry(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
-        """Run ``operation``, retrying transient errors with backoff until it succeeds.
+        """Run ``operation``, retrying TransientError with backoff until it succeeds.
 
-        After a stop request, gives up once the shutdown grace has passed: what was
-        not acknowledged stays pending, and a COMMIT without its XACK is replayed
-        harmlessly (the upsert is idempotent).
+        After a stop request, gives up once the shutdown grace has passed (raising
+        :class:`Stopping`): what was not acknowledged stays pending, and a COMMIT
+        without its XACK is replayed harmlessly (the upsert is idempotent).
         """
         backoff = Backoff()
         while True:
             try:
-                return await operation()
-            except TRANSIENT_ERRORS as exc:
+                result = await operation()
+            except TransientError as exc:
                 if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
                     log.error("giving up on: %s (%s); entries stay pending", what, exc)
-                    raise
+                    raise Stopping(what) from exc
+                self._servers_ok = False
                 delay = backoff.next_delay()
-                log.warning(
-                    "cannot %s: %s: %s; retrying in %.2fs", what, type(exc).__name__, exc, delay
-                )
+                log.warning("cannot %s: %s; retrying in %.2fs", what, exc, delay)
                 await asyncio.sleep(delay)
+                continue
+            if backoff.attempt:
+                log.info("recovered: %s succeeded after %d retries", what, backoff.attempt)
+            self._servers_ok = True
+            return result
+
+
+def _entry_time(entry_id: str) -> float:
+    """The wall-clock time (seconds) at which Redis created a stream entry."""
+    return int(entry_id.split("-", 1)[0]) / 1000

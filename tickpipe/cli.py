@@ -161,14 +161,20 @@ def flusher() -> None:
 @click.option("--consumer", default=None, help="Stable consumer name [env FLUSHER_CONSUMER].")
 @click.option("--burst", is_flag=True, help="Drain the stream, then exit.")
 @click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Serve Prometheus metrics on this port [env FLUSHER_METRICS_PORT, default off].",
+)
+@click.option(
     "--check", is_flag=True, help="Check Redis, the group and Postgres, then exit (0 = ready)."
 )
-def flusher_run(consumer: str | None, burst: bool, check: bool) -> None:
+def flusher_run(consumer: str | None, burst: bool, metrics_port: int | None, check: bool) -> None:
     """Run one flusher until SIGTERM/SIGINT."""
     from flusher.run import FlusherError, run_flusher
     from flusher.run import check as check_ready
 
-    settings = load_settings(flusher_consumer=consumer)
+    settings = load_settings(flusher_consumer=consumer, flusher_metrics_port=metrics_port)
     if check:
         problems = asyncio.run(check_ready(settings))
         for problem in problems:

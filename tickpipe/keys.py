@@ -12,5 +12,8 @@ DEAD_STREAM = "ticks.dead"
 LATEST = "ticks:latest"
 """Hash symbol -> newest tick of that symbol, updated atomically with the XADD."""
 
+LOST = "ticks:lost"
+"""Counter of entries the flushers found deleted while pending (never written)."""
+
 ENTRY_FIELDS = ("symbol", "ts", "price", "volume", "source")
 """The fields of one stream entry, in order; all strings, ``ts`` in epoch microseconds."""

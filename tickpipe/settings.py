@@ -37,6 +37,7 @@ class Settings:
     group_name: str = keys.GROUP
     dead_stream_name: str = keys.DEAD_STREAM
     latest_key: str = keys.LATEST
+    lost_key: str = keys.LOST
 
     # Ingest.
     ingest_host: str = "127.0.0.1"
@@ -59,7 +60,13 @@ class Settings:
     flush_interval_s: float = 1.0
     flush_claim_idle_s: float = 30.0
     flush_max_deliveries: int = 5
+    flush_claim_interval_s: float = 5.0
+    flush_upkeep_interval_s: float = 10.0
+    flush_consumer_idle_delete_s: float = 86400.0
+    flusher_metrics_host: str = "127.0.0.1"
     stream_retention_s: float = 3600.0
+    fault: str | None = None
+    """TICKPIPE_FAULT: crash-test hook (flusher/faults.py); never set in production."""
 
     # Local stack (`tickpipe up`).
     state_dir: Path = Path(".tickpipe")
@@ -91,6 +98,7 @@ class Settings:
             group_name=r.get("STREAM_GROUP", _name, keys.GROUP),
             dead_stream_name=r.get("DEAD_STREAM_NAME", _name, keys.DEAD_STREAM),
             latest_key=r.get("LATEST_KEY", _name, keys.LATEST),
+            lost_key=r.get("LOST_KEY", _name, keys.LOST),
             ingest_host=r.get("INGEST_HOST", str, defaults.ingest_host),
             ingest_port=r.get("INGEST_PORT", _port, defaults.ingest_port),
             ingest_tokens=tokens,
@@ -123,6 +131,19 @@ class Settings:
             flush_max_deliveries=r.get(
                 "FLUSH_MAX_DELIVERIES", _positive_int, defaults.flush_max_deliveries
             ),
+            flush_claim_interval_s=r.get(
+                "FLUSH_CLAIM_INTERVAL_S", _positive_float, defaults.flush_claim_interval_s
+            ),
+            flush_upkeep_interval_s=r.get(
+                "FLUSH_UPKEEP_INTERVAL_S", _positive_float, defaults.flush_upkeep_interval_s
+            ),
+            flush_consumer_idle_delete_s=r.get(
+                "FLUSH_CONSUMER_IDLE_DELETE_S",
+                _positive_float,
+                defaults.flush_consumer_idle_delete_s,
+            ),
+            flusher_metrics_host=r.get("FLUSHER_METRICS_HOST", str, defaults.flusher_metrics_host),
+            fault=r.get("TICKPIPE_FAULT", str, None),
             stream_retention_s=r.get(
                 "STREAM_RETENTION_S", _non_negative_float, defaults.stream_retention_s
             ),

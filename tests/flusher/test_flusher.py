@@ -56,7 +56,14 @@ async def test_upsert_replaces_and_replays_harmlessly(
 async def make_flusher(
     redis: Redis, store: TickStore, settings: Settings, consumer: str = "f1"
 ) -> Flusher:
-    stream = TickStream(redis, settings.stream_name, settings.group_name, consumer)
+    stream = TickStream(
+        redis,
+        settings.stream_name,
+        settings.group_name,
+        consumer,
+        dead_stream=settings.dead_stream_name,
+        lost_key=settings.lost_key,
+    )
     return Flusher(stream, store, settings, burst=True)
 
 
@@ -93,7 +100,7 @@ async def test_restart_drains_own_pending_first(
 ) -> None:
     writer = TickWriter(redis, settings.stream_name, settings.latest_key)
     await writer.append([tick("P", i, "1") for i in range(1, 11)])
-    crashed = TickStream(redis, settings.stream_name, settings.group_name, "f1")
+    crashed = (await make_flusher(redis, store, settings, consumer="f1")).stream
     await crashed.ensure_group()
     delivered = await crashed.read_new(10, None)  # delivered, then the process "dies"
     assert len(delivered) == 10

@@ -1,0 +1,26 @@
+"""Prometheus metrics of one flusher process (served with --metrics-port)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+BATCHES = Counter("tickpipe_flusher_batches", "Batches committed and acknowledged.")
+ROWS = Counter("tickpipe_flusher_rows", "Rows upserted into md_ticks (after dedupe).")
+FLUSH_SECONDS = Histogram(
+    "tickpipe_flusher_flush_seconds",
+    "Time to write and acknowledge one batch.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+COMMIT_LAG = Histogram(
+    "tickpipe_flusher_commit_lag_seconds",
+    "From the stream entry's creation (its id) to the COMMIT of its row.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0),
+)
+RECLAIMED = Counter("tickpipe_flusher_reclaimed", "Entries reclaimed from idle consumers.")
+DEAD_LETTERED = Counter(
+    "tickpipe_flusher_dead_lettered", "Entries moved to the dead-letter stream."
+)
+LOST = Counter("tickpipe_flusher_lost", "Entries found deleted while pending (never written).")
+TRIMMED = Counter("tickpipe_flusher_trimmed", "Acknowledged entries trimmed from the stream.")
+PENDING = Gauge("tickpipe_flusher_pending", "Entries delivered and not yet acknowledged (group).")
+LAG = Gauge("tickpipe_flusher_lag", "Entries not yet delivered to any consumer (group).")
