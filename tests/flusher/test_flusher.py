@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
@@ -110,3 +111,100 @@ async def test_restart_drains_own_pending_first(
     await restarted.run()
     assert len(await rows(pg)) == 10
     assert (await redis.xpending(settings.stream_name, settings.group_name))["pending"] == 0
+
+
+async def deliver(redis: Redis, consumer: str, count: int) -> list[str]:
+    reply = await redis.xreadgroup("flushers", consumer, {"ticks.received": ">"}, count=count)
+    return [entry_id.decode() for entry_id, _ in reply[0][1]]
+
+
+@pytest.mark.services
+async def test_trim_never_drops_a_pending_entry(
+    redis: Redis, store: TickStore, settings: Settings
+) -> None:
+    writer = TickWriter(redis, settings.stream_name, settings.latest_key)
+    await writer.append([tick("T", i, "1") for i in range(1, 101)])
+    flusher = await make_flusher(redis, store, settings, consumer="trimmer")
+    await flusher.stream.ensure_group()
+    acked_early = await deliver(redis, "y", 50)
+    await redis.xack("ticks.received", "flushers", *acked_early)
+    still_pending = await deliver(redis, "x", 30)  # a slow or dead consumer holds these
+    acked_late = await deliver(redis, "y", 20)
+    await redis.xack("ticks.received", "flushers", *acked_late)
+
+    # No retention: everything acknowledged may go, but nothing from the oldest pending on.
+    trimmed, minid = await flusher.stream.trim(floor_now())
+    assert trimmed == 50
+    assert minid == still_pending[0]
+    remaining = [i.decode() for i, _ in await redis.xrange("ticks.received")]
+    assert remaining == still_pending + acked_late
+    assert (await redis.xpending("ticks.received", "flushers"))["pending"] == 30
+
+
+@pytest.mark.services
+async def test_trim_keeps_what_another_group_has_not_read(
+    redis: Redis, store: TickStore, settings: Settings
+) -> None:
+    writer = TickWriter(redis, settings.stream_name, settings.latest_key)
+    await writer.append([tick("T", i, "1") for i in range(1, 11)])
+    flusher = await make_flusher(redis, store, settings)
+    await flusher.stream.ensure_group()
+    await redis.xack("ticks.received", "flushers", *await deliver(redis, "y", 10))
+    await redis.xgroup_create("ticks.received", "archiver", id="0")
+    assert await flusher.stream.trim(floor_now()) == (0, "0-0")
+    assert await redis.xlen("ticks.received") == 10
+
+
+@pytest.mark.services
+async def test_trim_keeps_the_retention_window(
+    redis: Redis, store: TickStore, settings: Settings
+) -> None:
+    writer = TickWriter(redis, settings.stream_name, settings.latest_key)
+    await writer.append([tick("T", i, "1") for i in range(1, 11)])
+    flusher = await make_flusher(redis, store, settings)
+    await flusher.stream.ensure_group()
+    await redis.xack("ticks.received", "flushers", *await deliver(redis, "y", 10))
+    await flusher.upkeep()  # STREAM_RETENTION_S is an hour: all of it is recent
+    assert await redis.xlen("ticks.received") == 10
+
+
+def floor_now() -> str:
+    """A retention floor in the future: retention allows trimming everything acknowledged."""
+    return f"{int(time.time() * 1000) + 1000}-0"
+
+
+@pytest.mark.services
+async def test_idle_consumers_are_deleted_only_without_pending(
+    redis: Redis, store: TickStore, settings: Settings
+) -> None:
+    writer = TickWriter(redis, settings.stream_name, settings.latest_key)
+    await writer.append([tick("C", i, "1") for i in range(1, 5)])
+    flusher = await make_flusher(redis, store, settings, consumer="keeper")
+    await flusher.stream.ensure_group()
+    done = await deliver(redis, "finished", 2)
+    await redis.xack("ticks.received", "flushers", *done)
+    await deliver(redis, "holding", 2)
+    await redis.xgroup_createconsumer("ticks.received", "flushers", "keeper")
+    assert await flusher.stream.delete_idle_consumers(0) == ["finished"]
+    names = {c["name"] for c in await redis.xinfo_consumers("ticks.received", "flushers")}
+    assert names == {b"holding", b"keeper"}
+
+
+@pytest.mark.services
+async def test_entries_deleted_while_pending_are_counted_lost(
+    redis: Redis, store: TickStore, settings: Settings, pg: asyncpg.Connection
+) -> None:
+    writer = TickWriter(redis, settings.stream_name, settings.latest_key)
+    ids = await writer.append([tick("L", i, "1") for i in range(1, 11)])
+    flusher = await make_flusher(redis, store, settings, consumer="rescuer")
+    await flusher.stream.ensure_group()
+    await deliver(redis, "crashed", 10)
+    await redis.xdel("ticks.received", *ids[:3])
+    rescuer = await make_flusher(
+        redis, store, settings.replace(flush_claim_idle_s=0.001), consumer="rescuer"
+    )
+    await rescuer.run()  # burst: one reclaim pass, then drain
+    assert rescuer.lost == 3
+    assert int(await redis.get("ticks:lost")) == 3
+    assert len(await rows(pg)) == 7
+    assert (await redis.xpending("ticks.received", "flushers"))["pending"] == 0
