@@ -197,3 +197,89 @@ def demo(ticks: int) -> None:
     except StackError as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(0 if ok else 1)
+
+
+# -- audit and dead letters -------------------------------------------------------------
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (docs/audit.md).")
+@click.option("--verify", is_flag=True, help="Check every acknowledged entry against md_ticks.")
+@click.option(
+    "--stuck-idle-s",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Pending longer than this is stuck [default: twice FLUSH_CLAIM_IDLE_S].",
+)
+@click.option(
+    "--stuck-deliveries",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Delivered more often than this is stuck [default: FLUSH_MAX_DELIVERIES].",
+)
+def audit(
+    as_json: bool, verify: bool, stuck_idle_s: float | None, stuck_deliveries: int | None
+) -> None:
+    """Prove that nothing was lost: exit 0 if so, 1 if not, 2 if a server is unreachable."""
+    from tickpipe.audit_run import run_audit
+
+    settings = load_settings()
+    limits_idle = stuck_idle_s if stuck_idle_s is not None else 2 * settings.flush_claim_idle_s
+    limits_deliveries = stuck_deliveries or settings.flush_max_deliveries
+    sys.exit(
+        asyncio.run(
+            run_audit(
+                settings,
+                as_json=as_json,
+                verify=verify,
+                stuck_idle_s=limits_idle,
+                stuck_deliveries=limits_deliveries,
+            )
+        )
+    )
+
+
+@main.group()
+def dlq() -> None:
+    """Inspect, replay or drop dead-lettered entries (stream ticks.dead)."""
+
+
+@dlq.command("list")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def dlq_list(limit: int, as_json: bool) -> None:
+    """Show the oldest dead letters with their reason and original fields."""
+    from tickpipe.audit_run import dlq_command
+
+    sys.exit(asyncio.run(dlq_command(load_settings(), "list", limit=limit, as_json=as_json)))
+
+
+@dlq.command("replay")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Replay every dead letter.")
+def dlq_replay(ids: tuple[str, ...], everything: bool) -> None:
+    """Put dead letters back on the stream (atomically: never lost, never doubled)."""
+    from tickpipe.audit_run import dlq_command
+
+    if bool(ids) == everything:
+        raise click.UsageError("give dead-letter ids or --all (not both)")
+    sys.exit(
+        asyncio.run(dlq_command(load_settings(), "replay", ids=list(ids), everything=everything))
+    )
+
+
+@dlq.command("drop")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Drop every dead letter.")
+@click.option("--yes", is_flag=True, help="Confirm dropping with --all.")
+def dlq_drop(ids: tuple[str, ...], everything: bool, yes: bool) -> None:
+    """Delete dead letters for good."""
+    from tickpipe.audit_run import dlq_command
+
+    if bool(ids) == everything:
+        raise click.UsageError("give dead-letter ids or --all (not both)")
+    if everything and not yes:
+        raise click.UsageError("--all deletes every dead letter for good: add --yes to confirm")
+    sys.exit(
+        asyncio.run(dlq_command(load_settings(), "drop", ids=list(ids), everything=everything))
+    )

@@ -56,7 +56,14 @@ def run_demo(settings: Settings, *, ticks: int) -> bool:
         base_url = f"http://127.0.0.1:{port}"
         asyncio.run(_wait_healthy(base_url))
         say(f"ingest on {base_url}, flushers demo-flusher-a and demo-flusher-b running")
-        return asyncio.run(_feed_and_check(base_url, token, stack.database_url, ticks, procs))
+        ok = asyncio.run(_feed_and_check(base_url, token, stack.database_url, ticks, procs))
+    say("")
+    say("$ tickpipe audit --verify")
+    audit = subprocess.run(
+        [sys.executable, "-m", "tickpipe", "audit", "--verify"], env=env, check=False
+    )
+    _closing_words(stack.database_url)
+    return ok and audit.returncode == 0
 
 
 async def _feed_and_check(
@@ -98,11 +105,14 @@ async def _feed_and_check(
     say(f"wrong value         {wrong}")
     ok = missing == 0 and wrong == 0 and len(accepted) == len(sent)
     say("zero lost: every acknowledged tick is in Postgres" if ok else "LOSS DETECTED")
+    return ok
+
+
+def _closing_words(database_url: str) -> None:
     say("")
     say("the stack is still running; look around with:")
     say(f"  psql {database_url} -c 'SELECT * FROM md_ticks ORDER BY ts DESC LIMIT 5'")
     say("and stop it with `tickpipe down` (or `make down`)")
-    return ok
 
 
 async def _count_rows(conn: asyncpg.Connection, sent: Sequence[Tick]) -> int:

@@ -1,0 +1,125 @@
+"""Running `tickpipe audit` and `tickpipe dlq`: connections, output, exit status."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import asyncpg
+import msgspec
+from redis.exceptions import ConnectionError, RedisError, TimeoutError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tickpipe import redis_conn
+from tickpipe.audit import Thresholds, problems, stream_report, verify
+from tickpipe.audit_view import render
+from tickpipe.dlq import DeadLetters
+from tickpipe.settings import Settings
+
+OK, NOT_OK, UNREACHABLE = 0, 1, 2
+_json = msgspec.json.Encoder()
+
+
+def _say(message: str) -> None:
+    print(f"tickpipe: {message}", file=sys.stderr, flush=True)
+
+
+async def run_audit(
+    settings: Settings, *, as_json: bool, verify: bool, stuck_idle_s: float, stuck_deliveries: int
+) -> int:
+    redis = redis_conn.connect(settings.redis_url, client_name="tickpipe-audit")
+    try:
+        try:
+            await redis.ping()
+            report = await stream_report(
+                redis, settings, Thresholds(stuck_idle_s, stuck_deliveries)
+            )
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            _say(f"cannot reach Redis at REDIS_URL: {exc}")
+            return UNREACHABLE
+        report["verify"] = None
+        if verify:
+            try:
+                conn = await asyncpg.connect(settings.database_url, timeout=10)
+            except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+                _say(f"cannot reach Postgres at DATABASE_URL: {exc}")
+                return UNREACHABLE
+            try:
+                report["verify"] = await _verify_with_progress(redis, conn, settings, report)
+            finally:
+                await conn.close()
+    finally:
+        await redis.aclose()
+    report["problems"] = problems(report)
+    report["ok"] = not report["problems"]
+    if as_json:
+        sys.stdout.buffer.write(_json.encode(report) + b"\n")
+        sys.stdout.flush()
+    else:
+        render(report, Console(highlight=False))
+    return OK if report["ok"] else NOT_OK
+
+
+async def _verify_with_progress(
+    redis: Any, conn: asyncpg.Connection, settings: Settings, report: dict[str, Any]
+) -> dict[str, Any]:
+    progress = Progress(
+        TextColumn("verifying"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task("verify", total=report["stream"]["length"])
+        return await verify(redis, conn, settings, lambda n: progress.advance(task, n))
+
+
+async def dlq_command(
+    settings: Settings,
+    action: str,
+    *,
+    ids: list[str] | None = None,
+    everything: bool = False,
+    limit: int = 20,
+    as_json: bool = False,
+) -> int:
+    redis = redis_conn.connect(settings.redis_url, client_name="tickpipe-dlq")
+    letters = DeadLetters(redis, settings.dead_stream_name, settings.stream_name)
+    try:
+        if action == "list":
+            found = await letters.oldest(limit)
+            if as_json:
+                sys.stdout.buffer.write(_json.encode(found) + b"\n")
+            else:
+                for letter in found:
+                    fields = " ".join(f"{k}={v}" for k, v in letter["fields"].items())
+                    print(
+                        f"{letter['id']}  was {letter['original_id']}"
+                        f"  deliveries={letter['deliveries']}  {letter['reason']}\n    {fields}"
+                    )
+                print(f"{len(found)} shown", file=sys.stderr)
+            return OK
+        targets = await letters.all_ids() if everything else ids or []
+        if action == "replay":
+            replayed = await letters.replay(targets)
+            missing = [dead_id for dead_id, new_id in replayed.items() if new_id is None]
+            for dead_id, new_id in replayed.items():
+                if new_id:
+                    print(f"replayed {dead_id} as {new_id}")
+            for dead_id in missing:
+                _say(f"no dead letter {dead_id}")
+            return NOT_OK if missing else OK
+        dropped = await letters.drop(targets)
+        print(f"dropped {dropped} dead letters")
+        return OK if dropped == len(targets) else NOT_OK
+    except (ConnectionError, TimeoutError, OSError) as exc:
+        _say(f"cannot reach Redis at REDIS_URL: {exc}")
+        return UNREACHABLE
+    except RedisError as exc:
+        _say(f"Redis refused: {exc}")
+        return NOT_OK
+    finally:
+        await redis.aclose()

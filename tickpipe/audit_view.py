@@ -1,0 +1,116 @@
+"""The audit report as tables (rich), for people; `--json` is for programs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _age(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    if ms < 1000:
+        return f"{ms} ms"
+    if ms < 120_000:
+        return f"{ms / 1000:.1f} s"
+    return f"{ms / 60_000:.1f} min"
+
+
+def render(report: dict[str, Any], console: Console) -> None:
+    stream = report["stream"]
+    table = Table(title=f"stream {stream['name']}", title_justify="left")
+    for column in ("length", "first id", "last id", "entries added", "memory"):
+        table.add_column(column)
+    table.add_row(
+        str(stream["length"]),
+        stream["first_id"] or "-",
+        stream["last_id"] or "-",
+        str(stream["entries_added"] if stream["entries_added"] is not None else "-"),
+        f"{(stream['memory_bytes'] or 0) / 1024:.1f} KiB",
+    )
+    console.print(table)
+
+    for group in report["groups"]:
+        table = Table(title=f"group {group['name']}", title_justify="left")
+        for column in ("pending", "lag", "entries read", "last delivered"):
+            table.add_column(column)
+        lag = "unknown (entries past last-delivered)" if group["lag"] is None else str(group["lag"])
+        table.add_row(
+            str(group["pending"]),
+            lag,
+            str(group["entries_read"] if group["entries_read"] is not None else "-"),
+            group["last_delivered_id"],
+        )
+        console.print(table)
+        consumers = Table(title=f"consumers of {group['name']}", title_justify="left")
+        for column in ("consumer", "pending", "idle", "oldest pending", "its age", "deliveries"):
+            consumers.add_column(column)
+        for consumer in group["consumers"]:
+            oldest = consumer["oldest_pending"] or {}
+            consumers.add_row(
+                consumer["name"],
+                str(consumer["pending"]),
+                _age(consumer["idle_ms"]),
+                oldest.get("id", "-"),
+                _age(oldest.get("age_ms")),
+                str(oldest.get("deliveries", "-")),
+            )
+        console.print(consumers)
+
+    stuck = report["stuck"]
+    title = (
+        f"stuck entries: {stuck['count']} (idle over {stuck['idle_threshold_s']:g} s"
+        f" or delivered over {stuck['deliveries_threshold']} times)"
+    )
+    if stuck["entries"]:
+        table = Table(title=title, title_justify="left")
+        for column in ("id", "consumer", "idle", "deliveries", "fields"):
+            table.add_column(column)
+        for entry in stuck["entries"]:
+            table.add_row(
+                entry["id"],
+                entry["consumer"],
+                _age(entry["idle_ms"]),
+                str(entry["deliveries"]),
+                " ".join(f"{k}={v}" for k, v in (entry["fields"] or {}).items()) or "(deleted)",
+            )
+        console.print(table)
+    else:
+        console.print(title)
+
+    dead = report["dead_letters"]
+    console.print(f"dead letters in {dead['stream']}: {dead['length']}")
+    for letter in dead["newest"]:
+        console.print(
+            f"  {letter['id']} (was {letter['original_id']}, {letter['deliveries']} deliveries):"
+            f" {letter['reason']}",
+            highlight=False,
+        )
+    console.print(f"lost (deleted while pending, counted by the flushers): {report['lost']}")
+
+    checked = report.get("verify")
+    if checked is not None:
+        console.print(
+            f"verify: {checked['checked']} acknowledged entries checked against md_ticks;"
+            f" {checked['missing']} missing, {checked['mismatched']} mismatched"
+            f" ({checked['skipped_unacknowledged']} not yet acknowledged and"
+            f" {checked['skipped_dead_lettered']} dead-lettered skipped)"
+        )
+        for entry_id in checked["missing_ids"]:
+            console.print(f"  missing: row of stream entry {entry_id}")
+        for mismatch in checked["mismatches"]:
+            console.print(
+                f"  mismatch: {mismatch['symbol']} {mismatch['ts']} (entry {mismatch['id']}):"
+                f" expected {mismatch['expected']}, found {mismatch['found']}",
+                highlight=False,
+            )
+
+    if report["problems"]:
+        console.print("[bold red]NOT OK[/]: " + "; ".join(report["problems"]))
+    else:
+        console.print(
+            "[bold green]OK[/]: zero lost, nothing stuck"
+            + (", every acknowledged entry is in md_ticks" if checked is not None else "")
+        )
