@@ -12,5 +12,12 @@ CREATE TABLE IF NOT EXISTS md_ticks (
     PRIMARY KEY (symbol, ts)
 );
 
+-- The id (<ms>-<seq>) of the stream entry the row was last written from.
+-- Competing flushers may commit two versions of one key out of order (one
+-- reclaimed after a crash, say); a row is only replaced by a later entry, so
+-- the last write wins by stream order. It also traces a row to its entry.
+-- NULL for rows written by other means.
+ALTER TABLE md_ticks ADD COLUMN IF NOT EXISTS stream_id text;
+
 -- "Newest first" history for one symbol.
 CREATE INDEX IF NOT EXISTS md_ticks_symbol_ts_desc ON md_ticks (symbol, ts DESC);

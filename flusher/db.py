@@ -2,42 +2,67 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import asyncpg
 
 from flusher.errors import FatalError, RowsRejected, TransientError
 from tickpipe.ticks import Tick
 
-_COLUMNS = ("symbol", "ts", "price", "volume", "source")
+_COLUMNS = ("symbol", "ts", "price", "volume", "source", "stream_id")
 
 # A per-connection staging table, emptied by every COMMIT (and gone with any ROLLBACK).
 CREATE_STAGE_SQL = """
 CREATE TEMP TABLE IF NOT EXISTS md_ticks_stage (
     symbol text NOT NULL, ts timestamptz NOT NULL,
-    price numeric NOT NULL, volume numeric NOT NULL, source text NOT NULL
+    price numeric NOT NULL, volume numeric NOT NULL, source text NOT NULL,
+    stream_id text NOT NULL
 ) ON COMMIT DELETE ROWS
 """
 
 # Rows arrive deduplicated and sorted by key: competing flushers lock keys in
-# the same order and cannot deadlock. An identical replay (a batch reclaimed
-# after its COMMIT) leaves rows untouched instead of writing new versions.
+# the same order and cannot deadlock. A row is replaced only by a later stream
+# entry: a replayed batch (reclaimed after its COMMIT) or an older version of a
+# key committed late by another flusher changes nothing; last write wins by
+# stream order, whatever the order of the commits. The comparison runs only on
+# conflicting rows.
 UPSERT_SQL = """
-INSERT INTO md_ticks (symbol, ts, price, volume, source)
-SELECT symbol, ts, price, volume, source FROM md_ticks_stage ORDER BY symbol, ts
+INSERT INTO md_ticks (symbol, ts, price, volume, source, stream_id)
+SELECT symbol, ts, price, volume, source, stream_id FROM md_ticks_stage ORDER BY symbol, ts
 ON CONFLICT (symbol, ts) DO UPDATE
-SET price = EXCLUDED.price, volume = EXCLUDED.volume, source = EXCLUDED.source
-WHERE (md_ticks.price, md_ticks.volume, md_ticks.source)
-    IS DISTINCT FROM (EXCLUDED.price, EXCLUDED.volume, EXCLUDED.source)
+SET price = EXCLUDED.price, volume = EXCLUDED.volume, source = EXCLUDED.source,
+    stream_id = EXCLUDED.stream_id
+WHERE md_ticks.stream_id IS NULL
+   OR (split_part(md_ticks.stream_id, '-', 1)::bigint,
+       split_part(md_ticks.stream_id, '-', 2)::bigint)
+    < (split_part(EXCLUDED.stream_id, '-', 1)::bigint,
+       split_part(EXCLUDED.stream_id, '-', 2)::bigint)
 """
 
 
-def last_per_key(ticks: Iterable[Tick]) -> list[Tick]:
-    """Keep the last tick of each (symbol, ts), in stream order; return them sorted by key."""
-    latest: dict[tuple[str, int], Tick] = {}
-    for tick in ticks:
-        latest[tick.key] = tick
+class Row(NamedTuple):
+    """A tick and the id of the stream entry it came from."""
+
+    stream_id: str
+    tick: Tick
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.tick.key
+
+
+def last_per_key(rows: Iterable[Row]) -> list[Row]:
+    """Keep the last row of each (symbol, ts), in stream order; return them sorted by key."""
+    latest: dict[tuple[str, int], Row] = {}
+    for row in rows:
+        latest[row.key] = row
     return [latest[key] for key in sorted(latest)]
+
+
+CONNECT_TIMEOUT_S = 10.0
+COMMAND_TIMEOUT_S = 30.0
 
 
 class TickStore:
@@ -51,14 +76,25 @@ class TickStore:
         # min_size=0: no connection is made here, so a flusher starts (and
         # retries with backoff) while Postgres is down.
         pool = await asyncpg.create_pool(
-            database_url, min_size=0, max_size=max_size, init=_init_connection
+            database_url,
+            min_size=0,
+            max_size=max_size,
+            init=_init_connection,
+            timeout=CONNECT_TIMEOUT_S,
+            # A statement stuck (on a lock, say) fails and is retried with backoff,
+            # instead of holding the batch, and a shutdown, forever.
+            command_timeout=COMMAND_TIMEOUT_S,
         )
         return cls(pool)
 
-    async def close(self) -> None:
-        await self._pool.close()
+    async def close(self, timeout_s: float = 2.0) -> None:
+        """Close the pool; connections still busy after ``timeout_s`` are cut."""
+        try:
+            await asyncio.wait_for(self._pool.close(), timeout_s)
+        except TimeoutError:
+            self._pool.terminate()
 
-    async def upsert(self, rows: Sequence[Tick]) -> None:
+    async def upsert(self, rows: Sequence[Row]) -> None:
         """Write ``rows`` (unique keys, sorted) in one transaction; returns after COMMIT."""
         if not rows:
             return
@@ -66,7 +102,10 @@ class TickStore:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.copy_records_to_table(
                     "md_ticks_stage",
-                    records=[(t.symbol, t.ts, t.price, t.volume, t.source) for t in rows],
+                    records=[
+                        (t.symbol, t.ts, t.price, t.volume, t.source, stream_id)
+                        for stream_id, t in rows
+                    ],
                     columns=_COLUMNS,
                 )
                 await conn.execute(UPSERT_SQL)
@@ -86,6 +125,8 @@ class TickStore:
 # serialization), 53 insufficient resources, 57 operator intervention
 # (shutdown, cannot connect now), 58 system error.
 _TRANSIENT_CLASSES = ("08", "40", "53", "57", "58")
+# ... and a read-only server (a replica just promoted or demoted), a lock timeout.
+_TRANSIENT_STATES = ("25006", "55P03")
 # 22 data exception, 23 integrity constraint violation: the rows themselves.
 _REJECTED_CLASSES = ("22", "23")
 
@@ -94,7 +135,7 @@ def _classify(exc: Exception) -> Exception:
     """Map an asyncpg/OS error to TransientError, RowsRejected or FatalError."""
     if isinstance(exc, asyncpg.PostgresError):
         sqlstate = exc.sqlstate or ""
-        if sqlstate[:2] in _TRANSIENT_CLASSES:
+        if sqlstate[:2] in _TRANSIENT_CLASSES or sqlstate in _TRANSIENT_STATES:
             return TransientError(f"postgres: {exc}")
         if sqlstate[:2] in _REJECTED_CLASSES:
             return RowsRejected(f"{type(exc).__name__}: {exc}")
@@ -103,6 +144,8 @@ def _classify(exc: Exception) -> Exception:
                 f"Postgres at DATABASE_URL has no md_ticks ({exc}); run `tickpipe schema apply`"
             )
         return FatalError(f"Postgres refused the write: {type(exc).__name__}: {exc}")
+    if isinstance(exc, asyncpg.DataError):  # asyncpg could not encode a value
+        return RowsRejected(f"{type(exc).__name__}: {exc}")
     if isinstance(exc, asyncpg.ClientConfigurationError):
         return FatalError(f"DATABASE_URL: {exc}")
     if isinstance(exc, OSError | asyncpg.InterfaceError | TimeoutError):

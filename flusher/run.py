@@ -60,10 +60,28 @@ async def run_flusher(settings: Settings, *, burst: bool = False) -> Flusher:
                 f"cannot serve metrics on port {settings.flusher_metrics_port}: {exc.strerror}"
             ) from None
     loop = asyncio.get_running_loop()
+    main = asyncio.create_task(flusher.run(), name="flusher")
+
+    def on_signal() -> None:
+        if flusher.stopping:
+            log.warning("second signal: stopping now; unacknowledged entries stay pending")
+            main.cancel()
+            return
+        flusher.stop()
+        # A statement or server that never answers must not hold the exit forever.
+        loop.call_later(settings.flush_shutdown_grace_s + 2, main.cancel)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, flusher.stop)
+        loop.add_signal_handler(signum, on_signal)
     try:
-        await flusher.run()
+        await main
+    except asyncio.CancelledError:
+        if not main.cancelled():
+            raise
+        raise FlusherError(
+            "stopped before the in-flight batch could finish; its entries stay pending"
+            " and will be written by this or another flusher"
+        ) from None
     except FatalError as exc:
         raise FlusherError(
             f"{exc}. Nothing was acknowledged: the entries wait in the stream."

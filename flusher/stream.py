@@ -12,7 +12,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 from redis.asyncio import Redis
-from redis.exceptions import BusyLoadingError, ConnectionError, ReadOnlyError, TimeoutError
+from redis.exceptions import (
+    BusyLoadingError,
+    ConnectionError,
+    ReadOnlyError,
+    ResponseError,
+    TimeoutError,
+)
 
 from flusher.errors import TransientError
 from tickpipe import redis_conn
@@ -30,6 +36,15 @@ def _transient(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             return await method(*args, **kwargs)
         except _UNAVAILABLE as exc:
             raise TransientError(f"redis: {type(exc).__name__}: {exc}") from exc
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The stream or group vanished (a Redis restarted without persistence,
+            # a FLUSHALL): create it again and retry; the audit will tell the rest.
+            stream = args[0]
+            assert isinstance(stream, TickStream)
+            await redis_conn.ensure_group(stream.redis, stream.stream, stream.group)
+            raise TransientError(f"redis: group {stream.group} was missing: recreated") from exc
 
     return wrapper
 
@@ -59,7 +74,8 @@ class GroupStats:
 # retention floor (ARGV[1]). Computed and applied in one atomic step, so no
 # entry can become pending between the measure and the trim.
 # Returns {entries trimmed, minid used} or {0, ""} when nothing may be trimmed.
-TRIM_LUA = """#!lua
+# allow-oom: trimming frees memory, so it must run precisely when memory is full.
+TRIM_LUA = """#!lua flags=allow-oom
 local stream, floor = KEYS[1], ARGV[1]
 local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
@@ -88,7 +104,7 @@ return {redis.call('XTRIM', stream, 'MINID', minid), minid}
 
 # Delete a consumer only if it still has nothing pending: XGROUP DELCONSUMER
 # drops a consumer's pending entries with it, so check and delete atomically.
-DELETE_IDLE_CONSUMER_LUA = """#!lua
+DELETE_IDLE_CONSUMER_LUA = """#!lua flags=allow-oom
 local consumers = redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
 for _, consumer in ipairs(consumers) do
   local info = {}
@@ -182,14 +198,15 @@ class TickStream:
             return
         async with self.redis.pipeline(transaction=True) as pipe:
             for letter in letters:
-                fields = {
+                fields: dict[bytes | str, bytes | str] = {
                     "original_id": letter.entry.id,
                     "stream": self.stream,
                     "reason": letter.reason,
                     "deliveries": str(letter.deliveries),
                 }
+                # The original bytes, as they were: an entry may be dead for not being UTF-8.
                 for key, value in (letter.entry.fields or {}).items():
-                    fields[f"field:{_text(key)}"] = _text(value)
+                    fields[b"field:" + key] = value
                 pipe.xadd(self.dead_stream, fields)  # type: ignore[arg-type]
             pipe.xack(self.stream, self.group, *[letter.entry.id for letter in letters])
             await pipe.execute()

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from flusher import metrics
-from flusher.db import TickStore, last_per_key
+from flusher.db import Row, TickStore, last_per_key
 from flusher.errors import RowsRejected, TransientError
 from flusher.faults import Faults
 from flusher.stream import DeadLetter, Entry, TickStream
@@ -34,10 +34,6 @@ from tickpipe.ticks import Tick, TickError, from_fields
 log = logging.getLogger("tickpipe.flusher")
 
 T = TypeVar("T")
-
-SHUTDOWN_GRACE_S = 10.0
-"""After a stop request, how long an in-flight batch may keep retrying before we give up
-(its entries stay pending, nothing is lost)."""
 
 
 class Stopping(Exception):
@@ -65,6 +61,8 @@ class Flusher:
         self._stop_deadline: float | None = None
         self._recheck_own_pending = False
         self._servers_ok = True
+        self._in_flight: set[str] = set()
+        """Ids being written by this process: the reclaim loop must not take them too."""
         self.rows_written = 0
         self.entries_acked = 0
         self.dead_lettered = 0
@@ -75,7 +73,9 @@ class Flusher:
         """Ask the loops to finish their in-flight batch and return. Idempotent."""
         if not self._stopping.is_set():
             log.info("stopping: finishing the in-flight batch")
-            self._stop_deadline = time.monotonic() + SHUTDOWN_GRACE_S
+            # An in-flight batch may keep retrying this long, then gives up (its
+            # entries stay pending, nothing is lost).
+            self._stop_deadline = time.monotonic() + self.settings.flush_shutdown_grace_s
             self._stopping.set()
 
     @property
@@ -110,7 +110,7 @@ class Flusher:
         finally:
             self.stop()
             # The helpers notice the stop and finish their own in-flight batch.
-            await asyncio.wait(helpers, timeout=SHUTDOWN_GRACE_S + 5)
+            await asyncio.wait(helpers, timeout=self.settings.flush_shutdown_grace_s + 2)
             for helper in helpers:
                 helper.cancel()
 
@@ -208,6 +208,9 @@ class Flusher:
             )
             if deleted:
                 await self._count_lost(deleted, "deleted from the stream while pending")
+            # XAUTOCLAIM also hands back this process's own slow batch (a lock wait,
+            # a long drain after downtime): it is being written already.
+            entries = [entry for entry in entries if entry.id not in self._in_flight]
             if entries:
                 log.info(
                     "reclaimed %d entries idle for over %.1fs", len(entries), min_idle_ms / 1000
@@ -253,8 +256,13 @@ class Flusher:
     # -- one batch -----------------------------------------------------------------------
 
     async def _flush(self, batch: Sequence[Entry]) -> None:
-        # COMMIT then XACK as one step that a cancellation cannot split.
-        await asyncio.shield(self._commit_then_ack(batch))
+        ids = [entry.id for entry in batch]
+        self._in_flight.update(ids)
+        try:
+            # COMMIT then XACK as one step that a cancellation cannot split.
+            await asyncio.shield(self._commit_then_ack(batch))
+        finally:
+            self._in_flight.difference_update(ids)
 
     async def _commit_then_ack(self, batch: Sequence[Entry]) -> None:
         started = time.perf_counter()
@@ -311,7 +319,8 @@ class Flusher:
         entries_by_key: dict[tuple[str, int], list[Entry]] = defaultdict(list)
         for entry, tick in decoded:
             entries_by_key[tick.key].append(entry)
-        rejected_rows = await self._upsert_isolating(last_per_key(t for _, t in decoded))
+        rows = last_per_key(Row(entry.id, tick) for entry, tick in decoded)
+        rejected_rows = await self._upsert_isolating(rows)
         rejected_keys = {row.key: reason for row, reason in rejected_rows}
         written = [entry for entry, tick in decoded if tick.key not in rejected_keys]
         rejected = [
@@ -321,7 +330,7 @@ class Flusher:
         ]
         return written, rejected
 
-    async def _upsert_isolating(self, rows: Sequence[Tick]) -> list[tuple[Tick, str]]:
+    async def _upsert_isolating(self, rows: Sequence[Row]) -> list[tuple[Row, str]]:
         if not rows:
             return []
         await self.faults.hit("before_commit")

@@ -64,6 +64,7 @@ class Settings:
     flush_upkeep_interval_s: float = 10.0
     flush_consumer_idle_delete_s: float = 86400.0
     flusher_metrics_host: str = "127.0.0.1"
+    flush_shutdown_grace_s: float = 10.0
     stream_retention_s: float = 3600.0
     fault: str | None = None
     """TICKPIPE_FAULT: crash-test hook (flusher/faults.py); never set in production."""
@@ -141,6 +142,9 @@ class Settings:
                 "FLUSH_CONSUMER_IDLE_DELETE_S",
                 _positive_float,
                 defaults.flush_consumer_idle_delete_s,
+            ),
+            flush_shutdown_grace_s=r.get(
+                "FLUSH_SHUTDOWN_GRACE_S", _positive_float, defaults.flush_shutdown_grace_s
             ),
             flusher_metrics_host=r.get("FLUSHER_METRICS_HOST", str, defaults.flusher_metrics_host),
             fault=r.get("TICKPIPE_FAULT", str, None),

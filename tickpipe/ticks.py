@@ -161,10 +161,13 @@ def to_fields(tick: Tick) -> dict[str, str]:
 
 def from_fields(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Tick:
     """Decode a stream entry written by :func:`to_fields`; raises TickError if it is not one."""
-    text = {
-        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-        for k, v in fields.items()
-    }
+    try:
+        text = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in fields.items()
+        }
+    except UnicodeDecodeError:
+        raise TickError("stream entry is not valid UTF-8") from None
     try:
         symbol, ts, price, volume, source = (
             text["symbol"],

@@ -418,3 +418,53 @@ async def test_metrics_endpoint(
         assert values[f"tickpipe_flusher_{name}_total"] == 0
     proc.send_signal(signal.SIGTERM)
     assert await wait_exit(proc) == 0
+
+
+# -- stream order across batches -------------------------------------------------------
+
+
+async def test_an_older_version_replayed_late_does_not_win(
+    flushers: Flushers, redis: Redis, pg: asyncpg.Connection, settings: Settings
+) -> None:
+    original = Tick("K", 1_750_000_000_000_000, Decimal("1"), Decimal(1), "original")
+    correction = Tick("K", 1_750_000_000_000_000, Decimal("2"), Decimal(1), "correction")
+    await append(redis, settings, [original])
+    victim = flushers.start("victim", TICKPIPE_FAULT="after_commit")
+    assert await wait_exit(victim) == -signal.SIGKILL  # original committed, not acked
+    await append(redis, settings, [correction])
+    other = flushers.start("other", "--burst")  # no reclaim: writes the correction
+    assert await wait_exit(other) == 0
+    rescuer = flushers.start("rescuer", "--burst", FLUSH_CLAIM_IDLE_S="0.1")
+    assert await wait_exit(rescuer) == 0  # replays the original, older entry
+    assert stopped_line(rescuer)["reclaimed"] == 1
+    assert await rows(pg) == expected([correction])
+    assert await pending(redis) == 0
+
+
+async def test_shutdown_is_bounded_when_a_statement_hangs(
+    flushers: Flushers, redis: Redis, pg: asyncpg.Connection, settings: Settings
+) -> None:
+    sent = make_ticks(10)
+    await append(redis, settings, sent[:5])
+    first = flushers.start("first", "--burst")
+    assert await wait_exit(first) == 0
+    blocker = await asyncpg.connect(settings.database_url)
+    try:
+        lock = blocker.transaction()
+        await lock.start()
+        await blocker.execute("SELECT * FROM md_ticks FOR UPDATE")  # the flusher will wait
+        await append(redis, settings, sent)
+        proc = flushers.start("stuck", FLUSH_SHUTDOWN_GRACE_S="1")
+        await asyncio.sleep(1.5)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc, 30) == 1
+        assert time.monotonic() - started < 20  # grace 1 s + watchdog 2 s + closing
+        assert "entries stay pending" in stderr_of(proc)
+        await lock.rollback()
+    finally:
+        await blocker.close()
+    assert await pending(redis) == 10  # nothing acknowledged
+    again = flushers.start("stuck", "--burst")
+    assert await wait_exit(again) == 0
+    assert await rows(pg) == expected(sent)

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from flusher.db import TickStore, last_per_key
+from flusher.db import Row, TickStore, last_per_key
 from flusher.stream import TickStream
 from flusher.worker import Flusher
 from ingest.writer import TickWriter
@@ -23,8 +23,13 @@ def tick(symbol: str, ts_us: int, price: str, source: str = "test") -> Tick:
 
 
 def test_last_per_key_keeps_the_last_entry_and_sorts() -> None:
-    ticks = [tick("B", 2, "1"), tick("A", 5, "2"), tick("B", 2, "3"), tick("A", 1, "4")]
-    assert last_per_key(ticks) == [tick("A", 1, "4"), tick("A", 5, "2"), tick("B", 2, "3")]
+    rows = [
+        Row("1-0", tick("B", 2, "1")),
+        Row("1-1", tick("A", 5, "2")),
+        Row("1-2", tick("B", 2, "3")),
+        Row("2-0", tick("A", 1, "4")),
+    ]
+    assert last_per_key(rows) == [rows[3], rows[1], rows[2]]
 
 
 @pytest.fixture
@@ -42,16 +47,26 @@ async def rows(pg: asyncpg.Connection) -> list[tuple[str, Decimal, Decimal, str]
 
 
 @pytest.mark.services
-async def test_upsert_replaces_and_replays_harmlessly(
+async def test_upsert_replaces_by_stream_order_and_replays_harmlessly(
     store: TickStore, pg: asyncpg.Connection
 ) -> None:
-    await store.upsert([tick("A", 1, "1.10"), tick("B", 1, "2.000000000000000001")])
-    await store.upsert([tick("A", 1, "1.20")])
-    await store.upsert([tick("A", 1, "1.20")])  # a replay after COMMIT-before-XACK
+    await store.upsert(
+        [Row("5-0", tick("A", 1, "1.10")), Row("5-1", tick("B", 1, "2.000000000000000001"))]
+    )
+    await store.upsert([Row("7-0", tick("A", 1, "1.20"))])  # a later version: replaces
+    version = await pg.fetchval("SELECT xmin::text FROM md_ticks WHERE symbol = 'A'")
+    await store.upsert([Row("7-0", tick("A", 1, "1.20"))])  # a replay after COMMIT-before-XACK
+    await store.upsert([Row("6-9", tick("A", 1, "9.99"))])  # an older version, committed late
+    assert await pg.fetchval("SELECT xmin::text FROM md_ticks WHERE symbol = 'A'") == version
     assert await rows(pg) == [
         ("A", Decimal("1.20"), Decimal(1), "test"),
         ("B", Decimal("2.000000000000000001"), Decimal(1), "test"),
     ]
+    assert await pg.fetchval("SELECT stream_id FROM md_ticks WHERE symbol = 'A'") == "7-0"
+    # Sequence numbers compare as numbers, not text.
+    await store.upsert([Row("7-10", tick("A", 1, "1.30"))])
+    await store.upsert([Row("7-9", tick("A", 1, "1.40"))])
+    assert (await rows(pg))[0][1] == Decimal("1.30")
 
 
 async def make_flusher(
@@ -78,7 +93,10 @@ async def test_burst_writes_every_entry_then_acks(
     flusher = await make_flusher(redis, store, settings)
     await writer.append(sent[250:])
     await flusher.run()
-    assert await rows(pg) == [(t.symbol, t.price, t.volume, t.source) for t in last_per_key(sent)]
+    latest = {t.key: t for t in sent}
+    assert await rows(pg) == [
+        (t.symbol, t.price, t.volume, t.source) for _, t in sorted(latest.items())
+    ]
     pending = await redis.xpending(settings.stream_name, settings.group_name)
     assert pending["pending"] == 0
     assert flusher.entries_acked == 500
@@ -208,3 +226,42 @@ async def test_entries_deleted_while_pending_are_counted_lost(
     assert int(await redis.get("ticks:lost")) == 3
     assert len(await rows(pg)) == 7
     assert (await redis.xpending("ticks.received", "flushers"))["pending"] == 0
+
+
+@pytest.mark.services
+async def test_entry_that_is_not_utf8_is_dead_lettered_with_its_bytes(
+    redis: Redis, store: TickStore, settings: Settings, pg: asyncpg.Connection
+) -> None:
+    writer = TickWriter(redis, settings.stream_name, settings.latest_key)
+    await writer.append([tick("U", 1, "1")])
+    bad_id = await redis.xadd(
+        "ticks.received",
+        {"symbol": "U", "ts": "2", "price": "1", "volume": "1", "source": b"\xff\xfe"},
+    )
+    await writer.append([tick("U", 3, "1")])
+    flusher = await make_flusher(redis, store, settings.replace(flush_max_deliveries=1))
+    await flusher.run()
+    assert len(await rows(pg)) == 2
+    [(_, letter)] = await redis.xrange("ticks.dead")
+    assert letter[b"original_id"] == bad_id
+    assert letter[b"field:source"] == b"\xff\xfe"
+    assert b"UTF-8" in letter[b"reason"]
+    assert (await redis.xpending("ticks.received", "flushers"))["pending"] == 0
+
+
+@pytest.mark.services
+async def test_upkeep_publishes_pending_and_lag_and_trims_by_retention(
+    redis: Redis, store: TickStore, settings: Settings
+) -> None:
+    from prometheus_client import REGISTRY
+
+    writer = TickWriter(redis, settings.stream_name, settings.latest_key)
+    await writer.append([tick("G", i, "1") for i in range(1, 11)])
+    flusher = await make_flusher(redis, store, settings.replace(stream_retention_s=0))
+    await flusher.stream.ensure_group()
+    await redis.xack("ticks.received", "flushers", *await deliver(redis, "fast", 5))
+    await deliver(redis, "slow", 3)  # pending 3, lag 2
+    await flusher.upkeep()
+    assert REGISTRY.get_sample_value("tickpipe_flusher_pending") == 3
+    assert REGISTRY.get_sample_value("tickpipe_flusher_lag") == 2
+    assert await redis.xlen("ticks.received") == 5  # the acknowledged 5 are gone

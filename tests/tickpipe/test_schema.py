@@ -22,6 +22,7 @@ async def test_schema_is_idempotent_and_complete(
         ("price", "numeric", "NO"),
         ("volume", "numeric", "NO"),
         ("source", "text", "NO"),
+        ("stream_id", "text", "YES"),
     ]
     indexes = {
         r["indexname"]: r["indexdef"]
