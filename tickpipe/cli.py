@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -283,3 +284,75 @@ def dlq_drop(ids: tuple[str, ...], everything: bool, yes: bool) -> None:
     sys.exit(
         asyncio.run(dlq_command(load_settings(), "drop", ids=list(ids), everything=everything))
     )
+
+
+# -- reliability ------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--seed", type=int, default=1, show_default=True, help="Makes the run reproducible.")
+@click.option("--ticks", type=click.IntRange(min=1), default=20_000, show_default=True)
+@click.option("--faults-per-kind", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option(
+    "--kinds",
+    default=",".join(("all",)),
+    show_default=True,
+    help="Comma-separated fault kinds, or 'all': " + ", ".join(
+        ("flusher_kill9", "flusher_kill_after_commit", "flusher_sigterm", "postgres_restart",
+         "redis_kill9", "ingest_restart")
+    ),
+)  # fmt: skip
+@click.option("--durability", type=click.Choice(["fsync", "everysec"]), default="fsync")
+@click.option("--feeders", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--flushers", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--no-fuzz", is_flag=True, help="No bad requests alongside the traffic.")
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=Path(".tickpipe-chaos"),
+    show_default=True,
+    help="Wiped at the start: the run gets its own servers.",
+)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+def chaos(
+    seed: int,
+    ticks: int,
+    faults_per_kind: int,
+    kinds: str,
+    durability: str,
+    feeders: int,
+    flushers: int,
+    no_fuzz: bool,
+    state_dir: Path,
+    json_out: Path | None,
+) -> None:
+    """Faults at seeded random moments, then proof that no acknowledged tick was lost."""
+    import json
+
+    from rich.console import Console
+
+    from tickpipe.chaos import FAULT_KINDS, ChaosConfig, passed, render, run_chaos
+
+    chosen = FAULT_KINDS if kinds == "all" else tuple(k.strip() for k in kinds.split(","))
+    unknown = set(chosen) - set(FAULT_KINDS)
+    if unknown:
+        raise click.UsageError(f"unknown fault kinds: {', '.join(sorted(unknown))}")
+    config = ChaosConfig(
+        state_dir=state_dir,
+        seed=seed,
+        ticks=ticks,
+        faults_per_kind=faults_per_kind,
+        kinds=chosen,
+        durability=durability,
+        feeders=feeders,
+        flushers=flushers,
+        fuzz=not no_fuzz,
+    )
+    console = Console(stderr=True)
+    result = asyncio.run(run_chaos(config, console))
+    render(result, console)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+    ok = passed(result)
+    console.print("[bold green]PASS[/]: zero lost" if ok else "[bold red]FAIL[/]")
+    sys.exit(0 if ok else 1)

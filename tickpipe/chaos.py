@@ -1,0 +1,495 @@
+"""`tickpipe chaos`: a Jepsen-style history of the whole pipeline under faults.
+
+Feeders POST ticks and record every tick that got a 200; meanwhile faults are
+injected at seeded random moments (kill -9 and SIGTERM of flushers, a flusher
+killed between COMMIT and XACK, Postgres stop/start, Redis kill -9 and restart
+from its AOF, ingest restart), and a fuzzer sends bad requests alongside. At
+the end the history is checked against Postgres: every acknowledged tick must
+be there with its exact value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import msgspec
+from redis.asyncio import Redis
+from rich.console import Console
+from rich.table import Table
+
+from tickpipe import redis_conn
+from tickpipe.stack import LocalStack, free_port
+from tickpipe.ticks import Tick, datetime_to_us
+
+FAULT_KINDS = (
+    "flusher_kill9",
+    "flusher_kill_after_commit",
+    "flusher_sigterm",
+    "postgres_restart",
+    "redis_kill9",
+    "ingest_restart",
+)
+SYMBOLS = ("AAPL", "MSFT", "EURUSD", "BTC-USD", "ES:F", "GC.Z5", "NVDA", "USD/JPY")
+_json = msgspec.json.Encoder(decimal_format="string")
+
+
+@dataclasses.dataclass
+class ChaosConfig:
+    state_dir: Path
+    seed: int = 1
+    ticks: int = 20_000
+    faults_per_kind: int = 3
+    kinds: tuple[str, ...] = FAULT_KINDS
+    durability: str = "fsync"
+    feeders: int = 4
+    batch: int = 50
+    flushers: int = 3
+    gap_s: tuple[float, float] = (0.3, 1.0)
+    fuzz: bool = True
+    drain_timeout_s: float = 180.0
+
+
+@dataclasses.dataclass
+class History:
+    acked: dict[tuple[str, int], tuple[Decimal, Decimal, str]] = dataclasses.field(
+        default_factory=dict
+    )
+    sent: int = 0
+    requests: Counter[str] = dataclasses.field(default_factory=Counter)
+    fuzz: Counter[str] = dataclasses.field(default_factory=Counter)
+    faults: Counter[str] = dataclasses.field(default_factory=Counter)
+    last_fault_at: float = 0.0
+
+
+class Cluster:
+    """The processes under test and the servers, with the means to hurt them."""
+
+    def __init__(self, config: ChaosConfig, console: Console) -> None:
+        self.config = config
+        self.console = console
+        self.stack = LocalStack(
+            config.state_dir / "stack", free_port(), free_port(), log=lambda m: None
+        )
+        self.logs = config.state_dir / "logs"
+        self.token = secrets.token_urlsafe(16)
+        self.port = free_port()
+        self.ingest: subprocess.Popen[bytes] | None = None
+        self.flushers: dict[str, subprocess.Popen[bytes]] = {}
+        self._log_files: list[Any] = []
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "REDIS_URL": self.stack.redis_url,
+            "DATABASE_URL": self.stack.database_url,
+            "INGEST_TOKENS": f"chaos:{self.token}",
+            "INGEST_PORT": str(self.port),
+            "INGEST_DURABILITY": self.config.durability,
+            "INGEST_WAITAOF_TIMEOUT_MS": "2000",
+            "FLUSH_INTERVAL_S": "0.1",
+            "FLUSH_CLAIM_IDLE_S": "1.5",
+            "FLUSH_CLAIM_INTERVAL_S": "0.5",
+            "FLUSH_SHUTDOWN_GRACE_S": "5",
+            "TICKPIPE_LOG_LEVEL": "warning",
+            **extra,
+        }
+
+    def spawn(self, name: str, args: list[str], **extra: str) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("ab")
+        self._log_files.append(log)
+        return subprocess.Popen(
+            [sys.executable, "-m", "tickpipe", *args],
+            env=self.env(**extra),
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+
+    async def start(self) -> None:
+        if self.config.state_dir.exists():
+            shutil.rmtree(self.config.state_dir)
+        self.logs.mkdir(parents=True)
+        await asyncio.to_thread(self.stack.up)
+        await self.start_ingest()
+        for slot in range(self.config.flushers):
+            self.start_flusher(f"chaos-f{slot + 1}")
+
+    async def start_ingest(self) -> None:
+        self.ingest = self.spawn("ingest", ["ingest"])
+        await wait_ready(f"{self.base_url}/healthz")
+
+    def start_flusher(self, name: str, **extra: str) -> None:
+        self.flushers[name] = self.spawn(name, ["flusher", "run", "--consumer", name], **extra)
+
+    async def stop(self) -> None:
+        procs = [p for p in [self.ingest, *self.flushers.values()] if p is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                await asyncio.to_thread(proc.wait, 20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        await asyncio.to_thread(self.stack.down)
+        for log in self._log_files:
+            log.close()
+
+    # -- faults -----------------------------------------------------------------------------
+
+    async def inject(self, kind: str, rng: random.Random) -> None:
+        name = rng.choice(sorted(self.flushers))
+        if kind == "flusher_kill9":
+            await self._kill(name)
+            await asyncio.sleep(rng.uniform(0.1, 1.0))
+            self.start_flusher(name)
+        elif kind == "flusher_kill_after_commit":
+            await self._kill(name)
+            self.start_flusher(name, TICKPIPE_FAULT="after_commit")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(self.flushers[name].wait, 15)
+            if self.flushers[name].poll() is None:
+                await self._kill(name)
+            self.start_flusher(name)
+        elif kind == "flusher_sigterm":
+            proc = self.flushers[name]
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(proc.wait, 30)
+            self.start_flusher(name)
+        elif kind == "postgres_restart":
+            await asyncio.to_thread(self.stack.stop_postgres)
+            await asyncio.sleep(rng.uniform(0.5, 2.0))
+            await asyncio.to_thread(self.stack.start_postgres)
+        elif kind == "redis_kill9":
+            await asyncio.to_thread(self.stack.stop_redis, kill=True)
+            await asyncio.sleep(rng.uniform(0.2, 1.0))
+            await asyncio.to_thread(self.stack.start_redis)
+        elif kind == "ingest_restart":
+            assert self.ingest is not None
+            self.ingest.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(self.ingest.wait, 30)
+            await self.start_ingest()
+        else:
+            raise ValueError(f"unknown fault kind {kind!r}")
+
+    async def _kill(self, name: str) -> None:
+        proc = self.flushers[name]
+        if proc.poll() is None:
+            proc.kill()
+        await asyncio.to_thread(proc.wait)
+
+
+async def wait_ready(url: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"{url} did not become ready")
+
+
+# -- traffic ----------------------------------------------------------------------------------
+
+
+def feeder_ticks(feeder: int, feeders: int, count: int, seed: int) -> list[Tick]:
+    """This feeder's share of the ticks: symbols shared by all, keys unique."""
+    rng = random.Random(seed * 1000 + feeder)
+    base = 1_750_000_000_000_000
+    ticks = []
+    for i in range(feeder, count, feeders):
+        price = Decimal(rng.randint(1, 10**8)) / Decimal(10 ** rng.randint(0, 6))
+        ticks.append(
+            Tick(
+                SYMBOLS[i % len(SYMBOLS)],
+                base + i,
+                price,
+                Decimal(rng.randint(0, 10**6)),
+                f"chaos-{feeder}",
+            )
+        )
+    return ticks
+
+
+async def feed(
+    cluster: Cluster, history: History, ticks: list[Tick], rate_per_feeder: float, batch: int
+) -> None:
+    headers = {"Authorization": f"Bearer {cluster.token}", "Content-Type": "application/json"}
+    timeout = aiohttp.ClientTimeout(total=10)
+    started = time.monotonic()
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for start in range(0, len(ticks), batch):
+            chunk = ticks[start : start + batch]
+            # Pace: this chunk is due when the rate says so.
+            due = started + (start + len(chunk)) / rate_per_feeder
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            body = _json.encode(
+                [
+                    {
+                        "symbol": t.symbol,
+                        "ts": t.ts.isoformat(),
+                        "price": t.price,
+                        "volume": t.volume,
+                        "source": t.source,
+                    }
+                    for t in chunk
+                ]
+            )
+            history.sent += len(chunk)
+            delay = 0.05
+            while True:
+                status = await _post(session, f"{cluster.base_url}/ingest/ticks", body, headers)
+                history.requests[status] += 1
+                if status == "200":
+                    for tick in chunk:
+                        history.acked[tick.key] = (tick.price, tick.volume, tick.source)
+                    break
+                # Not acknowledged: the feeder's duty is to send again (resending is safe).
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+
+async def _post(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
+) -> str:
+    try:
+        async with session.post(url, data=body, headers=headers) as response:
+            await response.read()
+            return str(response.status)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return type(exc).__name__
+
+
+async def fuzz(cluster: Cluster, history: History, stop: asyncio.Event, seed: int) -> None:
+    """Bad requests alongside the good ones: none may be stored, none may get a 5xx."""
+    rng = random.Random(seed)
+    good = {"symbol": "BAD.X", "ts": 1, "price": "1", "volume": 1, "source": "fuzz"}
+    auth = {"Authorization": f"Bearer {cluster.token}"}
+    cases: list[tuple[str, dict[str, str], bytes]] = [
+        ("tick", {}, _json.encode(good)),
+        ("tick", {"Authorization": "Bearer nope"}, _json.encode(good)),
+        ("tick", auth, b"{"),
+        ("tick", auth, _json.encode({**good, "price": "NaN"})),
+        ("tick", auth, _json.encode({**good, "price": -1})),
+        ("tick", auth, _json.encode({**good, "ts": "2024-01-01T00:00:00"})),
+        ("tick", auth, _json.encode({**good, "symbol": ""})),
+        ("tick", auth, _json.encode({**good, "extra": True})),
+        ("ticks", auth, _json.encode([good, {**good, "volume": "-5"}])),
+        ("ticks", auth, _json.encode([good] * 6000)),
+        ("ticks", auth, b"[" + b"9" * 100 + b"]"),
+    ]
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        while not stop.is_set():
+            path, headers, body = rng.choice(cases)
+            if rng.random() < 0.3:
+                body = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64)))
+            content_type = rng.choice(["application/json"] * 5 + ["text/plain"])
+            status = await _post(
+                session,
+                f"{cluster.base_url}/ingest/{path}",
+                body,
+                {**headers, "Content-Type": content_type},
+            )
+            history.fuzz[status] += 1
+            await asyncio.sleep(0.02)
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+async def run_chaos(config: ChaosConfig, console: Console) -> dict[str, Any]:
+    rng = random.Random(config.seed)
+    plan = [kind for kind in config.kinds for _ in range(config.faults_per_kind)]
+    rng.shuffle(plan)
+    cluster = Cluster(config, console)
+    history = History()
+    console.print(
+        f"chaos: seed {config.seed}, {config.ticks} ticks, {len(plan)} faults"
+        f" ({config.faults_per_kind} of each of {', '.join(config.kinds)}),"
+        f" INGEST_DURABILITY={config.durability}; logs in {cluster.logs}"
+    )
+    await cluster.start()
+    try:
+        expected_s = max(5.0, len(plan) * (sum(config.gap_s) / 2 + 1.5))
+        rate = config.ticks / expected_s / config.feeders
+        feeders = [
+            asyncio.create_task(
+                feed(
+                    cluster,
+                    history,
+                    feeder_ticks(k, config.feeders, config.ticks, config.seed),
+                    rate,
+                    config.batch,
+                )
+            )
+            for k in range(config.feeders)
+        ]
+        stop_fuzz = asyncio.Event()
+        fuzzer = asyncio.create_task(
+            fuzz(cluster, history, stop_fuzz, config.seed) if config.fuzz else stop_fuzz.wait()
+        )
+        started = time.monotonic()
+        for number, kind in enumerate(plan, 1):
+            await asyncio.sleep(rng.uniform(*config.gap_s))
+            await cluster.inject(kind, rng)
+            history.faults[kind] += 1
+            history.last_fault_at = time.monotonic()
+            if number % 10 == 0 or number == len(plan):
+                console.print(
+                    f"  {number}/{len(plan)} faults, {len(history.acked)} ticks acknowledged,"
+                    f" {time.monotonic() - started:.0f} s"
+                )
+        await asyncio.gather(*feeders)
+        stop_fuzz.set()
+        await fuzzer
+        drained_in = await _drain(cluster, config.drain_timeout_s)
+        result = await _check(cluster, history, config)
+        result["drain_after_last_fault_s"] = (
+            None if drained_in is None else round(time.monotonic() - history.last_fault_at, 2)
+        )
+        result["audit_ok"] = await _audit(cluster)
+    finally:
+        await cluster.stop()
+    result["elapsed_s"] = round(time.monotonic() - started, 1)
+    return result
+
+
+async def _drain(cluster: Cluster, timeout_s: float) -> float | None:
+    redis = redis_conn.connect(cluster.stack.redis_url, client_name="tickpipe-chaos")
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < timeout_s:
+            with contextlib.suppress(Exception):
+                [group] = await redis.xinfo_groups("ticks.received")
+                if group["pending"] == 0 and (group.get("lag") or 0) == 0:
+                    return time.monotonic() - started
+            await asyncio.sleep(0.2)
+        return None
+    finally:
+        await redis.aclose()
+
+
+async def _check(cluster: Cluster, history: History, config: ChaosConfig) -> dict[str, Any]:
+    conn = await asyncpg.connect(cluster.stack.database_url)
+    redis: Redis = redis_conn.connect(cluster.stack.redis_url, client_name="tickpipe-chaos")
+    try:
+        records = await conn.fetch("SELECT symbol, ts, price, volume, source FROM md_ticks")
+        rows = {
+            (r["symbol"], datetime_to_us(r["ts"])): (r["price"], r["volume"], r["source"])
+            for r in records
+        }
+        duplicates = await conn.fetchval(
+            "SELECT count(*) - count(DISTINCT (symbol, ts)) FROM md_ticks"
+        )
+        dead = await redis.xlen("ticks.dead")
+        pending = (await redis.xpending("ticks.received", "flushers"))["pending"]
+        lost_counter = int(await redis.get("ticks:lost") or 0)
+    finally:
+        await conn.close()
+        await redis.aclose()
+    missing = [key for key in history.acked if key not in rows]
+    wrong = [key for key, value in history.acked.items() if key in rows and rows[key] != value]
+    fuzz_rows = sum(1 for key in rows if key[0].startswith("BAD"))
+    fuzz_5xx = sum(n for status, n in history.fuzz.items() if status.startswith("5"))
+    return {
+        "seed": config.seed,
+        "durability": config.durability,
+        "ticks_sent": config.ticks,
+        "acknowledged": len(history.acked),
+        "rows_in_md_ticks": len(rows),
+        "lost": len(missing) + len(wrong),
+        "lost_missing": len(missing),
+        "lost_wrong_value": len(wrong),
+        "lost_examples": [list(k) for k in (missing + wrong)[:10]],
+        "duplicates": duplicates,
+        "dead_lettered": dead,
+        "still_pending": pending,
+        "lost_counter": lost_counter,
+        "faults": dict(history.faults),
+        "faults_total": sum(history.faults.values()),
+        "feeder_responses": dict(history.requests),
+        "fuzz_responses": dict(history.fuzz),
+        "fuzz_5xx": fuzz_5xx,
+        "fuzz_rows_written": fuzz_rows,
+    }
+
+
+async def _audit(cluster: Cluster) -> bool:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tickpipe", "audit", "--verify", "--json",
+        env=cluster.env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    with contextlib.suppress(ValueError):
+        return bool(json.loads(out)["ok"])
+    return False
+
+
+def render(result: dict[str, Any], console: Console) -> None:
+    table = Table(title="chaos result", title_justify="left")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for label, key in (
+        ("ticks sent", "ticks_sent"),
+        ("acknowledged (200)", "acknowledged"),
+        ("rows in md_ticks", "rows_in_md_ticks"),
+        ("lost (acknowledged, absent or wrong)", "lost"),
+        ("duplicates", "duplicates"),
+        ("dead-lettered", "dead_lettered"),
+        ("still pending", "still_pending"),
+        ("faults injected", "faults_total"),
+        ("drain after last fault (s)", "drain_after_last_fault_s"),
+        ("bad requests answered 5xx", "fuzz_5xx"),
+        ("bad ticks written", "fuzz_rows_written"),
+        ("audit --verify ok", "audit_ok"),
+        ("elapsed (s)", "elapsed_s"),
+    ):
+        table.add_row(label, str(result.get(key)))
+    console.print(table)
+    faults = Table(title="faults by kind", title_justify="left")
+    faults.add_column("kind")
+    faults.add_column("count", justify="right")
+    for kind, count in sorted(result["faults"].items()):
+        faults.add_row(kind, str(count))
+    console.print(faults)
+    console.print(
+        "feeder responses: "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(result["feeder_responses"].items()))
+    )
+    console.print(
+        "fuzz responses: "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(result["fuzz_responses"].items()))
+    )
+
+
+def passed(result: dict[str, Any]) -> bool:
+    return bool(
+        result["lost"] == 0
+        and result["duplicates"] == 0
+        and result["fuzz_5xx"] == 0
+        and result["fuzz_rows_written"] == 0
+        and result["still_pending"] == 0
+    )
