@@ -60,12 +60,15 @@ async def test_workers_share_the_port_and_the_metrics(
     # A new connection per request, so the kernel spreads them over the workers.
     connector = aiohttp.TCPConnector(force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
-        for _ in range(60):
+        # Both workers answer once both have started (the second may be slower to).
+        deadline = time.monotonic() + 60
+        while len(pids) < 2 and time.monotonic() < deadline:
             async with session.get(f"{base}/healthz") as response:
                 pids.add((await response.json())["pid"])
+        assert len(pids) == 2
+        for _ in range(60):
             async with session.post(f"{base}/ingest/tick", json=TICK, headers=AUTH) as response:
                 assert response.status == 200
-        assert len(pids) == 2
         assert proc.pid not in pids
         async with session.get(f"{base}/metrics") as response:
             text = await response.text()
