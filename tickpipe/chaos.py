@@ -76,6 +76,7 @@ class History:
     fuzz: Counter[str] = dataclasses.field(default_factory=Counter)
     faults: Counter[str] = dataclasses.field(default_factory=Counter)
     last_fault_at: float = 0.0
+    last_ack_at: float = 0.0
 
 
 class Cluster:
@@ -265,6 +266,7 @@ async def feed(
                 if status == "200":
                     for tick in chunk:
                         history.acked[tick.key] = (tick.price, tick.volume, tick.source)
+                    history.last_ack_at = time.monotonic()
                     break
                 # Not acknowledged: the feeder's duty is to send again (resending is safe).
                 await asyncio.sleep(delay)
@@ -367,8 +369,12 @@ async def run_chaos(config: ChaosConfig, console: Console) -> dict[str, Any]:
         await fuzzer
         drained_in = await _drain(cluster, config.drain_timeout_s)
         result = await _check(cluster, history, config)
+        drained_at = time.monotonic()
         result["drain_after_last_fault_s"] = (
-            None if drained_in is None else round(time.monotonic() - history.last_fault_at, 2)
+            None if drained_in is None else round(drained_at - history.last_fault_at, 2)
+        )
+        result["drain_after_last_ack_s"] = (
+            None if drained_in is None else round(drained_at - history.last_ack_at, 2)
         )
         result["audit_ok"] = await _audit(cluster)
     finally:
@@ -462,6 +468,7 @@ def render(result: dict[str, Any], console: Console) -> None:
         ("still pending", "still_pending"),
         ("faults injected", "faults_total"),
         ("drain after last fault (s)", "drain_after_last_fault_s"),
+        ("drain after last acknowledged tick (s)", "drain_after_last_ack_s"),
         ("bad requests answered 5xx", "fuzz_5xx"),
         ("bad ticks written", "fuzz_rows_written"),
         ("audit --verify ok", "audit_ok"),
