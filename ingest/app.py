@@ -28,7 +28,7 @@ from ingest.errors import ApiError, error_middleware, json_response
 from ingest.inflight import InFlight
 from ingest.openapi import openapi_document
 from ingest.writer import NotDurable, TickWriter
-from tickpipe import redis_conn
+from tickpipe import loop, redis_conn
 from tickpipe.settings import Settings
 from tickpipe.ticks import Tick
 
@@ -307,4 +307,4 @@ class ListenError(OSError):
 
 def run(settings: Settings, *, reuse_port: bool = False) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests finish first."""
-    asyncio.run(serve(settings, reuse_port=reuse_port))
+    loop.run(serve(settings, reuse_port=reuse_port))

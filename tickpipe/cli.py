@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from tickpipe import loop
 from tickpipe.settings import Settings, SettingsError
 from tickpipe.stack import LocalStack, StackError
 
@@ -182,7 +183,7 @@ def flusher_run(consumer: str | None, burst: bool, metrics_port: int | None, che
             click.echo(f"not ready: {problem}", err=True)
         sys.exit(2 if problems else 0)
     try:
-        asyncio.run(run_flusher(settings, burst=burst))
+        loop.run(run_flusher(settings, burst=burst))
     except FlusherError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -356,3 +357,47 @@ def chaos(
     ok = passed(result)
     console.print("[bold green]PASS[/]: zero lost" if ok else "[bold red]FAIL[/]")
     sys.exit(0 if ok else 1)
+
+
+@main.command()
+@click.option("--duration-s", type=click.FloatRange(min=1), default=8.0, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--flushers", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--connections", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=Path(".tickpipe-bench"),
+    show_default=True,
+    help="Wiped at the start: the bench gets its own servers.",
+)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench"), show_default=True,
+              help="Writes OUT.json and OUT.png.")  # fmt: skip
+def bench(
+    duration_s: float, workers: int, flushers: int, connections: int, state_dir: Path, out: Path
+) -> None:
+    """Throughput and latency against the per-tick INSERT baseline and the raw ceilings."""
+    import json
+
+    from rich.console import Console
+
+    from tickpipe.bench import BenchConfig, chart, render, run_bench
+
+    config = BenchConfig(
+        state_dir=state_dir,
+        duration_s=duration_s,
+        workers=workers,
+        flushers=flushers,
+        connections=connections,
+    )
+    console = Console()
+    results = asyncio.run(run_bench(config, Console(stderr=True)))
+    render(results, console)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    try:
+        chart(results, out.with_suffix(".png"))
+    except ImportError:
+        click.echo(
+            "matplotlib is not installed: no chart (pip install 'tickpipe[bench]')", err=True
+        )
+    click.echo(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}", err=True)

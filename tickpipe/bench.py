@@ -1,0 +1,569 @@
+"""`tickpipe bench`: tickpipe against the per-tick INSERT it replaces, in one run.
+
+Every figure is measured on this machine in this run and reported as a ratio
+to its baseline: the "direct" endpoint (one INSERT and COMMIT per tick), the
+raw ceilings (asyncpg COPY into md_ticks, pipelined XADD) and a bare aiohttp
+endpoint doing one XADD. Each server and the load generator are processes of
+their own; CPU seconds are read from /proc for each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import resource
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+from rich.console import Console
+from rich.table import Table
+
+from tickpipe import redis_conn
+from tickpipe.stack import LocalStack, free_port
+from tickpipe.ticks import Tick, to_fields
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    state_dir: Path
+    duration_s: float = 8.0
+    workers: int = 2
+    flushers: int = 2
+    connections: int = 32
+    batch: int = 100
+    drain_entries: int = 100_000
+    ceiling_rows: int = 100_000
+
+
+# -- process bookkeeping ------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process, in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError):
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+class Components:
+    """Named groups of processes whose CPU time a phase reports."""
+
+    def __init__(self) -> None:
+        self.roots: dict[str, list[int]] = {}
+
+    def add(self, name: str, pid: int) -> None:
+        self.roots.setdefault(name, []).append(pid)
+
+    def snapshot(self) -> dict[str, float]:
+        return {
+            name: sum(cpu_seconds(p) for root in roots for p in descendants(root))
+            for name, roots in self.roots.items()
+        }
+
+
+# -- ceilings ---------------------------------------------------------------------------------
+
+
+def sample_ticks(count: int, start_us: int) -> list[Tick]:
+    return [
+        Tick(
+            f"C{i % 64}",
+            start_us + i,
+            Decimal(f"{100 + i % 997}.{i % 100:02d}"),
+            Decimal(i % 1000),
+            "bench",
+        )
+        for i in range(count)
+    ]
+
+
+async def xadd_ceiling(redis_url: str, count: int) -> dict[str, Any]:
+    redis = redis_conn.connect(redis_url, client_name="tickpipe-bench")
+    fields = [to_fields(t) for t in sample_ticks(count, 1)]
+    started = time.perf_counter()
+    for start in range(0, count, 1000):
+        async with redis.pipeline(transaction=False) as pipe:
+            for entry in fields[start : start + 1000]:
+                pipe.xadd("bench.ceiling", entry)  # type: ignore[arg-type]
+            await pipe.execute()
+    elapsed = time.perf_counter() - started
+    await redis.delete("bench.ceiling")
+    await redis.aclose()
+    return {"entries_per_s": round(count / elapsed, 1), "elapsed_s": round(elapsed, 3)}
+
+
+async def copy_ceiling(database_url: str, count: int) -> dict[str, Any]:
+    conn = await asyncpg.connect(database_url)
+    records = [(t.symbol, t.ts, t.price, t.volume, t.source) for t in sample_ticks(count, 10**15)]
+    try:
+        started = time.perf_counter()
+        async with conn.transaction():
+            await conn.copy_records_to_table(
+                "md_ticks", records=records, columns=("symbol", "ts", "price", "volume", "source")
+            )
+        elapsed = time.perf_counter() - started
+        await conn.execute("TRUNCATE md_ticks")
+    finally:
+        await conn.close()
+    return {"rows_per_s": round(count / elapsed, 1), "elapsed_s": round(elapsed, 3)}
+
+
+# -- the runs -------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, config: BenchConfig, console: Console) -> None:
+        self.config = config
+        self.console = console
+        self.stack = LocalStack(
+            config.state_dir / "stack", free_port(), free_port(), log=lambda m: None
+        )
+        self.token = secrets.token_urlsafe(16)
+        self.logs = config.state_dir / "logs"
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._ts_ms = 1_600_000_000_000
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "REDIS_URL": self.stack.redis_url,
+            "DATABASE_URL": self.stack.database_url,
+            "INGEST_TOKENS": f"bench:{self.token}",
+            "TICKPIPE_LOG_LEVEL": "warning",
+            "INGEST_MAX_BACKLOG": "100000000",
+            **extra,
+        }
+
+    def spawn(self, name: str, args: list[str], **extra: str) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("ab")
+        proc = subprocess.Popen(args, env=self.env(**extra), stdout=subprocess.DEVNULL, stderr=log)
+        log.close()
+        self._procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    async def setup(self) -> None:
+        if self.config.state_dir.exists():
+            shutil.rmtree(self.config.state_dir)
+        self.logs.mkdir(parents=True)
+        await asyncio.to_thread(self.stack.up)
+
+    async def teardown(self) -> None:
+        for proc in self._procs:
+            self.stop(proc)
+        await asyncio.to_thread(self.stack.down)
+
+    async def reset_data(self) -> None:
+        redis = redis_conn.connect(self.stack.redis_url, client_name="tickpipe-bench")
+        await redis.flushall()
+        await redis.aclose()
+        conn = await asyncpg.connect(self.stack.database_url)
+        await conn.execute("TRUNCATE md_ticks")
+        await conn.close()
+
+    async def load(self, url: str, mode: str, rate: float = 0.0) -> dict[str, Any]:
+        """Run the load generator; returns its report plus its CPU seconds."""
+        self._ts_ms += 10**9  # fresh keys for every run
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tickpipe.bench_load", url,
+            "--token", self.token, "--mode", mode, "--batch", str(self.config.batch),
+            "--duration-s", str(self.config.duration_s), "--rate", str(rate),
+            "--connections", str(self.config.connections), "--start-ts-ms", str(self._ts_ms),
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await proc.communicate()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        report: dict[str, Any] = json.loads(out)
+        report["cpu_s"] = round(
+            (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 2
+        )
+        return report
+
+    @contextlib.contextmanager
+    def measured(self, components: Components) -> Iterator[dict[str, float]]:
+        """CPU seconds each component spent inside the block."""
+        spent: dict[str, float] = {}
+        before = components.snapshot()
+        yield spent
+        after = components.snapshot()
+        spent.update({name: round(after[name] - before.get(name, 0.0), 2) for name in after})
+
+    def servers(self, components: Components) -> None:
+        redis_pid = int(self.stack.redis_pidfile.read_text().split()[0])
+        pg_pid = int((self.stack.pg_data / "postmaster.pid").read_text().split()[0])
+        components.add("redis", redis_pid)
+        components.add("postgres", pg_pid)
+
+    async def reference_endpoint(self, kind: str) -> dict[str, Any]:
+        await self.reset_data()
+        port = free_port()
+        proc = self.spawn(
+            kind,
+            [sys.executable, "-m", "tickpipe.bench_servers", kind, "--port", str(port),
+             "--redis-url", self.stack.redis_url, "--database-url", self.stack.database_url],
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        await wait_port(port)
+        components = Components()
+        components.add(kind, proc.pid)
+        self.servers(components)
+        with self.measured(components) as cpu:
+            report = await self.load(url, "single")
+        self.stop(proc)
+        report["component_cpu_s"] = cpu
+        return report
+
+    async def tickpipe_run(self, mode: str, rate: float = 0.0) -> dict[str, Any]:
+        """ingest (N workers) + K flushers under load; committed rows/s measured in Postgres."""
+        await self.reset_data()
+        port = free_port()
+        ingest = self.spawn(
+            "ingest",
+            [sys.executable, "-m", "tickpipe", "ingest", "--workers", str(self.config.workers),
+             "--port", str(port)],
+        )  # fmt: skip
+        metrics_ports = [free_port() for _ in range(self.config.flushers)]
+        flushers = [
+            self.spawn(
+                f"flusher-{n}",
+                [
+                    sys.executable,
+                    "-m",
+                    "tickpipe",
+                    "flusher",
+                    "run",
+                    "--consumer",
+                    f"bench-{n}",
+                    "--metrics-port",
+                    str(metrics_ports[n]),
+                ],
+                FLUSH_INTERVAL_S="0.1",
+                FLUSH_BATCH_SIZE="1000",
+            )
+            for n in range(self.config.flushers)
+        ]
+        await wait_port(port)
+        await asyncio.sleep(1.0)  # every worker up
+        components = Components()
+        components.add("ingest", ingest.pid)
+        for flusher in flushers:
+            components.add("flushers", flusher.pid)
+        self.servers(components)
+        conn = await asyncpg.connect(self.stack.database_url)
+        try:
+            with self.measured(components) as cpu:
+                started = time.perf_counter()
+                report = await self.load(f"http://127.0.0.1:{port}", mode, rate)
+                loaded_s = time.perf_counter() - started
+                committed_during = await conn.fetchval("SELECT count(*) FROM md_ticks")
+                drained_at = await _wait_rows(conn, report["accepted_ticks"], 120)
+            total_s = drained_at - started
+        finally:
+            await conn.close()
+        report["committed_during_load"] = committed_during
+        report["committed_rows_per_s"] = round(report["accepted_ticks"] / total_s, 1)
+        report["drain_after_load_s"] = round(total_s - loaded_s, 2)
+        report["commit_lag_s"] = await commit_lag(metrics_ports)
+        report["component_cpu_s"] = cpu
+        self.stop(ingest)
+        for flusher in flushers:
+            self.stop(flusher)
+        return report
+
+    async def drain_rate(self) -> dict[str, Any]:
+        """K flushers against a backlog: committed rows/s, to compare with raw COPY."""
+        await self.reset_data()
+        redis = redis_conn.connect(self.stack.redis_url, client_name="tickpipe-bench")
+        fields = [to_fields(t) for t in sample_ticks(self.config.drain_entries, 2 * 10**15)]
+        for start in range(0, len(fields), 1000):
+            async with redis.pipeline(transaction=False) as pipe:
+                for entry in fields[start : start + 1000]:
+                    pipe.xadd("ticks.received", entry)  # type: ignore[arg-type]
+                await pipe.execute()
+        await redis.aclose()
+        conn = await asyncpg.connect(self.stack.database_url)
+        started = time.perf_counter()
+        flushers = [
+            self.spawn(
+                f"drain-{n}",
+                [
+                    sys.executable,
+                    "-m",
+                    "tickpipe",
+                    "flusher",
+                    "run",
+                    "--consumer",
+                    f"drain-{n}",
+                    "--burst",
+                ],
+                FLUSH_BATCH_SIZE="2000",
+            )
+            for n in range(self.config.flushers)
+        ]
+        try:
+            done_at = await _wait_rows(conn, self.config.drain_entries, 300)
+        finally:
+            await conn.close()
+        for flusher in flushers:
+            await asyncio.to_thread(flusher.wait, 60)
+        elapsed = done_at - started
+        return {
+            "rows_per_s": round(self.config.drain_entries / elapsed, 1),
+            "elapsed_s": round(elapsed, 2),
+        }
+
+
+async def wait_port(port: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+async def _wait_rows(conn: asyncpg.Connection, count: int, timeout_s: float) -> float:
+    deadline = time.monotonic() + timeout_s
+    while await conn.fetchval("SELECT count(*) FROM md_ticks") < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"md_ticks did not reach {count} rows in {timeout_s:.0f} s")
+        await asyncio.sleep(0.05)
+    return time.perf_counter()
+
+
+async def commit_lag(ports: list[int]) -> dict[str, float | None]:
+    """p50/p99 of the flushers' commit-lag histograms, merged, interpolated in buckets."""
+    buckets: dict[float, float] = {}
+    async with aiohttp.ClientSession() as session:
+        for port in ports:
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                for line in (await response.text()).splitlines():
+                    if line.startswith("tickpipe_flusher_commit_lag_seconds_bucket"):
+                        bound = line.split('le="', 1)[1].split('"', 1)[0]
+                        upper = float("inf") if bound == "+Inf" else float(bound)
+                        buckets[upper] = buckets.get(upper, 0.0) + float(line.rsplit(" ", 1)[1])
+    bounds = sorted(buckets)
+    total = buckets.get(float("inf"), 0.0)
+
+    def quantile(q: float) -> float | None:
+        if not total:
+            return None
+        rank, lower, below = q * total, 0.0, 0.0
+        for upper in bounds:
+            if buckets[upper] >= rank:
+                if upper == float("inf"):
+                    return lower
+                span = buckets[upper] - below
+                return round(lower + (upper - lower) * ((rank - below) / span if span else 1), 3)
+            lower, below = upper, buckets[upper]
+        return None
+
+    return {"p50": quantile(0.50), "p99": quantile(0.99)}
+
+
+def ratio(value: float | None, baseline: float | None) -> float | None:
+    if not value or not baseline:
+        return None
+    return round(value / baseline, 2)
+
+
+async def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:
+    from rich.progress import Progress
+
+    bench = Bench(config, console)
+    await bench.setup()
+    results: dict[str, Any] = {"config": {k: str(v) for k, v in dataclasses.asdict(config).items()}}
+    redis_url, database_url, rows = (
+        bench.stack.redis_url,
+        bench.stack.database_url,
+        config.ceiling_rows,
+    )
+    steps: list[tuple[str, str, Callable[[], Awaitable[dict[str, Any]]]]] = [
+        ("ceiling: pipelined XADD", "xadd_ceiling", lambda: xadd_ceiling(redis_url, rows)),
+        ("ceiling: COPY into md_ticks", "copy_ceiling", lambda: copy_ceiling(database_url, rows)),
+        ("bare aiohttp + XADD", "bare_single", lambda: bench.reference_endpoint("bare")),
+        ("direct INSERT per tick", "direct_single", lambda: bench.reference_endpoint("direct")),
+        ("tickpipe, single-tick POSTs", "tickpipe_single", lambda: bench.tickpipe_run("single")),
+        ("tickpipe, batch POSTs", "tickpipe_batch", lambda: bench.tickpipe_run("batch")),
+        ("flusher drain rate", "drain", bench.drain_rate),
+    ]
+    try:
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("bench", total=len(steps) + 1)
+            for label, key, step in steps:
+                progress.update(task, description=label)
+                results[key] = await step()
+                progress.advance(task)
+            half = results["tickpipe_single"]["ticks_per_s"] / 2
+            progress.update(task, description="tickpipe at 50% of max, single-tick POSTs")
+            results["tickpipe_half_rate"] = await bench.tickpipe_run("single", rate=half)
+            progress.advance(task)
+    finally:
+        await bench.teardown()
+    results["ratios"] = {
+        "batch_e2e_vs_direct": ratio(
+            results["tickpipe_batch"]["committed_rows_per_s"],
+            results["direct_single"]["ticks_per_s"],
+        ),
+        "single_e2e_vs_direct": ratio(
+            results["tickpipe_single"]["committed_rows_per_s"],
+            results["direct_single"]["ticks_per_s"],
+        ),
+        "drain_vs_copy_ceiling": ratio(
+            results["drain"]["rows_per_s"], results["copy_ceiling"]["rows_per_s"]
+        ),
+        "single_vs_bare_endpoint": ratio(
+            results["tickpipe_single"]["ticks_per_s"], results["bare_single"]["ticks_per_s"]
+        ),
+        "batch_accept_vs_xadd_ceiling": ratio(
+            results["tickpipe_batch"]["ticks_per_s"], results["xadd_ceiling"]["entries_per_s"]
+        ),
+    }
+    return results
+
+
+TARGETS = (
+    ("batch e2e committed ticks/s vs direct", "batch_e2e_vs_direct", 20.0),
+    ("flusher drain vs raw COPY", "drain_vs_copy_ceiling", 0.5),
+    ("single-tick POST vs bare XADD endpoint", "single_vs_bare_endpoint", 0.7),
+)
+
+
+def render(results: dict[str, Any], console: Console) -> None:
+    table = Table(title="tickpipe bench", title_justify="left")
+    for column in (
+        "run",
+        "ticks/s accepted",
+        "rows/s committed",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "CPU s",
+    ):
+        table.add_column(column, justify="right" if column != "run" else "left")
+    for key, label in (
+        ("direct_single", "direct INSERT per tick (baseline)"),
+        ("bare_single", "bare aiohttp + XADD"),
+        ("tickpipe_single", "tickpipe, single-tick POSTs"),
+        ("tickpipe_batch", f"tickpipe, batch POSTs of {results['config']['batch']}"),
+        ("tickpipe_half_rate", "tickpipe, single, 50% of max"),
+    ):
+        run = results[key]
+        latency = run["latency_ms"]
+        committed = run.get(
+            "committed_rows_per_s", run["ticks_per_s"] if key == "direct_single" else None
+        )
+        cpu = ", ".join(f"{k} {v}" for k, v in run.get("component_cpu_s", {}).items())
+        table.add_row(
+            label, str(run["ticks_per_s"]), str(committed if committed is not None else "-"),
+            str(latency["p50"]), str(latency["p95"]), str(latency["p99"]),
+            f"load {run['cpu_s']}; {cpu}",
+        )  # fmt: skip
+    console.print(table)
+    console.print(
+        f"ceilings: pipelined XADD {results['xadd_ceiling']['entries_per_s']} entries/s;"
+        f" COPY into md_ticks {results['copy_ceiling']['rows_per_s']} rows/s;"
+        f" flusher drain {results['drain']['rows_per_s']} rows/s"
+    )
+    half = results["tickpipe_half_rate"]
+    console.print(
+        f"at 50% load: accept p99 {half['latency_ms']['p99']} ms;"
+        f" commit lag p50 {half['commit_lag_s']['p50']} s, p99 {half['commit_lag_s']['p99']} s"
+        " (FLUSH_INTERVAL_S=0.1)"
+    )
+    ratios = Table(title="ratios (same run)", title_justify="left")
+    ratios.add_column("measure")
+    ratios.add_column("ratio", justify="right")
+    ratios.add_column("target", justify="right")
+    targets = {key: target for _, key, target in TARGETS}
+    for name, value in results["ratios"].items():
+        target = targets.get(name)
+        ratios.add_row(name, str(value), f">= {target}" if target else "")
+    console.print(ratios)
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (throughput, latency) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for key, label in (
+        ("direct_single", "direct INSERT"),
+        ("bare_single", "bare XADD endpoint"),
+        ("tickpipe_single", "tickpipe single"),
+        ("tickpipe_batch", "tickpipe batch"),
+        ("tickpipe_half_rate", "tickpipe 50%"),
+    ):
+        throughput.plot(results[key]["timeline"], label=label, marker=".")
+    throughput.set_yscale("log")
+    throughput.set_xlabel("second of the run")
+    throughput.set_ylabel("ticks accepted per second (log)")
+    throughput.set_title("throughput over time")
+    throughput.legend()
+    keys = [
+        "direct_single",
+        "bare_single",
+        "tickpipe_single",
+        "tickpipe_batch",
+        "tickpipe_half_rate",
+    ]
+    for offset, pct in enumerate(("p50", "p95", "p99")):
+        latency.bar(
+            [i + offset * 0.27 for i in range(len(keys))],
+            [results[k]["latency_ms"][pct] or 0 for k in keys],
+            width=0.27,
+            label=pct,
+        )
+    latency.set_xticks([i + 0.27 for i in range(len(keys))])
+    latency.set_xticklabels(["direct", "bare", "single", "batch", "50%"])
+    latency.set_ylabel("accept latency (ms)")
+    latency.set_title("accept latency per request")
+    latency.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
