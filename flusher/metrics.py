@@ -13,7 +13,8 @@ FLUSH_SECONDS = Histogram(
 )
 COMMIT_LAG = Histogram(
     "tickpipe_flusher_commit_lag_seconds",
-    "From the stream entry's creation (its id) to the COMMIT of its row.",
+    "Per batch: from its oldest entry's creation (the entry id) to the COMMIT; an upper"
+    " bound on the commit lag of every tick in the batch.",
     buckets=(
         0.01,
         0.025,

@@ -289,9 +289,10 @@ class Flusher:
         await self._retry("acknowledge the batch", functools.partial(self.stream.ack, ack_ids))
         await self.faults.hit("after_ack")
 
-        committed_at = time.time()
-        for entry in written:
-            metrics.COMMIT_LAG.observe(max(0.0, committed_at - _entry_time(entry.id)))
+        if written:
+            # The batch's oldest entry waited longest: its lag bounds every tick's.
+            oldest = min(_entry_time(entry.id) for entry in written)
+            metrics.COMMIT_LAG.observe(max(0.0, time.time() - oldest))
         written_ids = {entry.id for entry in written}
         rows = len({tick.key for entry, tick in decoded if entry.id in written_ids})
         self.rows_written += rows
