@@ -106,7 +106,8 @@ async def load(args: argparse.Namespace) -> dict[str, object]:
         "elapsed_s": round(elapsed, 3),
         "ticks_per_s": round(accepted / elapsed, 1),
         "latency_ms": {"p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99)},
-        "timeline": [timeline.get(second, 0) for second in range(int(elapsed) + 1)],
+        # Whole seconds only: a last partial second would look like a drop.
+        "timeline": [timeline.get(second, 0) for second in range(max(1, int(elapsed)))],
     }
 
 

@@ -365,6 +365,20 @@ def chaos(
 @click.option("--flushers", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--connections", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
+    "--drain-entries",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    help="Backlog the flushers drain in the drain-rate run.",
+)
+@click.option(
+    "--ceiling-rows",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    help="Rows and entries of the COPY and XADD ceilings.",
+)
+@click.option(
     "--state-dir",
     type=click.Path(path_type=Path),
     default=Path(".tickpipe-bench"),
@@ -374,7 +388,14 @@ def chaos(
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench"), show_default=True,
               help="Writes OUT.json and OUT.png.")  # fmt: skip
 def bench(
-    duration_s: float, workers: int, flushers: int, connections: int, state_dir: Path, out: Path
+    duration_s: float,
+    workers: int,
+    flushers: int,
+    connections: int,
+    drain_entries: int,
+    ceiling_rows: int,
+    state_dir: Path,
+    out: Path,
 ) -> None:
     """Throughput and latency against the per-tick INSERT baseline and the raw ceilings."""
     import json
@@ -389,6 +410,8 @@ def bench(
         workers=workers,
         flushers=flushers,
         connections=connections,
+        drain_entries=drain_entries,
+        ceiling_rows=ceiling_rows,
     )
     console = Console()
     results = asyncio.run(run_bench(config, Console(stderr=True)))

@@ -1,0 +1,42 @@
+"""Smoke test of `tickpipe bench`: it runs and writes its report. No timing is asserted:
+performance is shown by the benchmark itself, never by a test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.services
+
+
+def test_bench_produces_its_report(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    run = subprocess.run(
+        [
+            sys.executable, "-m", "tickpipe", "bench",
+            "--duration-s", "1", "--drain-entries", "3000", "--ceiling-rows", "3000",
+            "--state-dir", str(tmp_path / "state"), "--out", str(out),
+        ],
+        env=os.environ,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(out.with_suffix(".json").read_text())
+    for key in (
+        "xadd_ceiling", "copy_ceiling", "bare_single", "direct_single",
+        "tickpipe_single", "tickpipe_batch", "tickpipe_half_rate", "drain",
+    ):  # fmt: skip
+        assert key in results
+    assert results["tickpipe_batch"]["accepted_ticks"] > 0
+    assert results["tickpipe_batch"]["committed_rows_per_s"] > 0
+    assert set(results["ratios"]) >= {"batch_e2e_vs_direct", "drain_vs_copy_ceiling"}
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+    assert "ratios (same run)" in run.stdout
