@@ -18,6 +18,9 @@ import msgspec
 from tickpipe.keys import ENTRY_FIELDS
 
 SYMBOL_PATTERN = r"^[A-Za-z0-9._:/-]{1,32}$"
+"""The symbol rule as JSON Schema (ECMA) states it, for the OpenAPI document."""
+_SYMBOL_RE = r"^[A-Za-z0-9._:/-]{1,32}\Z"
+# Python's "$" also matches before a trailing newline: "AAPL\n" would pass it.
 MAX_DECIMAL_DIGITS = 38
 """Significant digits a price or volume may carry."""
 MAX_DECIMAL_SCALE = 18
@@ -28,7 +31,7 @@ MAX_DECIMAL_INTEGER_DIGITS = 20
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _ONE_US = dt.timedelta(microseconds=1)
 _MAX_TS_US = (dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC) - EPOCH) // _ONE_US
-_SYMBOL = re.compile(SYMBOL_PATTERN)
+_SYMBOL = re.compile(_SYMBOL_RE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _RFC3339 = re.compile(
     r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.(?P<frac>\d+))?(?P<offset>[Zz]|[+-]\d{2}:\d{2})$"
@@ -38,7 +41,7 @@ _RFC3339 = re.compile(
 class TickIn(msgspec.Struct, forbid_unknown_fields=True):
     """A tick as a feeder sends it (JSON)."""
 
-    symbol: Annotated[str, msgspec.Meta(pattern=SYMBOL_PATTERN)]
+    symbol: Annotated[str, msgspec.Meta(pattern=_SYMBOL_RE)]
     ts: int | str
     price: Decimal
     volume: Decimal

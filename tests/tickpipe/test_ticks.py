@@ -93,6 +93,7 @@ def test_exponent_is_expanded_to_plain_digits() -> None:
         b'{"symbol":"","ts":1,"price":1,"volume":1,"source":"s"}',
         b'{"symbol":"' + b"A" * 33 + b'","ts":1,"price":1,"volume":1,"source":"s"}',
         b'{"symbol":"A B","ts":1,"price":1,"volume":1,"source":"s"}',
+        b'{"symbol":"AAPL\\n","ts":1,"price":1,"volume":1,"source":"s"}',  # found by fuzzing
         b'{"symbol":"A","ts":1,"price":1,"volume":1,"source":""}',
         b'{"symbol":"A","ts":1,"price":1,"volume":1,"source":"' + b"s" * 65 + b'"}',
         b'{"symbol":"A","ts":1,"price":1,"volume":1,"source":"s","extra":1}',
