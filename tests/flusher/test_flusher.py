@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -218,6 +219,7 @@ async def test_entries_deleted_while_pending_are_counted_lost(
     await flusher.stream.ensure_group()
     await deliver(redis, "crashed", 10)
     await redis.xdel("ticks.received", *ids[:3])
+    await asyncio.sleep(0.05)  # idle for longer than the claim threshold below
     rescuer = await make_flusher(
         redis, store, settings.replace(flush_claim_idle_s=0.001), consumer="rescuer"
     )
