@@ -117,16 +117,27 @@ class Flusher:
     async def _main_loop(self) -> None:
         try:
             await self._drain_own_pending()
+            batch: list[Entry] = []
             while not self.stopping:
                 if self._recheck_own_pending:
                     self._recheck_own_pending = False
                     await self._drain_own_pending()
-                batch = await self._next_batch()
-                if batch:
-                    await self._flush(batch)
-                elif self.burst:
-                    log.info("burst: stream drained, exiting")
-                    return
+                if not batch:
+                    batch = await self._next_batch()
+                    if not batch:
+                        if self.burst:
+                            log.info("burst: stream drained, exiting")
+                            return
+                        continue
+                # Write this batch while reading the next: Redis and Postgres work
+                # at the same time instead of in turn.
+                writing = asyncio.create_task(self._flush(batch))
+                try:
+                    batch = await self._next_batch()
+                finally:
+                    await writing
+            if batch:
+                await self._flush(batch)  # read before the stop: finish it too
         except Stopping:
             log.warning("shutdown grace over: unfinished entries stay pending")
 

@@ -143,9 +143,9 @@ async def test_stuck_consumer_until_reclaimed(
     assert code == 1
     [group] = report["groups"]
     doomed = next(c for c in group["consumers"] if c["name"] == "doomed")
-    assert doomed["pending"] == 50
+    assert doomed["pending"] in (50, 80)  # its batch, and the next one if already read
     assert doomed["oldest_pending"]["idle_ms"] >= 200
-    assert report["stuck"]["count"] == 50
+    assert report["stuck"]["count"] == doomed["pending"]
     assert report["stuck"]["entries"][0]["consumer"] == "doomed"
     assert report["stuck"]["entries"][0]["fields"]["symbol"].startswith("A")
     table = await tickpipe(subprocess_env, "audit", "--stuck-idle-s", "0.2")
