@@ -38,14 +38,7 @@ async def run_flusher(settings: Settings, *, burst: bool = False) -> Flusher:
         socket_timeout_s=max(redis_conn.REDIS_SOCKET_TIMEOUT_S, settings.flush_interval_s + 10),
     )
     store = await TickStore.open(settings.database_url)
-    stream = TickStream(
-        redis,
-        settings.stream_name,
-        settings.group_name,
-        consumer,
-        dead_stream=settings.dead_stream_name,
-        lost_key=settings.lost_key,
-    )
+    stream = TickStream.for_consumer(redis, settings, consumer)
     flusher = Flusher(stream, store, settings, burst=burst, faults=faults)
     metrics_server = None
     if settings.flusher_metrics_port is not None:

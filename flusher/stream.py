@@ -22,6 +22,7 @@ from redis.exceptions import (
 
 from flusher.errors import TransientError
 from tickpipe import redis_conn
+from tickpipe.settings import Settings
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -141,6 +142,18 @@ class TickStream:
         self.lost_key = lost_key
         self._trim = redis.register_script(TRIM_LUA)
         self._delete_idle_consumer = redis.register_script(DELETE_IDLE_CONSUMER_LUA)
+
+    @classmethod
+    def for_consumer(cls, redis: Redis, settings: Settings, consumer: str) -> TickStream:
+        """The stream, group, dead-letter stream and lost counter that ``settings`` name."""
+        return cls(
+            redis,
+            settings.stream_name,
+            settings.group_name,
+            consumer,
+            dead_stream=settings.dead_stream_name,
+            lost_key=settings.lost_key,
+        )
 
     @_transient
     async def ensure_group(self) -> None:

@@ -73,15 +73,7 @@ async def test_upsert_replaces_by_stream_order_and_replays_harmlessly(
 async def make_flusher(
     redis: Redis, store: TickStore, settings: Settings, consumer: str = "f1"
 ) -> Flusher:
-    stream = TickStream(
-        redis,
-        settings.stream_name,
-        settings.group_name,
-        consumer,
-        dead_stream=settings.dead_stream_name,
-        lost_key=settings.lost_key,
-    )
-    return Flusher(stream, store, settings, burst=True)
+    return Flusher(TickStream.for_consumer(redis, settings, consumer), store, settings, burst=True)
 
 
 @pytest.mark.services
