@@ -250,6 +250,14 @@ class Flusher:
         if trimmed:
             log.info("trimmed %d acknowledged entries older than %s", trimmed, minid)
             metrics.TRIMMED.inc(trimmed)
+        if minid and minid != floor and _entry_time(minid) < _entry_time(floor) - 3600:
+            # Retention is not what bounds the stream: a pending entry or a group
+            # that stopped reading is. Say so, or memory grows with no word why.
+            log.warning(
+                "trimming held back at %s, over an hour before the retention floor:"
+                " an old pending entry or a group that stopped reading (tickpipe audit)",
+                minid,
+            )
         idle_ms = int(self.settings.flush_consumer_idle_delete_s * 1000)
         for name in await self.stream.delete_idle_consumers(idle_ms):
             log.info("deleted consumer %s: idle with nothing pending", name)
