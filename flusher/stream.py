@@ -121,6 +121,25 @@ return -1
 """
 
 
+# Dead-letter one entry only while it is still pending: a retry after a lost
+# reply finds it acknowledged already and adds no second dead letter.
+# KEYS[1] stream, KEYS[2] dead-letter stream; ARGV[1] group, ARGV[2] id, then fields.
+DEAD_LETTER_LUA = """#!lua
+if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+# Count each lost id once (a retry after a lost reply must not count it again);
+# the ids are kept for whoever investigates. KEYS[1] counter, KEYS[2] id set.
+COUNT_LOST_LUA = """#!lua
+local added = 0
+for i = 1, #ARGV do added = added + redis.call('SADD', KEYS[2], ARGV[i]) end
+return redis.call('INCRBY', KEYS[1], added)
+"""
+
+
 class TickStream:
     """The stream and consumer group, as one flusher consumer sees them."""
 
@@ -142,6 +161,8 @@ class TickStream:
         self.lost_key = lost_key
         self._trim = redis.register_script(TRIM_LUA)
         self._delete_idle_consumer = redis.register_script(DELETE_IDLE_CONSUMER_LUA)
+        self._dead_letter = redis.register_script(DEAD_LETTER_LUA)
+        self._count_lost = redis.register_script(COUNT_LOST_LUA)
 
     @classmethod
     def for_consumer(cls, redis: Redis, settings: Settings, consumer: str) -> TickStream:
@@ -205,30 +226,35 @@ class TickStream:
         return counts
 
     @_transient
-    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
-        """Move entries to the dead-letter stream and acknowledge them, atomically."""
-        if not letters:
-            return
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for letter in letters:
-                fields: dict[bytes | str, bytes | str] = {
-                    "original_id": letter.entry.id,
-                    "stream": self.stream,
-                    "reason": letter.reason,
-                    "deliveries": str(letter.deliveries),
-                }
-                # The original bytes, as they were: an entry may be dead for not being UTF-8.
-                for key, value in (letter.entry.fields or {}).items():
-                    fields[b"field:" + key] = value
-                pipe.xadd(self.dead_stream, fields)  # type: ignore[arg-type]
-            pipe.xack(self.stream, self.group, *[letter.entry.id for letter in letters])
-            await pipe.execute()
+    async def dead_letter(self, letters: Sequence[DeadLetter]) -> int:
+        """Move entries to the dead-letter stream and acknowledge them, each atomically.
+
+        Returns how many were moved (an entry acknowledged meanwhile is skipped).
+        """
+        moved = 0
+        for letter in letters:
+            fields: list[bytes | str] = [
+                "original_id", letter.entry.id,
+                "stream", self.stream,
+                "reason", letter.reason,
+                "deliveries", str(letter.deliveries),
+            ]  # fmt: skip
+            # The original bytes, as they were: an entry may be dead for not being UTF-8.
+            for key, value in (letter.entry.fields or {}).items():
+                fields.extend((b"field:" + key, value))
+            moved += int(
+                await self._dead_letter(
+                    keys=[self.stream, self.dead_stream],
+                    args=[self.group, letter.entry.id, *fields],
+                )
+            )
+        return moved
 
     @_transient
     async def count_lost(self, ids: Sequence[str]) -> int:
         """Add to the shared lost counter (read by `tickpipe audit`); returns the total."""
-        total: int = await self.redis.incrby(self.lost_key, len(ids))
-        return total
+        total = await self._count_lost(keys=[self.lost_key, f"{self.lost_key}:ids"], args=list(ids))
+        return int(total)
 
     @_transient
     async def trim(self, retention_floor_id: str) -> tuple[int, str]:

@@ -389,7 +389,7 @@ class Flusher:
                     self.settings.flush_claim_idle_s,
                 )
         if letters:
-            await self._retry(
+            moved = await self._retry(
                 "dead-letter entries", functools.partial(self.stream.dead_letter, letters)
             )
             for letter in letters:
@@ -400,9 +400,9 @@ class Flusher:
                     letter.deliveries,
                     letter.reason,
                 )
-            self.dead_lettered += len(letters)
-            self.entries_acked += len(letters)
-            metrics.DEAD_LETTERED.inc(len(letters))
+            self.dead_lettered += moved
+            self.entries_acked += moved
+            metrics.DEAD_LETTERED.inc(moved)
 
     async def _count_lost(self, ids: Sequence[str], why: str) -> None:
         total = await self._retry(

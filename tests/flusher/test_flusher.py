@@ -259,3 +259,26 @@ async def test_upkeep_publishes_pending_and_lag_and_trims_by_retention(
     assert REGISTRY.get_sample_value("tickpipe_flusher_pending") == 3
     assert REGISTRY.get_sample_value("tickpipe_flusher_lag") == 2
     assert await redis.xlen("ticks.received") == 5  # the acknowledged 5 are gone
+
+
+@pytest.mark.services
+async def test_dead_letter_and_lost_count_are_safe_to_retry(
+    redis: Redis, store: TickStore, settings: Settings
+) -> None:
+    """A retry after a lost reply must add no second dead letter and count no loss twice."""
+    from flusher.stream import DeadLetter, Entry
+
+    writer = TickWriter(redis, settings.stream_name, settings.latest_key)
+    [entry_id] = await writer.append([tick("D", 1, "1")])
+    flusher = await make_flusher(redis, store, settings)
+    await flusher.stream.ensure_group()
+    [delivered] = await flusher.stream.read_new(1, None)
+    letter = DeadLetter(Entry(entry_id, delivered.fields), "test", 5)
+    assert await flusher.stream.dead_letter([letter]) == 1
+    assert await flusher.stream.dead_letter([letter]) == 0  # the retry
+    assert await redis.xlen("ticks.dead") == 1
+    assert (await redis.xpending("ticks.received", "flushers"))["pending"] == 0
+
+    assert await flusher.stream.count_lost(["9-1", "9-2"]) == 2
+    assert await flusher.stream.count_lost(["9-1", "9-2"]) == 2  # the retry
+    assert await redis.smembers("ticks:lost:ids") == {b"9-1", b"9-2"}
