@@ -22,6 +22,7 @@ from redis.exceptions import (
 
 from flusher.errors import TransientError
 from tickpipe import redis_conn
+from tickpipe.redis_conn import text
 from tickpipe.settings import Settings
 
 P = ParamSpec("P")
@@ -210,8 +211,8 @@ class TickStream:
             self.stream, self.group, self.consumer, min_idle_ms, start_id=cursor, count=count
         )
         next_cursor, messages, deleted = reply[0], reply[1], reply[2] if len(reply) > 2 else []
-        entries = [Entry(_text(i), fields or None) for i, fields in messages]
-        return _text(next_cursor), entries, [_text(i) for i in deleted]
+        entries = [Entry(text(i), fields or None) for i, fields in messages]
+        return text(next_cursor), entries, [text(i) for i in deleted]
 
     @_transient
     async def deliveries(self, ids: Sequence[str]) -> dict[str, int]:
@@ -260,14 +261,14 @@ class TickStream:
     async def trim(self, retention_floor_id: str) -> tuple[int, str]:
         """XTRIM MINID to the oldest id still needed; returns (entries trimmed, minid)."""
         trimmed, minid = await self._trim(keys=[self.stream], args=[retention_floor_id])
-        return int(trimmed), _text(minid)
+        return int(trimmed), text(minid)
 
     @_transient
     async def delete_idle_consumers(self, idle_ms: int) -> list[str]:
         """Delete consumers idle for ``idle_ms`` that have nothing pending; returns their names."""
         deleted = []
         for consumer in await self.redis.xinfo_consumers(self.stream, self.group):
-            name = _text(consumer["name"])
+            name = text(consumer["name"])
             if name == self.consumer or consumer["pending"] or consumer["idle"] < idle_ms:
                 continue
             removed = await self._delete_idle_consumer(
@@ -280,7 +281,7 @@ class TickStream:
     @_transient
     async def stats(self) -> GroupStats:
         for group in await self.redis.xinfo_groups(self.stream):
-            if _text(group["name"]) == self.group:
+            if text(group["name"]) == self.group:
                 lag = group.get("lag")
                 return GroupStats(int(group["pending"]), None if lag is None else int(lag))
         return GroupStats(0, None)
@@ -292,9 +293,5 @@ class TickStream:
         entries: list[Entry] = []
         for _stream, messages in reply or []:
             for raw_id, fields in messages:
-                entries.append(Entry(_text(raw_id), fields or None))
+                entries.append(Entry(text(raw_id), fields or None))
         return entries
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

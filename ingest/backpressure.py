@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from ingest.metrics import BACKLOG_ENTRIES
+from tickpipe.redis_conn import text
 
 log = logging.getLogger("tickpipe.ingest")
 
@@ -51,7 +52,7 @@ class BacklogMonitor:
                 return 0
             raise
         for group in groups:
-            if _text(group["name"]) != self._group:
+            if text(group["name"]) != self._group:
                 continue
             pending = int(group["pending"])
             lag = group.get("lag")
@@ -70,7 +71,3 @@ class BacklogMonitor:
             return max(0, int(added) - int(read))
         length: int = info["length"]
         return length
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

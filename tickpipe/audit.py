@@ -19,6 +19,7 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from tickpipe.redis_conn import text
 from tickpipe.settings import Settings
 from tickpipe.ticks import EPOCH, TickError, datetime_to_us, from_fields
 
@@ -33,12 +34,8 @@ class Thresholds:
     stuck_deliveries: int
 
 
-def _text(value: Any) -> Any:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _fields(raw: dict[bytes, bytes] | None) -> dict[str, str] | None:
-    return None if raw is None else {_text(k): _text(v) for k, v in raw.items()}
+    return None if raw is None else {text(k): text(v) for k, v in raw.items()}
 
 
 def id_time_ms(entry_id: str) -> int:
@@ -69,8 +66,8 @@ async def stream_report(redis: Redis, settings: Settings, limits: Thresholds) ->
             "name": stream,
             "exists": bool(info),
             "length": int(info.get("length", 0)),
-            "first_id": _text(first[0]) if first else None,
-            "last_id": _text(last[0]) if last else None,
+            "first_id": text(first[0]) if first else None,
+            "last_id": text(last[0]) if last else None,
             "entries_added": info.get("entries-added"),
             "memory_bytes": await redis.memory_usage(stream) if info else 0,
         },
@@ -79,19 +76,19 @@ async def stream_report(redis: Redis, settings: Settings, limits: Thresholds) ->
     stuck: list[dict[str, Any]] = []
     stuck_count = 0
     for group in await redis.xinfo_groups(stream) if info else []:
-        name = _text(group["name"])
+        name = text(group["name"])
         lag = group.get("lag")
         consumers = []
         for consumer in await redis.xinfo_consumers(stream, name):
-            consumer_name = _text(consumer["name"])
+            consumer_name = text(consumer["name"])
             oldest = None
             if consumer["pending"]:
                 [first_pending] = await redis.xpending_range(
                     stream, name, min="-", max="+", count=1, consumername=consumer_name
                 )
                 oldest = {
-                    "id": _text(first_pending["message_id"]),
-                    "age_ms": now_ms - id_time_ms(_text(first_pending["message_id"])),
+                    "id": text(first_pending["message_id"]),
+                    "age_ms": now_ms - id_time_ms(text(first_pending["message_id"])),
                     "idle_ms": int(first_pending["time_since_delivered"]),
                     "deliveries": int(first_pending["times_delivered"]),
                 }
@@ -113,7 +110,7 @@ async def stream_report(redis: Redis, settings: Settings, limits: Thresholds) ->
                 "lag": lag,
                 "lag_reported_by_redis": group.get("lag") is not None,
                 "entries_read": group.get("entries-read"),
-                "last_delivered_id": _text(group["last-delivered-id"]),
+                "last_delivered_id": text(group["last-delivered-id"]),
             }
         )
         async for entry in _pending_entries(redis, stream, name):
@@ -122,13 +119,13 @@ async def stream_report(redis: Redis, settings: Settings, limits: Thresholds) ->
                 continue
             stuck_count += 1
             if len(stuck) < SHOWN:
-                entry_id = _text(entry["message_id"])
+                entry_id = text(entry["message_id"])
                 found: Any = await redis.xrange(stream, entry_id, entry_id)
                 stuck.append(
                     {
                         "id": entry_id,
                         "group": name,
-                        "consumer": _text(entry["consumer"]),
+                        "consumer": text(entry["consumer"]),
                         "idle_ms": idle_ms,
                         "deliveries": deliveries,
                         "fields": _fields(found[0][1]) if found else None,
@@ -146,9 +143,9 @@ async def stream_report(redis: Redis, settings: Settings, limits: Thresholds) ->
         "length": await redis.xlen(settings.dead_stream_name),
         "newest": [
             {
-                "id": _text(dead_id),
-                "original_id": _text(fields.get(b"original_id", b"")),
-                "reason": _text(fields.get(b"reason", b"")),
+                "id": text(dead_id),
+                "original_id": text(fields.get(b"original_id", b"")),
+                "reason": text(fields.get(b"reason", b"")),
                 "deliveries": int(fields.get(b"deliveries", b"0")),
             }
             for dead_id, fields in newest
@@ -168,7 +165,7 @@ async def _lag_fallback(
     added, read = info.get("entries-added"), group.get("entries-read")
     if added is not None and read is not None:
         return max(0, int(added) - int(read))
-    last = _text(group["last-delivered-id"])
+    last = text(group["last-delivered-id"])
     undelivered = await redis.xrange(stream, f"({last}", "+", count=1)
     return None if undelivered else 0
 
@@ -181,7 +178,7 @@ async def _pending_entries(redis: Redis, stream: str, group: str) -> AsyncIterat
             yield entry
         if len(page) < PAGE_SIZE:
             return
-        start = f"({_text(page[-1]['message_id'])}"
+        start = f"({text(page[-1]['message_id'])}"
 
 
 # -- verify ----------------------------------------------------------------------------------
@@ -203,16 +200,16 @@ async def verify(
     stream, group = settings.stream_name, settings.group_name
     last_delivered = "0-0"
     for info in await redis.xinfo_groups(stream) if await redis.exists(stream) else []:
-        if _text(info["name"]) == group:
-            last_delivered = _text(info["last-delivered-id"])
+        if text(info["name"]) == group:
+            last_delivered = text(info["last-delivered-id"])
     pending_ids = (
-        {_text(entry["message_id"]) async for entry in _pending_entries(redis, stream, group)}
+        {text(entry["message_id"]) async for entry in _pending_entries(redis, stream, group)}
         if last_delivered != "0-0"
         else set()
     )
     dead_ids = set()
     async for _dead_id, fields in _pages(redis, settings.dead_stream_name):
-        dead_ids.add(_text(fields.get(b"original_id", b"")))
+        dead_ids.add(text(fields.get(b"original_id", b"")))
 
     checked = skipped_unacked = skipped_dead = undecodable = 0
     missing: list[str] = []
@@ -305,10 +302,10 @@ async def _pages_batched(
         page: Any = await redis.xrange(stream, start, "+", count=PAGE_SIZE)
         if not page:
             return
-        yield [(_text(entry_id), fields) for entry_id, fields in page]
+        yield [(text(entry_id), fields) for entry_id, fields in page]
         if len(page) < PAGE_SIZE:
             return
-        start = f"({_text(page[-1][0])}"
+        start = f"({text(page[-1][0])}"
 
 
 async def _pages(redis: Redis, stream: str) -> AsyncIterator[tuple[str, dict[bytes, bytes]]]:

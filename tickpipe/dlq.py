@@ -7,6 +7,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from tickpipe.redis_conn import text
+
 # Re-append a dead letter's original fields to the stream and delete it from
 # the dead-letter stream in one atomic step: a replay is never lost or doubled.
 REPLAY_LUA = """#!lua
@@ -28,10 +30,6 @@ return id
 """
 
 
-def _text(value: Any) -> Any:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 class DeadLetters:
     def __init__(self, redis: Redis, dead_stream: str, stream: str) -> None:
         self.redis = redis
@@ -44,10 +42,10 @@ class DeadLetters:
         found: Any = await self.redis.xrange(self.dead_stream, count=limit)
         letters = []
         for dead_id, raw in found:
-            fields = {_text(k): _text(v) for k, v in raw.items()}
+            fields = {text(k): text(v) for k, v in raw.items()}
             letters.append(
                 {
-                    "id": _text(dead_id),
+                    "id": text(dead_id),
                     "original_id": fields.pop("original_id", None),
                     "stream": fields.pop("stream", None),
                     "reason": fields.pop("reason", None),
@@ -62,7 +60,7 @@ class DeadLetters:
         start = "-"
         while True:
             page: Any = await self.redis.xrange(self.dead_stream, start, "+", count=1000)
-            ids.extend(_text(entry_id) for entry_id, _ in page)
+            ids.extend(text(entry_id) for entry_id, _ in page)
             if len(page) < 1000:
                 return ids
             start = f"({ids[-1]}"
@@ -72,7 +70,7 @@ class DeadLetters:
         replayed: dict[str, str | None] = {}
         for dead_id in ids:
             new_id = await self._replay(keys=[self.dead_stream, self.stream], args=[dead_id])
-            replayed[dead_id] = _text(new_id) if new_id else None
+            replayed[dead_id] = text(new_id) if new_id else None
         return replayed
 
     async def drop(self, ids: Sequence[str]) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -28,6 +30,11 @@ def connect(url: str, *, client_name: str, socket_timeout_s: float | None = None
         health_check_interval=30,
     )
     return client
+
+
+def text(value: Any) -> Any:
+    """A Redis reply value as str (bytes decoded); anything else as it is."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 async def ensure_group(redis: Redis, stream: str, group: str) -> bool:
