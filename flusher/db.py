@@ -112,14 +112,6 @@ class TickStore:
         except Exception as exc:
             raise _classify(exc) from exc
 
-    async def check(self) -> None:
-        """Raise unless md_ticks can be written (the readiness probe)."""
-        try:
-            async with self._pool.acquire() as conn:
-                await conn.execute("SELECT 1 FROM md_ticks LIMIT 0")
-        except Exception as exc:
-            raise _classify(exc) from exc
-
 
 # SQLSTATE classes: 08 connection, 40 transaction rollback (deadlock,
 # serialization), 53 insufficient resources, 57 operator intervention

@@ -25,10 +25,6 @@ def load_settings(**overrides: Any) -> Settings:
     return settings.replace(**given) if given else settings
 
 
-def local_stack(settings: Settings) -> LocalStack:
-    return LocalStack.from_settings(settings)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--log-level",
@@ -56,7 +52,7 @@ def up() -> None:
     Use as: eval "$(tickpipe up)"
     """
     settings = load_settings()
-    stack = local_stack(settings)
+    stack = LocalStack.from_settings(settings)
     own_redis = not settings.redis_url_configured
     own_postgres = not settings.database_url_configured
     for name, own in (("REDIS_URL", own_redis), ("DATABASE_URL", own_postgres)):
@@ -79,7 +75,7 @@ def up() -> None:
 def down() -> None:
     """Stop the local Redis and Postgres (their data stays in the state directory)."""
     try:
-        local_stack(load_settings()).down()
+        LocalStack.from_settings(load_settings()).down()
     except StackError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -87,7 +83,7 @@ def down() -> None:
 @main.command()
 def status() -> None:
     """Show whether the local Redis and Postgres are running. Exit 1 if either is not."""
-    services = local_stack(load_settings()).status()
+    services = LocalStack.from_settings(load_settings()).status()
     for service in services:
         state = f"running (pid {service.pid})" if service.running else "stopped"
         click.echo(f"{service.name:<9} {state:<22} {service.url}  [{service.detail}]")

@@ -231,5 +231,3 @@ def _stream_decimal(text: str, field: str, *, allow_zero: bool) -> Decimal:
 
 tick_decoder = msgspec.json.Decoder(TickIn)
 """Decodes one JSON tick; reused for every request."""
-batch_decoder = msgspec.json.Decoder(list[TickIn])
-"""Decodes a JSON array of ticks."""
