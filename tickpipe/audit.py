@@ -19,7 +19,7 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from tickpipe.redis_conn import text
+from tickpipe.redis_conn import text, xrange_pages
 from tickpipe.settings import Settings
 from tickpipe.ticks import EPOCH, TickError, datetime_to_us, from_fields
 
@@ -207,9 +207,9 @@ async def verify(
         if last_delivered != "0-0"
         else set()
     )
-    dead_ids = set()
-    async for _dead_id, fields in _pages(redis, settings.dead_stream_name):
-        dead_ids.add(text(fields.get(b"original_id", b"")))
+    dead_ids: set[str] = set()
+    async for dead_page in xrange_pages(redis, settings.dead_stream_name, PAGE_SIZE):
+        dead_ids.update(text(fields.get(b"original_id", b"")) for _, fields in dead_page)
 
     checked = skipped_unacked = skipped_dead = undecodable = 0
     missing: list[str] = []
@@ -219,7 +219,7 @@ async def verify(
     # may still explain the row.
     suspects: dict[tuple[str, int], tuple[str, Row, Row]] = {}
     delivered_up_to = id_key(last_delivered)
-    async for page in _pages_batched(redis, stream):
+    async for page in xrange_pages(redis, stream, PAGE_SIZE):
         decoded = []
         for entry_id, fields in page:
             try:
@@ -292,26 +292,6 @@ async def _rows(conn: asyncpg.Connection, keys: set[tuple[str, int]]) -> dict[tu
         (r["symbol"], datetime_to_us(r["ts"])): (r["price"], r["volume"], r["source"])
         for r in records
     }
-
-
-async def _pages_batched(
-    redis: Redis, stream: str
-) -> AsyncIterator[list[tuple[str, dict[bytes, bytes]]]]:
-    start = "-"
-    while True:
-        page: Any = await redis.xrange(stream, start, "+", count=PAGE_SIZE)
-        if not page:
-            return
-        yield [(text(entry_id), fields) for entry_id, fields in page]
-        if len(page) < PAGE_SIZE:
-            return
-        start = f"({text(page[-1][0])}"
-
-
-async def _pages(redis: Redis, stream: str) -> AsyncIterator[tuple[str, dict[bytes, bytes]]]:
-    async for page in _pages_batched(redis, stream):
-        for item in page:
-            yield item
 
 
 # -- verdict -----------------------------------------------------------------------------------

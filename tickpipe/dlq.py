@@ -7,7 +7,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from tickpipe.redis_conn import text
+from tickpipe.redis_conn import text, xrange_pages
 
 # Re-append a dead letter's original fields to the stream and delete it from
 # the dead-letter stream in one atomic step: a replay is never lost or doubled.
@@ -56,14 +56,11 @@ class DeadLetters:
         return letters
 
     async def all_ids(self) -> list[str]:
-        ids: list[str] = []
-        start = "-"
-        while True:
-            page: Any = await self.redis.xrange(self.dead_stream, start, "+", count=1000)
-            ids.extend(text(entry_id) for entry_id, _ in page)
-            if len(page) < 1000:
-                return ids
-            start = f"({ids[-1]}"
+        return [
+            entry_id
+            async for page in xrange_pages(self.redis, self.dead_stream, 1000)
+            for entry_id, _ in page
+        ]
 
     async def replay(self, ids: Sequence[str]) -> dict[str, str | None]:
         """Dead-letter id -> new stream id (None when no such dead letter)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from redis.asyncio import Redis
@@ -35,6 +36,21 @@ def connect(url: str, *, client_name: str, socket_timeout_s: float | None = None
 def text(value: Any) -> Any:
     """A Redis reply value as str (bytes decoded); anything else as it is."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+async def xrange_pages(
+    redis: Redis, stream: str, count: int = 5000
+) -> AsyncIterator[list[tuple[str, dict[bytes, bytes]]]]:
+    """A whole stream, oldest first, ``count`` entries per XRANGE: never all in memory."""
+    start = "-"
+    while True:
+        page: Any = await redis.xrange(stream, start, "+", count=count)
+        if not page:
+            return
+        yield [(text(entry_id), fields) for entry_id, fields in page]
+        if len(page) < count:
+            return
+        start = f"({text(page[-1][0])}"
 
 
 async def ensure_group(redis: Redis, stream: str, group: str) -> bool:
