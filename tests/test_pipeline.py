@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from flusher.run import run_flusher
 from ingest.app import create_app
+from tickpipe.feeder import wait_ready
 from tickpipe.settings import Settings
 from tickpipe.stack import LocalStack, free_port
 
@@ -74,20 +75,6 @@ def spawn(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
     )
 
 
-async def wait_ready(url: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            try:
-                async with session.get(url) as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"{url} never became ready")
-
-
 async def test_real_processes_ingest_and_flusher(
     subprocess_env: dict[str, str],
     redis: Redis,
@@ -100,7 +87,7 @@ async def test_real_processes_ingest_and_flusher(
     flusher = spawn(env, "flusher", "run", "--consumer", "proc-flusher")
     processes.append(flusher)
     base = f"http://127.0.0.1:{port}"
-    await wait_ready(f"{base}/readyz")
+    await wait_ready(f"{base}/readyz", 30.0)
 
     async with (
         aiohttp.ClientSession() as session,

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tickpipe import redis_conn
+from tickpipe.feeder import generate_ticks
 from tickpipe.stack import LocalStack, free_port
 from tickpipe.ticks import Tick, to_fields
 
@@ -96,17 +96,11 @@ class Components:
 # -- ceilings ---------------------------------------------------------------------------------
 
 
+BENCH_SYMBOLS = tuple(f"C{n}" for n in range(64))
+
+
 def sample_ticks(count: int, start_us: int) -> list[Tick]:
-    return [
-        Tick(
-            f"C{i % 64}",
-            start_us + i,
-            Decimal(f"{100 + i % 997}.{i % 100:02d}"),
-            Decimal(i % 1000),
-            "bench",
-        )
-        for i in range(count)
-    ]
+    return generate_ticks(count, BENCH_SYMBOLS, start_us=start_us, source="bench")
 
 
 async def xadd_ceiling(redis_url: str, count: int) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tickpipe import redis_conn
+from tickpipe.feeder import wait_ready
 from tickpipe.stack import LocalStack, free_port
 from tickpipe.ticks import Tick, datetime_to_us
 
@@ -198,18 +199,6 @@ class Cluster:
         if proc.poll() is None:
             proc.kill()
         await asyncio.to_thread(proc.wait)
-
-
-async def wait_ready(url: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(url) as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.05)
-    raise RuntimeError(f"{url} did not become ready")
 
 
 # -- traffic ----------------------------------------------------------------------------------

@@ -18,11 +18,10 @@ import time
 from collections.abc import Iterator, Sequence
 from decimal import Decimal
 
-import aiohttp
 import asyncpg
 import click
 
-from tickpipe.feeder import feed, generate_ticks
+from tickpipe.feeder import NotReady, feed, generate_ticks, wait_ready
 from tickpipe.settings import Settings
 from tickpipe.stack import LocalStack, free_port
 from tickpipe.ticks import Tick, datetime_to_us
@@ -54,7 +53,10 @@ def run_demo(settings: Settings, *, ticks: int) -> bool:
         for name in ("demo-flusher-a", "demo-flusher-b"):
             procs[name] = _spawn(["flusher", "run", "--consumer", name], env)
         base_url = f"http://127.0.0.1:{port}"
-        asyncio.run(_wait_healthy(base_url))
+        try:
+            asyncio.run(wait_ready(f"{base_url}/readyz", 30.0))
+        except NotReady as exc:
+            raise click.ClickException(f"ingest did not start: {exc}") from None
         say(f"ingest on {base_url}, flushers demo-flusher-a and demo-flusher-b running")
         ok = asyncio.run(_feed_and_check(base_url, token, stack.database_url, ticks, procs))
     say("")
@@ -145,19 +147,6 @@ def _compare(
         elif row != (tick.price, tick.volume, tick.source):
             wrong += 1
     return missing, wrong
-
-
-async def _wait_healthy(base_url: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while True:
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(f"{base_url}/readyz") as response:
-                    if response.status == 200:
-                        return
-            if time.monotonic() > deadline:
-                raise click.ClickException(f"ingest did not become ready at {base_url}")
-            await asyncio.sleep(0.1)
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 import time
@@ -26,8 +27,30 @@ class FeedResult:
     """Requests that got no HTTP answer at all (connection refused, reset)."""
 
 
+class NotReady(RuntimeError):
+    """A service did not answer 200 in time."""
+
+
+async def wait_ready(url: str, timeout_s: float = 60.0) -> None:
+    """Poll ``url`` until it answers 200; NotReady after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.05)
+    raise NotReady(f"{url} did not become ready in {timeout_s:.0f} s")
+
+
 def generate_ticks(
-    count: int, symbols: Sequence[str], *, seed: int = 0, start_us: int | None = None
+    count: int,
+    symbols: Sequence[str],
+    *,
+    seed: int = 0,
+    start_us: int | None = None,
+    source: str = "demo-feeder",
 ) -> list[Tick]:
     """``count`` ticks spread over ``symbols``, each (symbol, ts) unique, prices exact."""
     rng = random.Random(seed)
@@ -44,7 +67,7 @@ def generate_ticks(
                 ts_us=start + i * 137,
                 price=prices[symbol],
                 volume=Decimal(rng.randint(1, 5000)),
-                source="demo-feeder",
+                source=source,
             )
         )
     return ticks

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
+from tickpipe.feeder import wait_ready
 from tickpipe.stack import free_port
 
 pytestmark = pytest.mark.services
@@ -38,17 +39,7 @@ def server(
 
 
 async def ready(base: str) -> None:
-    deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            try:
-                async with session.get(f"{base}/readyz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("ingest never became ready")
+    await wait_ready(f"{base}/readyz", 30.0)
 
 
 async def test_workers_share_the_port_and_the_metrics(
