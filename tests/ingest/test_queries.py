@@ -171,7 +171,8 @@ async def test_a_range_with_only_from_runs_to_the_newest(
     await store_rows(pg, "AAPL", 50)
     body = await (await client.get(f"/ticks/AAPL?from={stamp(45)}", headers=READER)).json()
     assert [t["ts"] for t in body["ticks"]] == [stamp(i) for i in range(45, 50)]
-    assert body["next"] is None and body["next_cursor"] is None
+    assert body["next"] is None
+    assert body["next_cursor"] is None
 
 
 @pytest.mark.parametrize(
