@@ -265,6 +265,7 @@ def create_app(settings: Settings, *, redis: Redis | None = None) -> web.Applica
     app[INFLIGHT] = InFlight()
     app.cleanup_ctx.append(redis_ctx(redis))
     app.cleanup_ctx.append(queries.store_ctx)
+    app.on_shutdown.append(sse.end_streams)
     app.router.add_post("/ingest/tick", post_tick)
     app.router.add_post("/ingest/ticks", post_ticks)
     # Before /ticks/{symbol}: "stream" is a path word here, not a symbol.

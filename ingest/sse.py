@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -39,6 +39,7 @@ from ingest import metrics
 from ingest.appkeys import REDIS, SETTINGS
 from ingest.errors import ApiError
 from ingest.queries import authenticate_read, check_known
+from tickpipe import redis_conn
 from tickpipe.backoff import Backoff
 from tickpipe.ticks import SYMBOL, TickError, from_fields, to_json
 
@@ -86,27 +87,38 @@ def decode_entries(entries: Iterable[Entry]) -> list[Event]:
 
 
 class Subscription:
-    """One client's view of the hub: the symbols it wants and its bounded queue."""
+    """One client's view of the hub: the symbols it wants and its bounded queue.
+
+    ``None`` in the queue means the subscription ended (see :attr:`reason`).
+    """
 
     def __init__(self, symbols: frozenset[str] | None, size: int) -> None:
         self.symbols = symbols
-        self.queue: asyncio.Queue[Event] = asyncio.Queue(size)
-        self.ended = asyncio.Event()
+        self.queue: asyncio.Queue[Event | None] = asyncio.Queue(size + 1)
+        self._size = size
         self.reason = ""
 
+    @property
+    def ended(self) -> bool:
+        return bool(self.reason)
+
     def end(self, reason: str) -> None:
-        if not self.ended.is_set():
-            self.reason = reason
-            self.ended.set()
+        """Stop now: what is still queued is dropped (the client resumes by id)."""
+        if self.reason:
+            return
+        self.reason = reason
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(None)
 
     def offer(self, event: Event) -> None:
-        if self.ended.is_set():
+        if self.reason:
             return
-        try:
-            self.queue.put_nowait(event)
-        except asyncio.QueueFull:
+        if self.queue.qsize() >= self._size:
             metrics.SSE_DROPPED.inc()
             self.end("too slow: the client's buffer is full")
+            return
+        self.queue.put_nowait(event)
 
 
 class StreamHub:
@@ -119,6 +131,7 @@ class StreamHub:
         self._cursor: str | None = None
         self._active = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     @property
     def clients(self) -> int:
@@ -136,6 +149,9 @@ class StreamHub:
             if self._cursor is None:  # no one else started the hub meanwhile
                 self._cursor = cursor
         sub = Subscription(symbols, size)
+        if self._closed:
+            sub.end("server shutting down")
+            return sub
         self._subs.add(sub)
         metrics.SSE_CLIENTS.set(len(self._subs))
         if self._task is None:
@@ -148,21 +164,29 @@ class StreamHub:
         metrics.SSE_CLIENTS.set(len(self._subs))
 
     def close(self) -> None:
-        """End every subscription (the server is stopping)."""
+        """End every subscription, and any made later (the server is stopping)."""
+        self._closed = True
         for sub in list(self._subs):
             sub.end("server shutting down")
 
     async def stop(self) -> None:
+        """Close, and stop reading the stream."""
         self.close()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        if self._task is None:
+            return
+        # The flag as well as the cancel: on Python 3.11 a cancel that lands as a
+        # Redis reply arrives can be swallowed inside redis-py's timeouts.
+        self._active.set()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
 
     async def _run(self) -> None:
         backoff = Backoff(base_s=0.1, cap_s=5.0)
-        while True:
+        while not self._closed:
             await self._active.wait()
+            if self._closed:
+                return
             cursor = self._cursor
             assert cursor is not None
             try:
@@ -201,6 +225,12 @@ class StreamHub:
 
 
 HUB = web.AppKey("sse_hub", StreamHub)
+
+
+async def end_streams(app: web.Application) -> None:
+    """on_shutdown: event streams never finish by themselves, so end them."""
+    if HUB in app:
+        app[HUB].close()
 
 
 # -- the endpoint -----------------------------------------------------------------------
@@ -279,7 +309,9 @@ async def stream_ticks(request: web.Request) -> web.StreamResponse:
         try:
             if gap is not None:
                 await response.send(_json.encode(gap).decode(), event="gap")
-            reason = await client.run(hub, cursor, settings.sse_client_buffer)
+            reason = await client.run(
+                hub, cursor, settings.sse_client_buffer, settings.sse_heartbeat_s
+            )
         except (ConnectionResetError, TimeoutError, RuntimeError) as exc:
             reason = f"client gone ({type(exc).__name__})"
         except RedisError as exc:
@@ -291,7 +323,12 @@ async def stream_ticks(request: web.Request) -> web.StreamResponse:
 async def trimmed_after(
     redis: Redis, stream: str, resume_from: str | None
 ) -> dict[str, str] | None:
-    """What was deleted after ``resume_from`` before the client came back, or None."""
+    """Whether entries after ``resume_from`` may have been trimmed away; None if not.
+
+    Trimming removes the oldest entries, so the client's position being older
+    than the first entry left means what followed it is gone too (unless the
+    first entry left is its direct successor, which the stream cannot tell).
+    """
     if resume_from is None:
         return None
     try:
@@ -300,20 +337,19 @@ async def trimmed_after(
         if "no such key" in str(exc).lower():
             return None
         raise
-    deleted = info.get("max-deleted-entry-id")
+    position = parse_id(resume_from)
     first = info.get("first-entry")
-    if deleted is None:
+    first_id = redis_conn.text(first[0]) if first else None
+    last_id = redis_conn.text(info["last-generated-id"])
+    deleted_id = redis_conn.text(info.get("max-deleted-entry-id") or "0-0")
+    trimmed = info["entries-added"] > info["length"] and parse_id(first_id or last_id) > position
+    if not trimmed and parse_id(deleted_id) <= position:
         return None
-    deleted_id = deleted.decode() if isinstance(deleted, bytes) else str(deleted)
-    if parse_id(deleted_id) <= parse_id(resume_from):
-        return None
-    first_id = first[0].decode() if first else None
     return {
         "after": resume_from,
-        "deleted_up_to": deleted_id,
         "resumes_at": first_id or "",
-        "detail": "entries after Last-Event-ID were trimmed from the stream; reload history"
-        " from GET /ticks/{symbol}?from=...",
+        "detail": "entries after Last-Event-ID may have been trimmed from the stream;"
+        " reload history from GET /ticks/{symbol}?from=...",
     }
 
 
@@ -348,7 +384,7 @@ class _Client:
             if len(entries) < READ_PAGE:
                 return cursor
 
-    async def run(self, hub: StreamHub, cursor: str, buffer: int) -> str:
+    async def run(self, hub: StreamHub, cursor: str, buffer: int, idle_s: float) -> str:
         """Stream until the client leaves, is too slow, or the server stops; why it ended."""
         assert self.response is not None
         self._sent = parse_id(cursor)
@@ -356,30 +392,18 @@ class _Client:
         sub = await hub.subscribe(self._symbols, buffer)
         try:
             await self._catch_up(cursor)
-            async for event in self._live(sub):
+            while True:
+                try:
+                    async with asyncio.timeout(idle_s):
+                        event = await sub.queue.get()
+                except TimeoutError:
+                    # Idle: the heartbeat task notices a client that went away.
+                    if not self.response.is_connected():
+                        return "client gone"
+                    continue
+                if event is None:
+                    return sub.reason
                 if parse_id(event.id) > self._sent:
                     await self._send(event)
-            return sub.reason
         finally:
             hub.unsubscribe(sub)
-
-    async def _live(self, sub: Subscription) -> AsyncIterator[Event]:
-        assert self.response is not None
-        gone = asyncio.ensure_future(self.response.wait())  # ends when a heartbeat fails
-        ended = asyncio.ensure_future(sub.ended.wait())
-        try:
-            while not sub.ended.is_set() and not gone.done():
-                if sub.queue.empty():
-                    getter = asyncio.ensure_future(sub.queue.get())
-                    await asyncio.wait({getter, gone, ended}, return_when=asyncio.FIRST_COMPLETED)
-                    if not getter.done():
-                        getter.cancel()
-                        break
-                    yield getter.result()
-                else:
-                    yield sub.queue.get_nowait()
-            if gone.done():
-                sub.end("client gone")
-        finally:
-            for task in (gone, ended):
-                task.cancel()
