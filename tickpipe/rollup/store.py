@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import asyncpg
 
+from tickpipe.pgerrors import is_transient
+
 CLAIM_SQL = """
 SELECT id, symbol, second_ts, hashtext(symbol) AS lock_key
 FROM md_ranges_dirty ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
@@ -201,32 +203,21 @@ class RollupStore:
         return count
 
 
-# SQLSTATE classes: 08 connection, 40 transaction rollback (deadlock,
-# serialization), 53 insufficient resources, 57 operator intervention
-# (shutdown, cannot connect now), 58 system error; and a read-only server or a
-# lock timeout.
-_TRANSIENT_CLASSES = ("08", "40", "53", "57", "58")
-_TRANSIENT_STATES = ("25006", "55P03")
-
-
 def classify(exc: Exception) -> Exception:
     """Map an asyncpg/OS error to TransientError or FatalError (with what to do)."""
     if isinstance(exc, TransientError | FatalError):
         return exc
-    if isinstance(exc, asyncpg.PostgresError):
-        sqlstate = exc.sqlstate or ""
-        if sqlstate[:2] in _TRANSIENT_CLASSES or sqlstate in _TRANSIENT_STATES:
-            return TransientError(f"postgres: {exc}")
-        if isinstance(exc, asyncpg.UndefinedTableError):
-            return FatalError(
-                f"Postgres at DATABASE_URL has no rollup tables ({exc});"
-                " run `tickpipe schema apply --rollups`"
-            )
-        if isinstance(exc, asyncpg.UndefinedFunctionError):
-            return FatalError(f"rollups need PostgreSQL 14 or later ({exc})")
-        return FatalError(f"Postgres refused the rollup: {type(exc).__name__}: {exc}")
+    if is_transient(exc):
+        return TransientError(f"postgres: {type(exc).__name__}: {exc}")
+    if isinstance(exc, asyncpg.UndefinedTableError):
+        return FatalError(
+            f"Postgres at DATABASE_URL has no rollup tables ({exc});"
+            " run `tickpipe schema apply --rollups`"
+        )
+    if isinstance(exc, asyncpg.UndefinedFunctionError):
+        return FatalError(f"rollups need PostgreSQL 14 or later ({exc})")
     if isinstance(exc, asyncpg.ClientConfigurationError):
         return FatalError(f"DATABASE_URL: {exc}")
-    if isinstance(exc, OSError | asyncpg.InterfaceError | TimeoutError):
-        return TransientError(f"postgres: {type(exc).__name__}: {exc}")
+    if isinstance(exc, asyncpg.PostgresError):
+        return FatalError(f"Postgres refused the rollup: {type(exc).__name__}: {exc}")
     return FatalError(f"unexpected error from Postgres: {type(exc).__name__}: {exc}")
