@@ -329,10 +329,9 @@ async def test_covering_returns_one_window_per_width_narrowest_first(
         2,
     )
     assert found[0].to_json() == {
-        "symbol": "AAPL",
         "width": "1s",
-        "start": "2023-11-14T22:14:01Z",
-        "end": "2023-11-14T22:14:02Z",
+        "start": "2023-11-14T22:14:01.000000Z",
+        "end": "2023-11-14T22:14:02.000000Z",
         "open": "10.50",
         "high": "10.50",
         "low": "10.25",

@@ -9,6 +9,7 @@ from decimal import Decimal
 import asyncpg
 
 from tickpipe.settings import format_width
+from tickpipe.ticks import datetime_to_us, format_ts
 
 # "window" @> T with symbol = $1 is what the GiST index on (symbol, "window")
 # answers; the planner does pick it over the primary key's btree, which could
@@ -45,10 +46,9 @@ class Range:
     def to_json(self) -> dict[str, object]:
         """A JSON-ready dict; decimals as strings, so no reader rounds them through a float."""
         return {
-            "symbol": self.symbol,
             "width": format_width(self.width_s),
-            "start": _rfc3339(self.start),
-            "end": _rfc3339(self.end),
+            "start": format_ts(datetime_to_us(self.start)),
+            "end": format_ts(datetime_to_us(self.end)),
             "open": format(self.open, "f"),
             "high": format(self.high, "f"),
             "low": format(self.low, "f"),
@@ -77,7 +77,3 @@ async def covering(
         )
         for row in rows
     ]
-
-
-def _rfc3339(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
