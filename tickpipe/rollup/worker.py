@@ -67,10 +67,11 @@ class RollupWorker:
         try:
             while not self.stopping:
                 result = await self._pass(limit, widths)
-                if result.marks == 0 and self.burst:
-                    log.info("burst: queue drained, exiting")
-                    return
-                if result.marks < limit:
+                if self.burst:
+                    if result.marks == 0:
+                        log.info("burst: queue drained, exiting")
+                        return
+                elif result.marks < limit:
                     # The queue is (nearly) empty: let marks gather for a while, so a
                     # busy window is recomputed once per poll rather than per flush.
                     await self._sleep_unless_stopped(self.settings.rollup_poll_s)
