@@ -29,7 +29,10 @@ LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext($1))"
 # mark was claimed, and every write of an earlier holder of those locks. One
 # statement, one snapshot: the upsert and the delete of emptied windows agree.
 # Windows are aligned on the Unix epoch; a window with no ticks left (an UPDATE
-# moved them) loses its row.
+# moved them) loses its row. LATERAL makes each window one range scan of the
+# primary key: as a plain join, the planner (which cannot estimate the unnest)
+# merge-joined on symbol alone and filtered ts afterwards, quadratic in the
+# ticks of a symbol.
 RECOMPUTE_SQL = """
 WITH windows AS MATERIALIZED (
     SELECT DISTINCT m.symbol,
@@ -44,11 +47,15 @@ bounds AS MATERIALIZED (
     FROM windows
 ),
 folded AS (
-    SELECT b.symbol, b.win, array_agg(t.price ORDER BY t.ts) AS prices,
-        max(t.price) AS high, min(t.price) AS low, sum(t.volume) AS volume, count(*) AS n
+    SELECT b.symbol, b.win, f.prices, f.high, f.low, f.volume, f.n
     FROM bounds b
-    JOIN md_ticks t ON t.symbol = b.symbol AND t.ts >= b.lo AND t.ts < b.hi
-    GROUP BY b.symbol, b.win
+    CROSS JOIN LATERAL (
+        SELECT array_agg(t.price ORDER BY t.ts) AS prices, max(t.price) AS high,
+            min(t.price) AS low, sum(t.volume) AS volume, count(*) AS n
+        FROM md_ticks t
+        WHERE t.symbol = b.symbol AND t.ts >= b.lo AND t.ts < b.hi
+    ) AS f
+    WHERE f.n > 0
 ),
 written AS (
     INSERT INTO md_ranges (symbol, "window", agg)
