@@ -99,8 +99,6 @@ WHERE symbol = $1
   AND ts >= coalesce($2::timestamptz, '-infinity') AND ts < coalesce($3::timestamptz, 'infinity')
 """
 
-QUEUE_SQL = "SELECT count(*) FROM md_ranges_dirty"
-
 CONNECT_TIMEOUT_S = 10.0
 COMMAND_TIMEOUT_S = 30.0
 
@@ -200,14 +198,6 @@ class RollupStore:
         except Exception as exc:
             raise classify(exc) from exc
         return int(status.split()[-1])  # "INSERT 0 <rows>"
-
-    async def queued(self) -> int:
-        """Marks waiting (committed and not yet rolled up)."""
-        try:
-            count: int = await self._pool.fetchval(QUEUE_SQL)
-        except Exception as exc:
-            raise classify(exc) from exc
-        return count
 
 
 def classify(exc: Exception) -> Exception:
