@@ -1,7 +1,7 @@
 FROM python:3.11-slim
 
 WORKDIR /app
-COPY pyproject.toml README.md schema.sql ./
+COPY pyproject.toml README.md schema.sql schema_rollups.sql schema_brin.sql ./
 COPY tickpipe ./tickpipe
 COPY ingest ./ingest
 COPY flusher ./flusher

@@ -20,7 +20,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from ingest import metrics, queries, sse
+from ingest import metrics, queries, ranges, sse
 from ingest.appkeys import AUTH, BACKLOG, INFLIGHT, READ_AUTH, REDIS, SETTINGS, WRITER
 from ingest.auth import TokenAuth
 from ingest.backpressure import BacklogMonitor
@@ -272,6 +272,7 @@ def create_app(settings: Settings, *, redis: Redis | None = None) -> web.Applica
     app.router.add_get("/ticks/stream", sse.stream_ticks)
     app.router.add_get("/ticks/{symbol}/latest", queries.get_latest)
     app.router.add_get("/ticks/{symbol}", queries.get_ticks)
+    app.router.add_get("/ranges/{symbol}", ranges.get_ranges)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)

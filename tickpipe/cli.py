@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import sys
 from pathlib import Path
@@ -100,19 +101,27 @@ def schema() -> None:
 
 
 @schema.command("apply")
-def schema_apply() -> None:
-    """Apply schema.sql to DATABASE_URL (idempotent)."""
-    _apply_schema(load_settings().database_url)
-    click.echo("schema applied", err=True)
+@click.option(
+    "--rollups",
+    is_flag=True,
+    help="Also md_ranges, its GiST index and the triggers `tickpipe rollup` needs.",
+)
+@click.option("--brin", is_flag=True, help="Also a BRIN index on md_ticks(ts), for time scans.")
+def schema_apply(rollups: bool, brin: bool) -> None:
+    """Apply schema.sql (and the chosen options) to DATABASE_URL (idempotent)."""
+    from tickpipe.schema import schema_files
+
+    _apply_schema(load_settings().database_url, rollups=rollups, brin=brin)
+    click.echo(f"schema applied: {', '.join(schema_files(rollups=rollups, brin=brin))}", err=True)
 
 
-def _apply_schema(database_url: str) -> None:
+def _apply_schema(database_url: str, *, rollups: bool = False, brin: bool = False) -> None:
     import asyncpg
 
     from tickpipe.schema import apply_schema
 
     try:
-        asyncio.run(apply_schema(database_url))
+        asyncio.run(apply_schema(database_url, rollups=rollups, brin=brin))
     except OSError as exc:
         raise click.ClickException(f"cannot reach Postgres at DATABASE_URL: {exc}") from None
     except asyncpg.PostgresError as exc:
@@ -181,6 +190,67 @@ def flusher_run(consumer: str | None, burst: bool, metrics_port: int | None, che
     try:
         loop.run(run_flusher(settings, burst=burst))
     except FlusherError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _moment(
+    _ctx: click.Context, param: click.Parameter, value: str | None
+) -> datetime.datetime | None:
+    """A --since/--until value: RFC 3339 with an offset, or epoch milliseconds (like tick ts)."""
+    from tickpipe.ticks import EPOCH, TickError, parse_ts
+
+    if value is None:
+        return None
+    try:
+        ts_us = parse_ts(int(value) if value.isdigit() else value)
+    except TickError as exc:
+        raise click.BadParameter(exc.detail.replace("ts ", "", 1), param=param) from None
+    return EPOCH + datetime.timedelta(microseconds=ts_us)
+
+
+@main.command()
+@click.option("--burst", is_flag=True, help="Roll up what is queued, then exit.")
+@click.option(
+    "--backfill",
+    is_flag=True,
+    help="First queue every second of md_ticks (ticks written before rollups were enabled).",
+)
+@click.option("--since", callback=_moment, help="With --backfill: from this ts (inclusive).")
+@click.option("--until", callback=_moment, help="With --backfill: up to this ts (exclusive).")
+@click.option("--widths", default=None, help="Window widths, e.g. 1s,1m [env ROLLUP_WIDTHS].")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Serve Prometheus metrics on this port [env ROLLUP_METRICS_PORT, default off].",
+)
+def rollup(
+    burst: bool,
+    backfill: bool,
+    since: datetime.datetime | None,
+    until: datetime.datetime | None,
+    widths: str | None,
+    metrics_port: int | None,
+) -> None:
+    """Fold committed ticks into OHLCV windows (md_ranges) until SIGTERM/SIGINT.
+
+    Needs `tickpipe schema apply --rollups`. Run as many as you like: they compete.
+    """
+    from tickpipe.rollup.run import Backfill, RollupError, run_rollup
+    from tickpipe.settings import parse_widths
+
+    if (since or until) and not backfill:
+        raise click.UsageError("--since and --until go with --backfill")
+    try:
+        widths_s = parse_widths(widths) if widths is not None else None
+    except SettingsError as exc:
+        raise click.BadParameter(str(exc), param_hint="--widths") from None
+    settings = load_settings(rollup_widths_s=widths_s, rollup_metrics_port=metrics_port)
+    try:
+        loop.run(
+            run_rollup(settings, burst=burst, backfill=Backfill(since, until) if backfill else None)
+        )
+    except RollupError as exc:
         raise click.ClickException(str(exc)) from None
 
 

@@ -1,4 +1,10 @@
-"""schema.sql: where to find it and how to apply it."""
+"""The schema files: where to find them and how to apply them.
+
+``schema.sql`` is the base (md_ticks). Two optional parts apply on top of it:
+``schema_rollups.sql`` (md_ranges and the triggers that feed `tickpipe rollup`)
+and ``schema_brin.sql`` (a BRIN index on md_ticks.ts). Each is idempotent and
+usable on its own with ``psql -f``.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +14,31 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+BASE = "schema.sql"
+ROLLUPS = "schema_rollups.sql"
+BRIN = "schema_brin.sql"
 
-def schema_sql() -> str:
-    """The text of schema.sql: from the installed package, else from the source tree."""
-    packaged = resources.files("tickpipe").joinpath("schema.sql")
+
+def schema_sql(name: str = BASE) -> str:
+    """The text of a schema file: from the installed package, else from the source tree."""
+    packaged = resources.files("tickpipe").joinpath(name)
     if packaged.is_file():
         return packaged.read_text()
-    return (Path(__file__).resolve().parent.parent / "schema.sql").read_text()
+    return (Path(__file__).resolve().parent.parent / name).read_text()
 
 
-async def apply_schema(database_url: str) -> None:
-    """Apply schema.sql (idempotent) in one transaction."""
+def schema_files(*, rollups: bool = False, brin: bool = False) -> list[str]:
+    """The files to apply, in order: the base first, then the chosen options."""
+    return [BASE, *([ROLLUPS] if rollups else []), *([BRIN] if brin else [])]
+
+
+async def apply_schema(database_url: str, *, rollups: bool = False, brin: bool = False) -> None:
+    """Apply schema.sql and the chosen optional parts (all idempotent) in one transaction."""
     conn = await asyncpg.connect(database_url)
     try:
         async with conn.transaction():
-            await conn.execute(schema_sql())
+            for name in schema_files(rollups=rollups, brin=brin):
+                await conn.execute(schema_sql(name))
     finally:
         await conn.close()
 

@@ -80,6 +80,15 @@ class Settings:
     fault: str | None = None
     """TICKPIPE_FAULT: crash-test hook (flusher/faults.py); never set in production."""
 
+    # Rollups (`tickpipe rollup`, docs/rollups.md).
+    rollup_widths_s: tuple[int, ...] = (1, 60)
+    """ROLLUP_WIDTHS, e.g. ``1s,1m``: window widths in whole seconds, ascending."""
+    rollup_batch_size: int = 2000
+    rollup_poll_s: float = 1.0
+    rollup_metrics_port: int | None = None
+    rollup_metrics_host: str = "127.0.0.1"
+    rollup_shutdown_grace_s: float = 10.0
+
     # Local stack (`tickpipe up`).
     state_dir: Path = Path(".tickpipe")
     redis_port: int = DEFAULT_REDIS_PORT
@@ -177,6 +186,14 @@ class Settings:
             ),
             flusher_metrics_host=r.get("FLUSHER_METRICS_HOST", str, defaults.flusher_metrics_host),
             fault=r.get("TICKPIPE_FAULT", str, None),
+            rollup_widths_s=r.get("ROLLUP_WIDTHS", parse_widths, defaults.rollup_widths_s),
+            rollup_batch_size=r.get("ROLLUP_BATCH_SIZE", _positive_int, defaults.rollup_batch_size),
+            rollup_poll_s=r.get("ROLLUP_POLL_S", _positive_float, defaults.rollup_poll_s),
+            rollup_metrics_port=r.get("ROLLUP_METRICS_PORT", _port, None),
+            rollup_metrics_host=r.get("ROLLUP_METRICS_HOST", str, defaults.rollup_metrics_host),
+            rollup_shutdown_grace_s=r.get(
+                "ROLLUP_SHUTDOWN_GRACE_S", _positive_float, defaults.rollup_shutdown_grace_s
+            ),
             stream_retention_s=r.get(
                 "STREAM_RETENTION_S", _non_negative_float, defaults.stream_retention_s
             ),
@@ -217,6 +234,39 @@ def parse_tokens(raw: str) -> dict[str, str]:
             raise SettingsError(f"token name {name!r} appears twice")
         tokens[name] = token
     return tokens
+
+
+_WIDTH_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_ROLLUP_WIDTH_S = 86400
+"""A window is recomputed from all its ticks on every change: wider ones cost too much."""
+
+
+def parse_widths(raw: str) -> tuple[int, ...]:
+    """Parse ``1s,1m,1h`` into window widths in seconds, ascending."""
+    widths: dict[int, str] = {}
+    for item in raw.split(","):
+        item = item.strip()
+        number, unit = item[:-1], item[-1:]
+        if not number.isdigit() or unit not in _WIDTH_UNITS_S or int(number) == 0:
+            raise SettingsError(
+                f"{item!r} is not a window width: use a whole number and s, m, h or d,"
+                " separated by commas (e.g. 1s,1m,1h)"
+            )
+        seconds = int(number) * _WIDTH_UNITS_S[unit]
+        if seconds > MAX_ROLLUP_WIDTH_S:
+            raise SettingsError(f"{item!r} is wider than the maximum, 1d")
+        if seconds in widths:
+            raise SettingsError(f"{item!r} is the same width as {widths[seconds]!r}")
+        widths[seconds] = item
+    return tuple(sorted(widths))
+
+
+def format_width(seconds: int) -> str:
+    """The shortest spelling of a width: 60 -> '1m', 90 -> '90s'."""
+    for unit, size in sorted(_WIDTH_UNITS_S.items(), key=lambda pair: -pair[1]):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    raise ValueError(f"not a whole number of seconds: {seconds}")
 
 
 def _read_tokens_file(variable: str, path: Path) -> dict[str, str]:

@@ -1,8 +1,14 @@
+import asyncio
+import os
+import subprocess
+import sys
+
 import asyncpg
 import pytest
 
 from tickpipe.schema import apply_schema, schema_sql
 from tickpipe.settings import Settings
+from tickpipe.stack import LocalStack
 
 pytestmark = pytest.mark.services
 
@@ -38,3 +44,59 @@ def test_schema_text_matches_the_file() -> None:
     from pathlib import Path
 
     assert schema_sql() == (Path(__file__).parents[2] / "schema.sql").read_text()
+
+
+@pytest.mark.parametrize("name", ["schema_rollups.sql", "schema_brin.sql"])
+def test_optional_schema_texts_match_their_files(name: str) -> None:
+    from pathlib import Path
+
+    assert schema_sql(name) == (Path(__file__).parents[2] / name).read_text()
+
+
+async def test_the_base_schema_has_no_optional_parts(pg: asyncpg.Connection) -> None:
+    assert await pg.fetchval("SELECT to_regclass('md_ticks_ts_brin')") is None
+    assert await pg.fetchval("SELECT to_regclass('md_ranges')") is None
+    assert await pg.fetchval("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'md_ticks%'") == 0
+
+
+async def test_apply_with_options_is_idempotent_and_complete(stack: LocalStack) -> None:
+    from tickpipe.schema import ensure_database
+
+    url = stack.database_url.rsplit("/", 1)[0] + "/tickpipe_schema_options"
+    await ensure_database(url)
+    env = {**os.environ, "DATABASE_URL": url}
+    for _ in range(2):
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "tickpipe", "schema", "apply", "--rollups", "--brin"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "schema applied: schema.sql, schema_rollups.sql, schema_brin.sql" in done.stderr
+    conn = await asyncpg.connect(url)
+    try:
+        indexes = {
+            r["indexname"]: r["indexdef"]
+            for r in await conn.fetch(
+                "SELECT indexname, indexdef FROM pg_indexes"
+                " WHERE tablename IN ('md_ticks', 'md_ranges')"
+            )
+        }
+        assert indexes["md_ticks_ts_brin"].endswith("USING brin (ts)")
+        assert indexes["md_ranges_pkey"].endswith('USING btree (symbol, "window")')
+        assert indexes["md_ranges_symbol_window_gist"].endswith('USING gist (symbol, "window")')
+        assert len([name for name in indexes if name.startswith("md_ticks")]) == 3
+        triggers = await conn.fetch(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'md_ticks'::regclass ORDER BY 1"
+        )
+        assert [t["tgname"] for t in triggers] == [
+            "md_ticks_rollup_inserted",
+            "md_ticks_rollup_updated",
+        ]
+        assert await conn.fetchval("SELECT 1 FROM pg_extension WHERE extname = 'btree_gist'")
+    finally:
+        await conn.close()

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from tickpipe.settings import Settings, SettingsError, parse_tokens
+from tickpipe.settings import Settings, SettingsError, format_width, parse_tokens
 
 
 def test_defaults_point_at_the_local_stack() -> None:
@@ -112,3 +112,40 @@ def test_settings_are_frozen() -> None:
     with pytest.raises(AttributeError):
         settings.flush_batch_size = 1  # type: ignore[misc]
     assert settings.replace(flush_batch_size=7).flush_batch_size == 7
+
+
+def test_rollup_widths() -> None:
+    assert Settings.from_env({}).rollup_widths_s == (1, 60)
+    assert Settings.from_env({"ROLLUP_WIDTHS": " 1h, 5s ,1m,1d"}).rollup_widths_s == (
+        5,
+        60,
+        3600,
+        86400,
+    )
+    assert [format_width(w) for w in (1, 90, 300, 3600, 7200, 86400)] == [
+        "1s",
+        "90s",
+        "5m",
+        "1h",
+        "2h",
+        "1d",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("1x", "'1x' is not a window width: use a whole number and s, m, h or d"),
+        ("1s,,1m", "'' is not a window width"),
+        ("0s", "'0s' is not a window width"),
+        ("1.5s", "'1.5s' is not a window width"),
+        ("-1m", "'-1m' is not a window width"),
+        ("60s,1m", "'1m' is the same width as '60s'"),
+        ("2d", "'2d' is wider than the maximum, 1d"),
+    ],
+)
+def test_bad_rollup_widths_say_what_is_wrong(value: str, message: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"ROLLUP_WIDTHS": value})
+    assert str(info.value).startswith("ROLLUP_WIDTHS: ")
+    assert message in str(info.value)
