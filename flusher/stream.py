@@ -45,6 +45,10 @@ def _transient(method: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, 
         except _UNAVAILABLE as exc:
             raise TransientError(f"redis: {type(exc).__name__}: {exc}") from exc
         except ResponseError as exc:
+            if str(exc).startswith("UNBLOCKED"):
+                # A blocked read whose stream moved away (a cluster slot migrated):
+                # read again, from where the stream now lives.
+                raise TransientError(f"redis: {exc}") from exc
             if "NOGROUP" not in str(exc):
                 raise
             # The stream or group vanished (a Redis restarted without persistence,
