@@ -9,6 +9,7 @@ from typing import NamedTuple
 import asyncpg
 
 from flusher.errors import FatalError, RowsRejected, TransientError
+from tickpipe.pgerrors import is_transient
 from tickpipe.ticks import Tick
 
 _COLUMNS = ("symbol", "ts", "price", "volume", "source", "stream_id")
@@ -113,22 +114,16 @@ class TickStore:
             raise _classify(exc) from exc
 
 
-# SQLSTATE classes: 08 connection, 40 transaction rollback (deadlock,
-# serialization), 53 insufficient resources, 57 operator intervention
-# (shutdown, cannot connect now), 58 system error.
-_TRANSIENT_CLASSES = ("08", "40", "53", "57", "58")
-# ... and a read-only server (a replica just promoted or demoted), a lock timeout.
-_TRANSIENT_STATES = ("25006", "55P03")
 # 22 data exception, 23 integrity constraint violation: the rows themselves.
 _REJECTED_CLASSES = ("22", "23")
 
 
 def _classify(exc: Exception) -> Exception:
     """Map an asyncpg/OS error to TransientError, RowsRejected or FatalError."""
+    if is_transient(exc):
+        return TransientError(f"postgres: {type(exc).__name__}: {exc}")
     if isinstance(exc, asyncpg.PostgresError):
         sqlstate = exc.sqlstate or ""
-        if sqlstate[:2] in _TRANSIENT_CLASSES or sqlstate in _TRANSIENT_STATES:
-            return TransientError(f"postgres: {exc}")
         if sqlstate[:2] in _REJECTED_CLASSES:
             return RowsRejected(f"{type(exc).__name__}: {exc}")
         if isinstance(exc, asyncpg.UndefinedTableError):
@@ -140,8 +135,6 @@ def _classify(exc: Exception) -> Exception:
         return RowsRejected(f"{type(exc).__name__}: {exc}")
     if isinstance(exc, asyncpg.ClientConfigurationError):
         return FatalError(f"DATABASE_URL: {exc}")
-    if isinstance(exc, OSError | asyncpg.InterfaceError | TimeoutError):
-        return TransientError(f"postgres: {type(exc).__name__}: {exc}")
     return FatalError(f"unexpected error writing to Postgres: {type(exc).__name__}: {exc}")
 
 

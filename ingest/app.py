@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from redis.exceptions import ResponseError
 
-from ingest import metrics
+from ingest import metrics, queries, sse
+from ingest.appkeys import AUTH, BACKLOG, INFLIGHT, READ_AUTH, REDIS, SETTINGS, WRITER
 from ingest.auth import TokenAuth
 from ingest.backpressure import BacklogMonitor
 from ingest.decode import decode_json_array, decode_ndjson, decode_tick
@@ -34,12 +35,6 @@ from tickpipe.ticks import Tick
 
 log = logging.getLogger("tickpipe.ingest")
 
-SETTINGS = web.AppKey("settings", Settings)
-REDIS: web.AppKey[RedisClient] = web.AppKey("redis")
-WRITER = web.AppKey("writer", TickWriter)
-AUTH = web.AppKey("auth", TokenAuth)
-BACKLOG = web.AppKey("backlog", BacklogMonitor)
-INFLIGHT = web.AppKey("inflight", InFlight)
 TOKEN_NAME = web.RequestKey("token_name", str)
 
 JSON = "application/json"
@@ -50,7 +45,11 @@ NDJSON = "application/x-ndjson"
 
 
 def authenticate(request: web.Request) -> str:
-    name = request.app[AUTH].identify(request.headers.get("Authorization"))
+    authorization = request.headers.get("Authorization")
+    name = request.app[AUTH].identify(authorization)
+    if name is None and (reader := request.app[READ_AUTH].identify(authorization)) is not None:
+        request[TOKEN_NAME] = reader
+        raise ApiError(403, "forbidden", f"token {reader!r} may read but not ingest")
     if name is None:
         raise ApiError(
             401,
@@ -252,7 +251,9 @@ def redis_ctx(client: RedisClient | None) -> Callable[[web.Application], AsyncIt
             # Start anyway: requests get 503 until Redis is back.
             log.warning("redis unavailable at start (%s); answering 503 until it is back", exc)
         poller = asyncio.create_task(monitor.run(), name="backlog-monitor")
+        hub = app[sse.HUB] = sse.StreamHubs(redis, streams)
         yield
+        await hub.stop()
         poller.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await poller
@@ -275,10 +276,16 @@ def create_app(settings: Settings, *, redis: RedisClient | None = None) -> web.A
     )
     app[SETTINGS] = settings
     app[AUTH] = TokenAuth(settings.ingest_tokens)
+    app[READ_AUTH] = TokenAuth({**settings.ingest_tokens, **settings.read_tokens})
     app[INFLIGHT] = InFlight()
     app.cleanup_ctx.append(redis_ctx(redis))
+    app.cleanup_ctx.append(queries.store_ctx)
     app.router.add_post("/ingest/tick", post_tick)
     app.router.add_post("/ingest/ticks", post_ticks)
+    # Before /ticks/{symbol}: "stream" is a path word here, not a symbol.
+    app.router.add_get("/ticks/stream", sse.stream_ticks)
+    app.router.add_get("/ticks/{symbol}/latest", queries.get_latest)
+    app.router.add_get("/ticks/{symbol}", queries.get_ticks)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
@@ -309,6 +316,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     await stop.wait()
     inflight = app[INFLIGHT]
     inflight.stopping = True
+    app[sse.HUB].close()  # event streams end now; other requests finish
     log.info("ingest stopping: %d requests in flight", inflight.count)
     await site.stop()
     if not await inflight.drained(settings.ingest_shutdown_timeout_s):

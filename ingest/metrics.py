@@ -46,6 +46,16 @@ BACKLOG_ENTRIES = Gauge(
     multiprocess_mode="livemostrecent",
 )
 
+SSE_CLIENTS = Gauge(
+    "tickpipe_sse_clients",
+    "Clients connected to GET /ticks/stream.",
+    multiprocess_mode="livesum",
+)
+SSE_DROPPED = Counter(
+    "tickpipe_sse_clients_dropped",
+    "SSE clients disconnected because they fell SSE_CLIENT_BUFFER events behind.",
+)
+
 
 def render(multiproc_dir: Path | None) -> tuple[bytes, str]:
     """The Prometheus text exposition and its content type."""

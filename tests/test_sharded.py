@@ -145,3 +145,67 @@ async def test_dead_letters_are_listed_and_replayed_per_shard(
     assert await redis.xlen(shard.dead_stream) == 0
     [(_, fields)] = await redis.xrange(shard.stream)
     assert fields[b"symbol"] == b"X"
+
+
+async def read_events(
+    client: TestClient[Any, Any], query: dict[str, str], count: int, last_id: str | None
+) -> list[dict[str, Any]]:
+    """The first ``count`` tick events of GET /ticks/stream."""
+    headers = {"Authorization": AUTH["Authorization"]}
+    if last_id is not None:
+        headers["Last-Event-ID"] = last_id
+    events: list[dict[str, Any]] = []
+    async with client.get("/ticks/stream", params=query, headers=headers) as response:
+        assert response.status == 200, await response.text()
+        current: dict[str, Any] = {}
+        while len(events) < count:
+            line = (await asyncio.wait_for(response.content.readline(), 30)).decode().rstrip()
+            field, _, value = line.partition(":")
+            if field in ("id", "event"):
+                current[field] = value.strip()
+            elif field == "data":
+                current["data"] = json.loads(value)
+            elif line == "" and current:
+                if current.get("event") == "tick":
+                    events.append(current)
+                current = {}
+    return events
+
+
+async def test_event_streams_follow_one_shard_and_resume_by_its_ids(
+    sharded: Settings, redis: Redis
+) -> None:
+    by_shard: dict[int, list[str]] = {}
+    for symbol in SYMBOLS:
+        by_shard.setdefault(shard_of(symbol, 4), []).append(symbol)
+    shard, symbols = next((i, s) for i, s in sorted(by_shard.items()) if len(s) >= 2)
+    other = next(s[0] for i, s in by_shard.items() if i != shard)
+    sent = generate_ticks(120, SYMBOLS, seed=4, start_us=1_700_000_000_000_000)
+    mine = [t for t in sent if t.symbol in symbols[:2]]
+    async with TestClient(TestServer(create_app(sharded))) as client:
+        assert (await client.post("/ingest/ticks", data=body(sent), headers=AUTH)).status == 200
+        query = {"symbols": ",".join(symbols[:2])}
+        first = await read_events(client, query, len(mine) // 2, "0-0")
+        rest = await read_events(client, query, len(mine) - len(first), first[-1]["id"])
+        events = first + rest
+        assert [(e["data"]["symbol"], e["data"]["price"]) for e in events] == [
+            (t.symbol, str(t.price)) for t in mine
+        ]
+        stream_ids = [i.decode() for i, _ in await redis.xrange(f"ticks.received:{{{shard}}}")]
+        assert [e["id"] for e in events] == [
+            i for i, t in zip(stream_ids, [t for t in sent if shard_of(t.symbol, 4) == shard],
+                              strict=True) if t.symbol in symbols[:2]
+        ]  # fmt: skip
+        whole = await read_events(client, {"shard": str(shard)}, 3, "0-0")
+        assert {e["data"]["symbol"] for e in whole} <= set(symbols)
+        spanning = await client.get(
+            "/ticks/stream",
+            params={"symbols": f"{symbols[0]},{other}"},
+            headers={"Authorization": AUTH["Authorization"]},
+        )
+        assert spanning.status == 422
+        assert f"{other}: shard {shard_of(other, 4)}" in (await spanning.json())["detail"]
+        unnamed = await client.get(
+            "/ticks/stream", headers={"Authorization": AUTH["Authorization"]}
+        )
+        assert unnamed.status == 422

@@ -61,6 +61,17 @@ class Settings:
     ingest_workers: int = 1
     prometheus_multiproc_dir: Path | None = None
 
+    # Queries and realtime push (served by ingest).
+    read_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Tokens that may read (queries, SSE) but not ingest; INGEST_TOKENS may do both."""
+    query_pool_size: int = 4
+    query_timeout_s: float = 10.0
+    sse_heartbeat_s: float = 15.0
+    sse_client_buffer: int = 1000
+    """Events buffered per SSE client; a client that falls further behind is dropped."""
+    sse_send_timeout_s: float = 30.0
+    sse_max_clients: int = 1000
+
     # Flusher.
     flusher_consumer: str = dataclasses.field(default_factory=lambda: os.uname().nodename)
     flusher_metrics_port: int | None = None
@@ -100,7 +111,16 @@ class Settings:
         tokens: dict[str, str] = r.get("INGEST_TOKENS", parse_tokens, {})
         tokens_file = r.get("INGEST_TOKENS_FILE", Path, None)
         if tokens_file is not None:
-            tokens = {**tokens, **_read_tokens_file(tokens_file)}
+            tokens = {**tokens, **_read_tokens_file("INGEST_TOKENS_FILE", tokens_file)}
+        read_tokens: dict[str, str] = r.get("READ_TOKENS", parse_tokens, {})
+        read_tokens_file = r.get("READ_TOKENS_FILE", Path, None)
+        if read_tokens_file is not None:
+            read_tokens = {**read_tokens, **_read_tokens_file("READ_TOKENS_FILE", read_tokens_file)}
+        if shared := sorted(set(tokens) & set(read_tokens)):
+            raise SettingsError(
+                f"READ_TOKENS: token name {shared[0]!r} is also an ingest token; names must be"
+                " unique (an ingest token may read already)"
+            )
         defaults = cls(redis_url="", database_url="")
         return cls(
             redis_url=r.get("REDIS_URL", str, local_redis_url(redis_port)),
@@ -140,6 +160,15 @@ class Settings:
             ),
             ingest_workers=r.get("INGEST_WORKERS", _positive_int, defaults.ingest_workers),
             prometheus_multiproc_dir=r.get("PROMETHEUS_MULTIPROC_DIR", Path, None),
+            read_tokens=read_tokens,
+            query_pool_size=r.get("QUERY_POOL_SIZE", _positive_int, defaults.query_pool_size),
+            query_timeout_s=r.get("QUERY_TIMEOUT_S", _positive_float, defaults.query_timeout_s),
+            sse_heartbeat_s=r.get("SSE_HEARTBEAT_S", _positive_float, defaults.sse_heartbeat_s),
+            sse_client_buffer=r.get("SSE_CLIENT_BUFFER", _positive_int, defaults.sse_client_buffer),
+            sse_send_timeout_s=r.get(
+                "SSE_SEND_TIMEOUT_S", _positive_float, defaults.sse_send_timeout_s
+            ),
+            sse_max_clients=r.get("SSE_MAX_CLIENTS", _positive_int, defaults.sse_max_clients),
             flusher_consumer=r.get("FLUSHER_CONSUMER", _name, defaults.flusher_consumer),
             flusher_metrics_port=r.get("FLUSHER_METRICS_PORT", _port, None),
             flusher_shards=r.get("FLUSHER_SHARDS", _shard_list, ()),
@@ -238,15 +267,15 @@ def parse_tokens(raw: str) -> dict[str, str]:
     return tokens
 
 
-def _read_tokens_file(path: Path) -> dict[str, str]:
+def _read_tokens_file(variable: str, path: Path) -> dict[str, str]:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise SettingsError(f"INGEST_TOKENS_FILE: cannot read {path}: {exc.strerror}") from None
+        raise SettingsError(f"{variable}: cannot read {path}: {exc.strerror}") from None
     try:
         return parse_tokens(text)
     except SettingsError as exc:
-        raise SettingsError(f"INGEST_TOKENS_FILE {path}: {exc}") from None
+        raise SettingsError(f"{variable} {path}: {exc}") from None
 
 
 T = TypeVar("T")

@@ -30,8 +30,8 @@ MAX_DECIMAL_INTEGER_DIGITS = 20
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _ONE_US = dt.timedelta(microseconds=1)
-_MAX_TS_US = (dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC) - EPOCH) // _ONE_US
-_SYMBOL = re.compile(_SYMBOL_RE)
+MAX_TS_US = (dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC) - EPOCH) // _ONE_US
+SYMBOL = re.compile(_SYMBOL_RE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _RFC3339 = re.compile(
     r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.(?P<frac>\d+))?(?P<offset>[Zz]|[+-]\d{2}:\d{2})$"
@@ -116,7 +116,7 @@ def parse_ts(value: int | str) -> int:
         except ValueError:
             raise TickError(f"ts is not a valid date and time: {value!r}", "ts") from None
         ts_us = datetime_to_us(parsed)
-    if not 0 <= ts_us <= _MAX_TS_US:
+    if not 0 <= ts_us <= MAX_TS_US:
         raise TickError("ts must lie between 1970-01-01 and 9999-12-31 (UTC)", "ts")
     return ts_us
 
@@ -150,6 +150,22 @@ def check_decimal(value: Decimal, field: str, *, allow_zero: bool) -> Decimal:
         # 1E+3 -> 1000, so the stream and Postgres see plain digits.
         value = value.quantize(Decimal(1))
     return value
+
+
+def format_ts(ts_us: int) -> str:
+    """Epoch microseconds as RFC 3339 in UTC, always with six fraction digits."""
+    return (EPOCH + dt.timedelta(microseconds=ts_us)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def to_json(tick: Tick) -> dict[str, str]:
+    """A tick as the read API and the SSE push show it: exact decimals as strings."""
+    return {
+        "symbol": tick.symbol,
+        "ts": format_ts(tick.ts_us),
+        "price": format(tick.price, "f"),
+        "volume": format(tick.volume, "f"),
+        "source": tick.source,
+    }
 
 
 def to_fields(tick: Tick) -> dict[str, str]:
@@ -193,13 +209,13 @@ def from_fields(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Tick:
         )
     except KeyError as exc:
         raise TickError(f"stream entry lacks field {exc.args[0]!r}", exc.args[0]) from None
-    if _SYMBOL.fullmatch(symbol) is None:
+    if SYMBOL.fullmatch(symbol) is None:
         raise TickError("stream entry has an invalid symbol", "symbol")
     try:
         ts_us = int(ts)
     except ValueError:
         raise TickError("stream entry has a malformed ts", "ts") from None
-    if not 0 <= ts_us <= _MAX_TS_US:
+    if not 0 <= ts_us <= MAX_TS_US:
         raise TickError("stream entry ts is out of range", "ts")
     return Tick(
         symbol=symbol,

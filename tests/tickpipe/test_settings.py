@@ -94,6 +94,23 @@ def test_duplicate_token_names_are_rejected() -> None:
         parse_tokens("a:x,a:y")
 
 
+def test_read_tokens_are_separate_from_ingest_tokens(tmp_path: Path) -> None:
+    path = tmp_path / "readers"
+    path.write_text("wall:t-wall\n")
+    settings = Settings.from_env(
+        {
+            "INGEST_TOKENS": "feed:t-feed",
+            "READ_TOKENS": "dash:t-dash",
+            "READ_TOKENS_FILE": str(path),
+        }
+    )
+    assert dict(settings.read_tokens) == {"dash": "t-dash", "wall": "t-wall"}
+    with pytest.raises(SettingsError, match="READ_TOKENS: token name 'feed'"):
+        Settings.from_env({"INGEST_TOKENS": "feed:t-feed", "READ_TOKENS": "feed:t-other"})
+    with pytest.raises(SettingsError, match="READ_TOKENS_FILE: cannot read"):
+        Settings.from_env({"READ_TOKENS_FILE": str(tmp_path / "absent")})
+
+
 def test_settings_are_frozen() -> None:
     settings = Settings.from_env({})
     with pytest.raises(AttributeError):

@@ -1,0 +1,462 @@
+"""Realtime push: ``GET /ticks/stream?symbols=A,B`` as Server-Sent Events.
+
+The events come from the stream itself, read with XREAD (not through the
+flushers' consumer group: reading here takes nothing from them). Each event is
+one tick; its SSE id is the stream entry id, so a client that reconnects with
+``Last-Event-ID`` continues right after the last event it saw, with no gap
+and no duplicate.
+
+One :class:`StreamHub` per process reads the stream, and only while some
+client listens, and hands each entry to the clients that asked for its symbol
+through a bounded queue. The hub never waits for a client: a client whose
+queue is full is dropped (its connection closed) and may reconnect and resume
+from its last id. A slow client costs only itself.
+
+A client goes through two phases:
+
+1. Catch-up: XRANGE pages from its position (``Last-Event-ID``, else the tail
+   of the stream) until a short page says it is current.
+2. Live: it subscribes to the hub, reads one more XRANGE page set to cover
+   entries the hub passed before the subscription, then takes events from its
+   queue, skipping ids it has already sent.
+
+With ``STREAM_SHARDS=N`` an event stream follows one shard: stream ids of
+different shards are not comparable, so one shard's id is a complete resume
+position and a mix of shards' ids would not be. A client names symbols of one
+shard (their shard is found for it) or ``shard=K`` for every symbol of shard
+K; a request whose symbols span shards is refused with the shard of each, so
+the client opens one event stream per shard, each resumable on its own. There
+is one hub per shard (each a single-key XREAD, so it works on a cluster too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse, sse_response
+from redis.exceptions import RedisError
+
+from ingest import metrics
+from ingest.appkeys import REDIS, SETTINGS
+from ingest.errors import ApiError
+from ingest.queries import authenticate_read, check_known
+from tickpipe.backoff import Backoff
+from tickpipe.redis_conn import FAILURES, RedisClient
+from tickpipe.shards import ShardMap
+from tickpipe.ticks import SYMBOL, TickError, from_fields, to_json
+
+log = logging.getLogger("tickpipe.sse")
+
+READ_PAGE = 500
+"""Entries per XREAD / XRANGE call."""
+BLOCK_MS = 1000
+MAX_SYMBOLS = 100
+
+_json = msgspec.json.Encoder()
+
+StreamId = tuple[int, int]
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+def parse_id(raw: str) -> StreamId:
+    """``<ms>-<seq>`` as a comparable pair; ValueError if it is not a stream id."""
+    ms, sep, seq = raw.partition("-")
+    if not (ms.isdigit() and seq.isdigit() and sep):
+        raise ValueError(raw)
+    return int(ms), int(seq)
+
+
+class Event(msgspec.Struct, frozen=True):
+    """One tick ready to send: its stream id and its JSON text."""
+
+    id: str
+    symbol: str
+    data: str
+
+
+def decode_entries(entries: Iterable[Entry]) -> list[Event]:
+    """Stream entries as events; an entry that is not a valid tick is skipped."""
+    events = []
+    for raw_id, fields in entries:
+        entry_id = raw_id.decode()
+        try:
+            tick = from_fields(fields)
+        except TickError as exc:
+            log.debug("sse: skipping entry %s: %s", entry_id, exc)
+            continue
+        events.append(Event(entry_id, tick.symbol, _json.encode(to_json(tick)).decode()))
+    return events
+
+
+class Subscription:
+    """One client's view of the hub: the symbols it wants and its bounded queue."""
+
+    def __init__(self, symbols: frozenset[str] | None, size: int) -> None:
+        self.symbols = symbols
+        self.queue: asyncio.Queue[Event] = asyncio.Queue(size)
+        self.ended = asyncio.Event()
+        self.reason = ""
+
+    def end(self, reason: str) -> None:
+        if not self.ended.is_set():
+            self.reason = reason
+            self.ended.set()
+
+    def offer(self, event: Event) -> None:
+        if self.ended.is_set():
+            return
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            metrics.SSE_DROPPED.inc()
+            self.end("too slow: the client's buffer is full")
+
+
+class StreamHub:
+    """Reads the stream once for every SSE client of this process."""
+
+    def __init__(self, redis: RedisClient, stream: str) -> None:
+        self._redis = redis
+        self._stream = stream
+        self._subs: set[Subscription] = set()
+        self._cursor: str | None = None
+        self._active = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def clients(self) -> int:
+        return len(self._subs)
+
+    async def tail(self) -> str:
+        """The id of the newest entry ("0-0" when the stream is empty)."""
+        newest: Any = await self._redis.xrevrange(self._stream, count=1)
+        return newest[0][0].decode() if newest else "0-0"
+
+    async def subscribe(self, symbols: frozenset[str] | None, size: int) -> Subscription:
+        """A new subscription; it receives every entry after the hub's position now."""
+        if self._cursor is None:
+            cursor = await self.tail()
+            if self._cursor is None:  # no one else started the hub meanwhile
+                self._cursor = cursor
+        sub = Subscription(symbols, size)
+        self._subs.add(sub)
+        metrics.SSE_CLIENTS.set(len(self._subs))
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="sse-hub")
+        self._active.set()
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subs.discard(sub)
+        metrics.SSE_CLIENTS.set(len(self._subs))
+
+    def close(self) -> None:
+        """End every subscription (the server is stopping)."""
+        for sub in list(self._subs):
+            sub.end("server shutting down")
+
+    async def stop(self) -> None:
+        self.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        backoff = Backoff(base_s=0.1, cap_s=5.0)
+        while True:
+            await self._active.wait()
+            cursor = self._cursor
+            assert cursor is not None
+            try:
+                reply: Any = await self._redis.xread(
+                    {self._stream: cursor}, count=READ_PAGE, block=BLOCK_MS
+                )
+            except FAILURES as exc:
+                delay = backoff.next_delay()
+                log.warning("sse: cannot read the stream (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            backoff.reset()
+            entries: list[Entry] = reply[0][1] if reply else []
+            if entries:
+                self._cursor = entries[-1][0].decode()
+                wanted = self._wanted()
+                for event in decode_entries(
+                    e for e in entries if wanted is None or e[1].get(b"symbol") in wanted
+                ):
+                    for sub in list(self._subs):
+                        if sub.symbols is None or event.symbol in sub.symbols:
+                            sub.offer(event)
+            if not self._subs:
+                # Nobody listens: stop reading; the next subscriber starts from the tail.
+                self._cursor = None
+                self._active.clear()
+
+    def _wanted(self) -> set[bytes] | None:
+        """The symbols some client wants (None: some client wants all)."""
+        wanted: set[bytes] = set()
+        for sub in self._subs:
+            if sub.symbols is None:
+                return None
+            wanted.update(s.encode() for s in sub.symbols)
+        return wanted
+
+
+class StreamHubs:
+    """One hub per shard, started only when a client listens to that shard."""
+
+    def __init__(self, redis: RedisClient, streams: Iterable[str]) -> None:
+        self.hubs = [StreamHub(redis, stream) for stream in streams]
+
+    @property
+    def clients(self) -> int:
+        return sum(hub.clients for hub in self.hubs)
+
+    def close(self) -> None:
+        for hub in self.hubs:
+            hub.close()
+
+    async def stop(self) -> None:
+        for hub in self.hubs:
+            await hub.stop()
+
+
+HUB = web.AppKey("sse_hub", StreamHubs)
+
+
+# -- the endpoint -----------------------------------------------------------------------
+
+
+def parse_symbols(raw: str | None) -> frozenset[str] | None:
+    if raw is None:
+        return None
+    symbols = frozenset(s.strip() for s in raw.split(",") if s.strip())
+    if not symbols or len(symbols) > MAX_SYMBOLS:
+        raise ApiError(
+            422,
+            "invalid_parameter",
+            f"symbols must name 1 to {MAX_SYMBOLS} symbols separated by commas",
+            field="symbols",
+        )
+    for symbol in symbols:
+        if SYMBOL.fullmatch(symbol) is None:
+            raise ApiError(
+                422,
+                "invalid_parameter",
+                f"symbols: {symbol!r} is not a valid symbol",
+                field="symbols",
+            )
+    return symbols
+
+
+def choose_shard(shards: ShardMap, symbols: frozenset[str] | None, raw_shard: str | None) -> int:
+    """The one shard an event stream follows (see the module docstring)."""
+    if raw_shard is not None:
+        if not raw_shard.isdigit() or int(raw_shard) >= shards.count:
+            raise ApiError(
+                422,
+                "invalid_parameter",
+                f"shard must be 0 to {shards.count - 1} (STREAM_SHARDS={shards.count})",
+                field="shard",
+            )
+        chosen = int(raw_shard)
+    elif symbols is not None:
+        chosen = shards.for_symbol(next(iter(symbols))).index
+    elif shards.count == 1:
+        return 0
+    else:
+        raise ApiError(
+            422,
+            "invalid_parameter",
+            f"the ticks are spread over {shards.count} shards, each resumable on its own:"
+            f" name symbols of one shard, or shard=0 to {shards.count - 1}",
+            field="symbols",
+        )
+    elsewhere = {
+        symbol: shards.for_symbol(symbol).index
+        for symbol in sorted(symbols or ())
+        if shards.for_symbol(symbol).index != chosen
+    }
+    if elsewhere:
+        where = ", ".join(
+            f"{symbol}: shard {shards.for_symbol(symbol).index}" for symbol in sorted(symbols or ())
+        )
+        raise ApiError(
+            422,
+            "invalid_parameter",
+            f"these symbols are on different shards ({where}): open one event stream per shard",
+            field="symbols",
+        )
+    return chosen
+
+
+def parse_last_event_id(raw: str | None) -> str | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        parse_id(raw)
+    except ValueError:
+        raise ApiError(
+            422,
+            "invalid_parameter",
+            "Last-Event-ID must be the id of an event this endpoint sent (<ms>-<seq>)",
+            field="Last-Event-ID",
+        ) from None
+    return raw
+
+
+async def stream_ticks(request: web.Request) -> web.StreamResponse:
+    """GET /ticks/stream: ticks as Server-Sent Events, resumable with Last-Event-ID."""
+    authenticate_read(request)
+    check_known(request.query, "symbols", "shard")
+    symbols = parse_symbols(request.query.get("symbols"))
+    resume_from = parse_last_event_id(request.headers.get("Last-Event-ID"))
+    settings = request.app[SETTINGS]
+    shard = settings.shard_map.shards[
+        choose_shard(settings.shard_map, symbols, request.query.get("shard"))
+    ]
+    hubs = request.app[HUB]
+    hub = hubs.hubs[shard.index]
+    if hubs.clients >= settings.sse_max_clients:
+        raise ApiError(
+            503,
+            "too_many_clients",
+            f"this process serves {settings.sse_max_clients} event streams already; retry later",
+            headers={"Retry-After": "5"},
+        )
+    redis = request.app[REDIS]
+    try:
+        cursor = resume_from or await hub.tail()
+        gap = await trimmed_after(redis, shard.stream, resume_from)
+    except FAILURES as exc:
+        raise ApiError(
+            503,
+            "redis_unavailable",
+            f"the tick stream (Redis) is unavailable ({exc}); retry later",
+            headers={"Retry-After": "1"},
+        ) from None
+    client = _Client(request, redis, shard.stream, symbols)
+    async with sse_response(
+        request,
+        ping_interval=settings.sse_heartbeat_s,
+        send_timeout=settings.sse_send_timeout_s,
+    ) as response:
+        client.response = response
+        try:
+            if gap is not None:
+                await response.send(_json.encode(gap).decode(), event="gap")
+            reason = await client.run(hub, cursor, settings.sse_client_buffer)
+        except (ConnectionResetError, TimeoutError, RuntimeError) as exc:
+            reason = f"client gone ({type(exc).__name__})"
+        except FAILURES as exc:
+            reason = f"redis unavailable: {exc}"
+        log.debug("sse client %s ended: %s", request.remote, reason)
+    return response
+
+
+async def trimmed_after(
+    redis: RedisClient, stream: str, resume_from: str | None
+) -> dict[str, str] | None:
+    """What was deleted after ``resume_from`` before the client came back, or None."""
+    if resume_from is None:
+        return None
+    try:
+        info = await redis.xinfo_stream(stream)
+    except RedisError as exc:
+        if "no such key" in str(exc).lower():
+            return None
+        raise
+    deleted = info.get("max-deleted-entry-id")
+    first = info.get("first-entry")
+    if deleted is None:
+        return None
+    deleted_id = deleted.decode() if isinstance(deleted, bytes) else str(deleted)
+    if parse_id(deleted_id) <= parse_id(resume_from):
+        return None
+    first_id = first[0].decode() if first else None
+    return {
+        "after": resume_from,
+        "deleted_up_to": deleted_id,
+        "resumes_at": first_id or "",
+        "detail": "entries after Last-Event-ID were trimmed from the stream; reload history"
+        " from GET /ticks/{symbol}?from=...",
+    }
+
+
+class _Client:
+    """One event-stream response: catch-up, then live events from the hub."""
+
+    def __init__(
+        self,
+        request: web.Request,
+        redis: RedisClient,
+        stream: str,
+        symbols: frozenset[str] | None,
+    ) -> None:
+        self._request = request
+        self._redis = redis
+        self._stream = stream
+        self._symbols = symbols
+        self.response: EventSourceResponse | None = None
+        self._sent: StreamId = (0, 0)
+
+    async def _send(self, event: Event) -> None:
+        assert self.response is not None
+        await self.response.send(event.data, id=event.id, event="tick")
+        self._sent = parse_id(event.id)
+
+    async def _catch_up(self, cursor: str) -> str:
+        """Send every entry after ``cursor`` that exists now; the new cursor."""
+        while True:
+            entries: Any = await self._redis.xrange(self._stream, min=f"({cursor}", count=READ_PAGE)
+            if not entries:
+                return cursor
+            cursor = entries[-1][0].decode()
+            for event in decode_entries(entries):
+                if self._symbols is None or event.symbol in self._symbols:
+                    await self._send(event)
+            if len(entries) < READ_PAGE:
+                return cursor
+
+    async def run(self, hub: StreamHub, cursor: str, buffer: int) -> str:
+        """Stream until the client leaves, is too slow, or the server stops; why it ended."""
+        assert self.response is not None
+        self._sent = parse_id(cursor)
+        cursor = await self._catch_up(cursor)
+        sub = await hub.subscribe(self._symbols, buffer)
+        try:
+            await self._catch_up(cursor)
+            async for event in self._live(sub):
+                if parse_id(event.id) > self._sent:
+                    await self._send(event)
+            return sub.reason
+        finally:
+            hub.unsubscribe(sub)
+
+    async def _live(self, sub: Subscription) -> AsyncIterator[Event]:
+        assert self.response is not None
+        gone = asyncio.ensure_future(self.response.wait())  # ends when a heartbeat fails
+        ended = asyncio.ensure_future(sub.ended.wait())
+        try:
+            while not sub.ended.is_set() and not gone.done():
+                if sub.queue.empty():
+                    getter = asyncio.ensure_future(sub.queue.get())
+                    await asyncio.wait({getter, gone, ended}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        getter.cancel()
+                        break
+                    yield getter.result()
+                else:
+                    yield sub.queue.get_nowait()
+            if gone.done():
+                sub.end("client gone")
+        finally:
+            for task in (gone, ended):
+                task.cancel()
