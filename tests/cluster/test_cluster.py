@@ -71,8 +71,13 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
     yield started
     for proc in started:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            # SIGTERM: `ingest --workers N` passes it on to its workers (SIGKILL would orphan them).
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def spawn(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
