@@ -8,6 +8,7 @@ import signal
 
 import asyncpg
 from prometheus_client import start_http_server
+from redis.asyncio import RedisCluster
 
 from flusher.db import TickStore
 from flusher.errors import FatalError
@@ -37,6 +38,7 @@ async def run_flusher(settings: Settings, *, burst: bool = False) -> Flusher:
         client_name=f"tickpipe-flusher:{consumer}",
         socket_timeout_s=max(redis_conn.REDIS_SOCKET_TIMEOUT_S, settings.flush_interval_s + 10),
     )
+    settings = settings.replace(redis_cluster=isinstance(redis, RedisCluster))
     store = await TickStore.open(settings.database_url)
     streams = ShardedStream.for_consumer(redis, settings, consumer)
     flusher = Flusher(streams, store, settings, burst=burst, faults=faults)
@@ -106,6 +108,7 @@ async def check(settings: Settings) -> list[str]:
         redis = await redis_conn.open_client(
             settings.redis_url, settings.redis_cluster, client_name="tickpipe-flusher-check"
         )
+        settings = settings.replace(redis_cluster=isinstance(redis, RedisCluster))
         try:
             for shard in settings.flusher_shard_set:
                 await redis_conn.ensure_group(redis, shard.stream, settings.group_name)

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
+from redis.asyncio import RedisCluster
 from redis.exceptions import ResponseError
 
 from ingest import metrics, queries, sse
@@ -233,6 +234,8 @@ def redis_ctx(client: RedisClient | None) -> Callable[[web.Application], AsyncIt
             settings.redis_url, settings.redis_cluster, client_name="tickpipe-ingest"
         )
         app[REDIS] = redis
+        # Now known: a cluster's key names are hash-tagged even with one shard.
+        settings = app[SETTINGS] = settings.replace(redis_cluster=isinstance(redis, RedisCluster))
         app[WRITER] = TickWriter.from_settings(redis, settings)
         streams = [shard.stream for shard in settings.shard_map.shards]
         monitor = BacklogMonitor(

@@ -112,7 +112,9 @@ class TickWriter:
         wait_replicas: int = 1,
     ) -> None:
         self._redis = redis
-        self._map = ShardMap.build(shards, stream=stream, latest=latest_key)
+        self._map = ShardMap.build(
+            shards, stream=stream, latest=latest_key, tagged=isinstance(redis, RedisCluster)
+        )
         self._script = redis.register_script(APPEND_LUA)
         self._durability = durability
         self._wait_timeout_ms = wait_timeout_ms

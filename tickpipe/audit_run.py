@@ -7,6 +7,7 @@ from typing import Any
 
 import asyncpg
 import msgspec
+from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -24,8 +25,9 @@ _json = msgspec.json.Encoder()
 _UNREACHABLE: tuple[type[Exception], ...] = (*redis_conn.UNAVAILABLE, OSError)
 
 
-async def _open(settings: Settings, client_name: str) -> redis_conn.RedisClient:
-    """A client that has answered once: an unreachable Redis shows here, not midway."""
+async def _open(settings: Settings, client_name: str) -> tuple[redis_conn.RedisClient, Settings]:
+    """A client that has answered once (an unreachable Redis shows here, not midway),
+    and the settings with ``redis_cluster`` now known."""
     redis = await redis_conn.open_client(
         settings.redis_url, settings.redis_cluster, client_name=client_name
     )
@@ -34,7 +36,7 @@ async def _open(settings: Settings, client_name: str) -> redis_conn.RedisClient:
     except BaseException:
         await redis.aclose()
         raise
-    return redis
+    return redis, settings.replace(redis_cluster=isinstance(redis, RedisCluster))
 
 
 def _say(message: str) -> None:
@@ -45,7 +47,7 @@ async def run_audit(
     settings: Settings, *, as_json: bool, verify: bool, stuck_idle_s: float, stuck_deliveries: int
 ) -> int:
     try:
-        redis = await _open(settings, "tickpipe-audit")
+        redis, settings = await _open(settings, "tickpipe-audit")
     except _UNREACHABLE as exc:
         _say(f"cannot reach Redis at REDIS_URL: {exc}")
         return UNREACHABLE
@@ -106,7 +108,7 @@ async def dlq_command(
     as_json: bool = False,
 ) -> int:
     try:
-        redis = await _open(settings, "tickpipe-dlq")
+        redis, settings = await _open(settings, "tickpipe-dlq")
     except _UNREACHABLE as exc:
         _say(f"cannot reach Redis at REDIS_URL: {exc}")
         return UNREACHABLE

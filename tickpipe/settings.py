@@ -222,9 +222,14 @@ class Settings:
 
     @property
     def shard_map(self) -> ShardMap:
-        """The shards of the stream and the shard of each symbol."""
+        """The shards of the stream and the shard of each symbol.
+
+        On a Redis Cluster (``redis_cluster`` True: set, or found when connecting)
+        every key name carries its shard's hash tag, even with one shard.
+        """
         return ShardMap.build(
             self.stream_shards,
+            tagged=self.redis_cluster is True,
             stream=self.stream_name,
             latest=self.latest_key,
             dead_stream=self.dead_stream_name,

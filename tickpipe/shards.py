@@ -96,6 +96,7 @@ class ShardMap:
         latest: str = keys.LATEST,
         dead_stream: str = keys.DEAD_STREAM,
         lost: str = keys.LOST,
+        tagged: bool = False,
     ) -> ShardMap:
         """The ``count`` shards named after the given base names (see keys.shard_key)."""
         if not 1 <= count <= MAX_SHARDS:
@@ -104,10 +105,10 @@ class ShardMap:
             tuple(
                 Shard(
                     index,
-                    keys.shard_key(stream, index, count),
-                    keys.shard_key(latest, index, count),
-                    keys.shard_key(dead_stream, index, count),
-                    keys.shard_key(lost, index, count),
+                    keys.shard_key(stream, index, count, tagged=tagged),
+                    keys.shard_key(latest, index, count, tagged=tagged),
+                    keys.shard_key(dead_stream, index, count, tagged=tagged),
+                    keys.shard_key(lost, index, count, tagged=tagged),
                 )
                 for index in range(count)
             )

@@ -299,3 +299,28 @@ async def test_resharding_mid_run_follows_moved_and_ask(
     code, report = await audit(env)
     assert code == 0, report["problems"]
     assert report["verify"]["checked"] >= 2000
+
+
+async def test_one_shard_on_a_cluster_uses_tagged_names(
+    stack: LocalStack,
+    redis_cluster: LocalCluster,
+    cluster_client: RedisCluster,
+    pg: asyncpg.Connection,
+) -> None:
+    # ticks.received and ticks:latest hash to different slots: one script cannot
+    # touch both, so on a cluster even one shard is hash-tagged.
+    env = cluster_env(stack, redis_cluster, STREAM_SHARDS="1")
+    sent = generate_ticks(30, SYMBOLS, seed=9, start_us=1_730_000_000_000_000, source="one")
+    async with TestClient(TestServer(create_app(Settings.from_env(env)))) as client:
+        response = await client.post(
+            "/ingest/ticks", data=b"[" + b",".join(tick_json(t) for t in sent) + b"]",
+            headers=HEADERS,
+        )  # fmt: skip
+        assert response.status == 200, await response.text()
+    assert await cluster_client.xlen("ticks.received:{0}") == 30
+    assert await cluster_client.hlen("ticks:latest:{0}") == len(SYMBOLS)
+    await run_flusher(Settings.from_env(env).replace(flusher_consumer="one"), burst=True)
+    assert await rows(pg) == expected(sent)
+    code, report = await audit(env)
+    assert code == 0, report["problems"]
+    assert report["stream"]["name"] == "ticks.received:{0}"
