@@ -44,6 +44,10 @@ def _transient(method: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, 
             return await method(*args, **kwargs)
         except _UNAVAILABLE as exc:
             raise TransientError(f"redis: {type(exc).__name__}: {exc}") from exc
+        except RuntimeError as exc:
+            if not redis_conn.closed_transport(exc):
+                raise
+            raise TransientError(f"redis: connection closed under the command: {exc}") from exc
         except ResponseError as exc:
             if str(exc).startswith("UNBLOCKED"):
                 # A blocked read whose stream moved away (a cluster slot migrated):

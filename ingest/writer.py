@@ -19,8 +19,16 @@ from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
-from redis.exceptions import AskError, MovedError, NoScriptError, ResponseError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    ConnectionError,
+    MovedError,
+    NoScriptError,
+    ResponseError,
+    TryAgainError,
+)
 
+from tickpipe import redis_conn
 from tickpipe.redis_conn import RedisClient
 from tickpipe.settings import Durability, Settings
 from tickpipe.shards import ShardMap
@@ -144,6 +152,14 @@ class TickWriter:
         when some shards were, :class:`NotDurable` when the durability wait
         fell short.
         """
+        try:
+            return await self._append(ticks)
+        except RuntimeError as exc:
+            if not redis_conn.closed_transport(exc):
+                raise
+            raise ConnectionError(f"connection closed under the write: {exc}") from exc
+
+    async def _append(self, ticks: Sequence[Tick]) -> list[str]:
         groups = self._group(ticks)
         if self._durability == "everysec" and len(groups) == 1 and not self._is_cluster:
             # The common case, as before sharding: one script call.

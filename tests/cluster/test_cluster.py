@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -81,12 +82,30 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def spawn(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
+    """A tickpipe process; its log goes to a temporary file that :func:`stopped` shows."""
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stopped() or at exit
+    proc = subprocess.Popen(
         [sys.executable, "-m", "tickpipe", *args],
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=log,
     )
+    LOGS[proc.pid] = log
+    return proc
+
+
+LOGS: dict[int, Any] = {}
+
+
+async def stopped(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
+    """SIGTERM ``proc`` and wait: its exit status and the end of its log."""
+    proc.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(proc.wait, 60)
+    log = LOGS.pop(proc.pid)
+    log.seek(0)
+    tail = log.read().decode(errors="replace")[-4000:]
+    log.close()
+    return code, tail
 
 
 async def rows(pg: asyncpg.Connection) -> dict[tuple[str, int], tuple[Decimal, Decimal, str]]:
@@ -247,8 +266,8 @@ async def test_master_killed_mid_run_loses_no_acknowledged_tick(
     assert sum(answers.values()) > 48, answers  # the outage was felt, and retried
     assert await wait_rows(pg, len(acked)) == len(acked)
     for flusher in processes[1:]:
-        flusher.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(flusher.wait, 60) == 0
+        code, log = await stopped(flusher)
+        assert code == 0, log
     assert await rows(pg) == expected(acked)
     assert await pg.fetchval("SELECT count(*) - count(DISTINCT (symbol, ts)) FROM md_ticks") == 0
     code, report = await audit(env)
@@ -293,8 +312,8 @@ async def test_resharding_mid_run_follows_moved_and_ask(
     assert len(acked) == 2000
     assert await wait_rows(pg, len(acked)) == len(acked)
     for flusher in processes[1:]:
-        flusher.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(flusher.wait, 60) == 0
+        code, log = await stopped(flusher)
+        assert code == 0, log
     assert await rows(pg) == expected(acked)
     code, report = await audit(env)
     assert code == 0, report["problems"]
