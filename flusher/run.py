@@ -8,12 +8,12 @@ import signal
 
 import asyncpg
 from prometheus_client import start_http_server
-from redis.exceptions import RedisError
+from redis.asyncio import RedisCluster
 
 from flusher.db import TickStore
 from flusher.errors import FatalError
 from flusher.faults import Faults
-from flusher.stream import TickStream
+from flusher.stream import ShardedStream
 from flusher.worker import Flusher
 from tickpipe import redis_conn
 from tickpipe.settings import Settings
@@ -32,14 +32,16 @@ async def run_flusher(settings: Settings, *, burst: bool = False) -> Flusher:
         faults = Faults(settings.fault)
     except ValueError as exc:
         raise FlusherError(str(exc)) from None
-    redis = redis_conn.connect(
+    redis = await redis_conn.open_client(
         settings.redis_url,
+        settings.redis_cluster,
         client_name=f"tickpipe-flusher:{consumer}",
         socket_timeout_s=max(redis_conn.REDIS_SOCKET_TIMEOUT_S, settings.flush_interval_s + 10),
     )
+    settings = settings.replace(redis_cluster=isinstance(redis, RedisCluster))
     store = await TickStore.open(settings.database_url)
-    stream = TickStream.for_consumer(redis, settings, consumer)
-    flusher = Flusher(stream, store, settings, burst=burst, faults=faults)
+    streams = ShardedStream.for_consumer(redis, settings, consumer)
+    flusher = Flusher(streams, store, settings, burst=burst, faults=faults)
     metrics_server = None
     if settings.flusher_metrics_port is not None:
         try:
@@ -102,13 +104,18 @@ async def run_flusher(settings: Settings, *, burst: bool = False) -> Flusher:
 async def check(settings: Settings) -> list[str]:
     """Problems that would stop a flusher from working (empty when it could run)."""
     problems: list[str] = []
-    redis = redis_conn.connect(settings.redis_url, client_name="tickpipe-flusher-check")
     try:
-        await redis_conn.ensure_group(redis, settings.stream_name, settings.group_name)
-    except RedisError as exc:
+        redis = await redis_conn.open_client(
+            settings.redis_url, settings.redis_cluster, client_name="tickpipe-flusher-check"
+        )
+        settings = settings.replace(redis_cluster=isinstance(redis, RedisCluster))
+        try:
+            for shard in settings.flusher_shard_set:
+                await redis_conn.ensure_group(redis, shard.stream, settings.group_name)
+        finally:
+            await redis.aclose()
+    except redis_conn.FAILURES as exc:
         problems.append(f"Redis at REDIS_URL: {exc}")
-    finally:
-        await redis.aclose()
     try:
         conn = await asyncpg.connect(settings.database_url, timeout=5)
     except (TimeoutError, OSError, asyncpg.PostgresError) as exc:

@@ -1,62 +1,86 @@
 """The flusher's Redis side: read through the group, acknowledge, reclaim, dead-letter, trim.
 
-Every redis-py error that means "Redis is unavailable" leaves this module as
-:class:`~flusher.errors.TransientError`.
+:class:`TickStream` is one shard's stream as one consumer sees it;
+:class:`ShardedStream` is every shard a flusher reads (STREAM_SHARDS, or the
+FLUSHER_SHARDS subset), read together. Every redis-py error that means "Redis
+is unavailable" leaves this module as :class:`~flusher.errors.TransientError`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, ParamSpec, TypeVar
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from typing import Any, ParamSpec, Protocol, TypeVar
 
-from redis.asyncio import Redis
-from redis.exceptions import (
-    BusyLoadingError,
-    ConnectionError,
-    ReadOnlyError,
-    ResponseError,
-    TimeoutError,
-)
+from redis.asyncio import RedisCluster
+from redis.exceptions import ReadOnlyError, ResponseError
 
 from flusher.errors import TransientError
 from tickpipe import redis_conn
-from tickpipe.redis_conn import text
+from tickpipe.redis_conn import RedisClient, text
 from tickpipe.settings import Settings
+from tickpipe.shards import Shard
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_UNAVAILABLE = (ConnectionError, TimeoutError, BusyLoadingError, ReadOnlyError, OSError)
+_UNAVAILABLE: tuple[type[Exception], ...] = (*redis_conn.UNAVAILABLE, ReadOnlyError, OSError)
 
 
-def _transient(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+class _HasGroup(Protocol):
+    group: str
+
+    async def recreate_group(self) -> None: ...
+
+
+def _transient(method: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await method(*args, **kwargs)
         except _UNAVAILABLE as exc:
             raise TransientError(f"redis: {type(exc).__name__}: {exc}") from exc
+        except RuntimeError as exc:
+            if not redis_conn.closed_transport(exc):
+                raise
+            raise TransientError(f"redis: connection closed under the command: {exc}") from exc
         except ResponseError as exc:
+            if str(exc).startswith("UNBLOCKED"):
+                # A blocked read whose stream moved away (a cluster slot migrated):
+                # read again, from where the stream now lives.
+                raise TransientError(f"redis: {exc}") from exc
             if "NOGROUP" not in str(exc):
                 raise
             # The stream or group vanished (a Redis restarted without persistence,
             # a FLUSHALL): create it again and retry; the audit will tell the rest.
-            stream = args[0]
-            assert isinstance(stream, TickStream)
-            await redis_conn.ensure_group(stream.redis, stream.stream, stream.group)
-            raise TransientError(f"redis: group {stream.group} was missing: recreated") from exc
+            owner: _HasGroup = args[0]  # type: ignore[assignment]
+            try:
+                await owner.recreate_group()
+            except _UNAVAILABLE as again:
+                raise TransientError(f"redis: {type(again).__name__}: {again}") from again
+            raise TransientError(f"redis: group {owner.group} was missing: recreated") from exc
 
     return wrapper
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Entry:
-    """One stream entry. ``fields`` is None when the entry was deleted from the stream."""
+    """One stream entry. ``fields`` is None when the entry was deleted from the stream.
+
+    Ids are unique within one shard's stream only: ``(shard, id)`` names an entry.
+    """
 
     id: str
     fields: dict[bytes, bytes] | None
+    shard: int = 0
+
+    @property
+    def ref(self) -> tuple[int, str]:
+        return (self.shard, self.id)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -142,17 +166,21 @@ return redis.call('INCRBY', KEYS[1], added)
 
 
 class TickStream:
-    """The stream and consumer group, as one flusher consumer sees them."""
+    """One shard's stream and the consumer group, as one flusher consumer sees them.
+
+    Every call names keys of that shard only: one cluster slot.
+    """
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         stream: str,
         group: str,
         consumer: str,
         *,
         dead_stream: str,
         lost_key: str,
+        shard: int = 0,
     ) -> None:
         self.redis = redis
         self.stream = stream
@@ -160,25 +188,30 @@ class TickStream:
         self.consumer = consumer
         self.dead_stream = dead_stream
         self.lost_key = lost_key
+        self.shard = shard
         self._trim = redis.register_script(TRIM_LUA)
         self._delete_idle_consumer = redis.register_script(DELETE_IDLE_CONSUMER_LUA)
         self._dead_letter = redis.register_script(DEAD_LETTER_LUA)
         self._count_lost = redis.register_script(COUNT_LOST_LUA)
 
     @classmethod
-    def for_consumer(cls, redis: Redis, settings: Settings, consumer: str) -> TickStream:
-        """The stream, group, dead-letter stream and lost counter that ``settings`` name."""
+    def for_shard(cls, redis: RedisClient, shard: Shard, group: str, consumer: str) -> TickStream:
+        """The stream, dead-letter stream and lost counter of ``shard``."""
         return cls(
             redis,
-            settings.stream_name,
-            settings.group_name,
+            shard.stream,
+            group,
             consumer,
-            dead_stream=settings.dead_stream_name,
-            lost_key=settings.lost_key,
+            dead_stream=shard.dead_stream,
+            lost_key=shard.lost,
+            shard=shard.index,
         )
 
     @_transient
     async def ensure_group(self) -> None:
+        await redis_conn.ensure_group(self.redis, self.stream, self.group)
+
+    async def recreate_group(self) -> None:
         await redis_conn.ensure_group(self.redis, self.stream, self.group)
 
     @_transient
@@ -211,7 +244,7 @@ class TickStream:
             self.stream, self.group, self.consumer, min_idle_ms, start_id=cursor, count=count
         )
         next_cursor, messages, deleted = reply[0], reply[1], reply[2] if len(reply) > 2 else []
-        entries = [Entry(text(i), fields or None) for i, fields in messages]
+        entries = [Entry(text(i), fields or None, self.shard) for i, fields in messages]
         return text(next_cursor), entries, [text(i) for i in deleted]
 
     @_transient
@@ -293,5 +326,161 @@ class TickStream:
         entries: list[Entry] = []
         for _stream, messages in reply or []:
             for raw_id, fields in messages:
-                entries.append(Entry(text(raw_id), fields or None))
+                entries.append(Entry(text(raw_id), fields or None, self.shard))
         return entries
+
+
+class ShardedStream:
+    """Every shard one flusher reads, as one consumer of the group.
+
+    A single Redis serves all of them: new entries come from one XREADGROUP over
+    every shard's stream. In a Redis Cluster a command may only name keys of
+    one slot, and each shard has its own: there, one XREADGROUP per shard, run
+    concurrently, and a read still waiting when another returned is kept for
+    the next call rather than cancelled (a cancelled read may have delivered
+    entries whose reply is lost). Everything else (reclaim, dead letters,
+    trimming, consumer housekeeping) goes shard by shard through
+    :class:`TickStream`.
+    """
+
+    def __init__(self, redis: RedisClient, streams: Sequence[TickStream]) -> None:
+        if not streams:
+            raise ValueError("a flusher needs at least one shard to read")
+        self.redis = redis
+        self.shards = tuple(streams)
+        self.group = streams[0].group
+        self.consumer = streams[0].consumer
+        self._by_index = {stream.shard: stream for stream in streams}
+        self._by_name = {stream.stream: stream for stream in streams}
+        self._per_shard_reads = isinstance(redis, RedisCluster) and len(streams) > 1
+        self._reads: dict[int, asyncio.Task[list[Entry]]] = {}
+
+    @classmethod
+    def for_consumer(cls, redis: RedisClient, settings: Settings, consumer: str) -> ShardedStream:
+        """The shards ``settings`` give this flusher (FLUSHER_SHARDS, else all)."""
+        return cls(
+            redis,
+            [
+                TickStream.for_shard(redis, shard, settings.group_name, consumer)
+                for shard in settings.flusher_shard_set
+            ],
+        )
+
+    @property
+    def names(self) -> list[str]:
+        return [stream.stream for stream in self.shards]
+
+    @property
+    def shards_by_index(self) -> dict[int, TickStream]:
+        return self._by_index
+
+    async def ensure_group(self) -> None:
+        for stream in self.shards:
+            await stream.ensure_group()
+
+    async def recreate_group(self) -> None:
+        for stream in self.shards:
+            await stream.recreate_group()
+
+    async def read_new(self, count: int, block_ms: int | None) -> list[Entry]:
+        """Entries never delivered (``>``) from any shard, waiting up to ``block_ms``."""
+        if len(self.shards) == 1:
+            return await self.shards[0].read_new(count, block_ms)
+        if self._per_shard_reads:
+            return await self._read_each(count, block_ms)
+        return await self._read_together(count, block_ms)
+
+    @_transient
+    async def _read_together(self, count: int, block_ms: int | None) -> list[Entry]:
+        # COUNT applies per stream: a read returns up to count entries of each shard.
+        reply: Any = await self.redis.xreadgroup(
+            self.group,
+            self.consumer,
+            {stream.stream: ">" for stream in self.shards},
+            count=count,
+            block=block_ms,
+        )
+        entries: list[Entry] = []
+        for name, messages in reply or []:
+            shard = self._by_name[text(name)].shard
+            entries.extend(Entry(text(i), fields or None, shard) for i, fields in messages)
+        return entries
+
+    async def _read_each(self, count: int, block_ms: int | None) -> list[Entry]:
+        deadline = None if block_ms is None else time.monotonic() + block_ms / 1000
+        while True:
+            remaining_ms = None
+            if deadline is not None:
+                remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
+            for stream in self.shards:
+                if stream.shard not in self._reads:
+                    self._reads[stream.shard] = asyncio.create_task(
+                        stream.read_new(count, remaining_ms)
+                    )
+            pending = set(self._reads.values())
+            if deadline is None:
+                done, _ = await asyncio.wait(pending)
+            else:
+                done, _ = await asyncio.wait(
+                    pending,
+                    timeout=max(0.0, deadline - time.monotonic()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            entries = self._collect(done)
+            if entries or deadline is None or time.monotonic() >= deadline:
+                return entries
+
+    def _collect(self, done: Iterable[asyncio.Task[list[Entry]]]) -> list[Entry]:
+        """The entries of finished reads; the first failure is raised after all are taken."""
+        entries: list[Entry] = []
+        failure: BaseException | None = None
+        for shard, task in list(self._reads.items()):
+            if task not in done:
+                continue
+            del self._reads[shard]
+            error = task.exception()
+            if error is not None:
+                failure = failure or error
+                continue
+            entries.extend(task.result())
+        if failure is not None:
+            raise failure
+        return entries
+
+    async def settle(self) -> list[Entry]:
+        """Wait for the reads still under way (at stop) and return what they delivered."""
+        if not self._reads:
+            return []
+        done, _ = await asyncio.wait(set(self._reads.values()))
+        try:
+            return self._collect(done)
+        except TransientError:
+            return []  # delivered or not, they wait in this consumer's pending list
+
+    def abandon(self) -> None:
+        """Cancel the reads still under way; what they delivered stays pending."""
+        for task in self._reads.values():
+            task.cancel()
+        self._reads.clear()
+
+    @_transient
+    async def ack(self, entries: Sequence[Entry]) -> int:
+        """XACK ``entries``, each on its shard's stream; one round trip per node."""
+        by_shard: dict[int, list[str]] = defaultdict(list)
+        for entry in entries:
+            by_shard[entry.shard].append(entry.id)
+        if not by_shard:
+            return 0
+        if len(by_shard) == 1:
+            [(shard, ids)] = by_shard.items()
+            acked: int = await self.redis.xack(self._by_index[shard].stream, self.group, *ids)
+            return acked
+        pipe: Any = (
+            self.redis.pipeline()
+            if isinstance(self.redis, RedisCluster)
+            else self.redis.pipeline(transaction=False)
+        )
+        for shard, ids in by_shard.items():
+            pipe.xack(self._by_index[shard].stream, self.group, *ids)
+        replies = await pipe.execute()
+        return sum(int(reply) for reply in replies)

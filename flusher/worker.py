@@ -1,7 +1,9 @@
 """The flusher loop: read a batch from the group, upsert it, COMMIT, then XACK.
 
-The worker joins :class:`~flusher.stream.TickStream` (Redis) and
-:class:`~flusher.db.TickStore` (Postgres) and talks to neither server directly.
+The worker joins :class:`~flusher.stream.ShardedStream` (Redis: every shard it
+reads) and :class:`~flusher.db.TickStore` (Postgres) and talks to neither
+server directly. A batch may hold entries of several shards; each is
+acknowledged on its own shard's stream.
 Its one invariant: an entry is acknowledged only after the transaction holding
 its row has committed. A crash anywhere leaves the entry pending, to be read
 again by this consumer on restart or reclaimed by another.
@@ -26,7 +28,7 @@ from flusher import metrics
 from flusher.db import Row, TickStore, last_per_key
 from flusher.errors import RowsRejected, TransientError
 from flusher.faults import Faults
-from flusher.stream import DeadLetter, Entry, TickStream
+from flusher.stream import DeadLetter, Entry, GroupStats, ShardedStream, TickStream
 from tickpipe.backoff import Backoff
 from tickpipe.settings import Settings
 from tickpipe.ticks import Tick, TickError, from_fields
@@ -45,14 +47,14 @@ class Flusher:
 
     def __init__(
         self,
-        stream: TickStream,
+        streams: ShardedStream,
         store: TickStore,
         settings: Settings,
         *,
         burst: bool = False,
         faults: Faults | None = None,
     ) -> None:
-        self.stream = stream
+        self.streams = streams
         self.store = store
         self.settings = settings
         self.burst = burst
@@ -61,8 +63,8 @@ class Flusher:
         self._stop_deadline: float | None = None
         self._recheck_own_pending = False
         self._servers_ok = True
-        self._in_flight: set[str] = set()
-        """Ids being written by this process: the reclaim loop must not take them too."""
+        self._in_flight: set[tuple[int, str]] = set()
+        """(shard, id) being written by this process: the reclaim loop must not take them too."""
         self.rows_written = 0
         self.entries_acked = 0
         self.dead_lettered = 0
@@ -87,14 +89,14 @@ class Flusher:
     async def run(self) -> None:
         """Drain this consumer's own pending entries, then new ones, until stopped."""
         try:
-            await self._retry("create the consumer group", self.stream.ensure_group)
+            await self._retry("create the consumer group", self.streams.ensure_group)
         except Stopping:
             return
         log.info(
             "flusher %s reading %s as group %s",
-            self.stream.consumer,
-            self.stream.stream,
-            self.stream.group,
+            self.streams.consumer,
+            ", ".join(self.streams.names),
+            self.streams.group,
         )
         if self.burst:
             with contextlib.suppress(Stopping):
@@ -138,21 +140,34 @@ class Flusher:
                     await writing
             if batch:
                 await self._flush(batch)  # read before the stop: finish it too
+            leftover = await self.streams.settle()
+            if leftover:
+                await self._flush(leftover)  # delivered by a read still under way
         except Stopping:
+            self.streams.abandon()
             log.warning("shutdown grace over: unfinished entries stay pending")
 
     async def _drain_own_pending(self) -> None:
         """Entries delivered to this consumer name before a crash or restart come first."""
+        for stream in self.streams.shards:
+            await self._drain_own_pending_of(stream)
+
+    async def _drain_own_pending_of(self, stream: TickStream) -> None:
         after = "0"
         size = self.settings.flush_batch_size
         while not self.stopping:
             batch = await self._retry(
                 "read own pending entries",
-                functools.partial(self.stream.read_own_pending, after, size),
+                functools.partial(stream.read_own_pending, after, size),
             )
             if not batch:
                 return
-            log.info("re-processing %d pending entries of %s", len(batch), self.stream.consumer)
+            log.info(
+                "re-processing %d pending entries of %s on %s",
+                len(batch),
+                stream.consumer,
+                stream.stream,
+            )
             await self._flush(batch)
             after = batch[-1].id
 
@@ -186,7 +201,7 @@ class Flusher:
 
     async def _read_new(self, count: int, block_ms: int | None) -> list[Entry]:
         try:
-            return await self.stream.read_new(count, block_ms)
+            return await self.streams.read_new(count, block_ms)
         except TransientError:
             # Redis may have delivered entries whose reply was lost: they now wait in
             # this consumer's pending list, which only a read from 0 finds.
@@ -207,24 +222,31 @@ class Flusher:
                 )
 
     async def _reclaim_pass(self) -> None:
-        """XAUTOCLAIM every entry idle longer than FLUSH_CLAIM_IDLE_S, cursor to 0-0."""
+        """XAUTOCLAIM, shard by shard, every entry idle longer than FLUSH_CLAIM_IDLE_S."""
+        for stream in self.streams.shards:
+            await self._reclaim_shard(stream)
+
+    async def _reclaim_shard(self, stream: TickStream) -> None:
         min_idle_ms = int(self.settings.flush_claim_idle_s * 1000)
         cursor = "0-0"
         while not self.stopping:
             cursor, entries, deleted = await self._retry(
                 "reclaim idle entries",
                 functools.partial(
-                    self.stream.claim, min_idle_ms, cursor, self.settings.flush_batch_size
+                    stream.claim, min_idle_ms, cursor, self.settings.flush_batch_size
                 ),
             )
             if deleted:
-                await self._count_lost(deleted, "deleted from the stream while pending")
+                await self._count_lost(stream, deleted, "deleted from the stream while pending")
             # XAUTOCLAIM also hands back this process's own slow batch (a lock wait,
             # a long drain after downtime): it is being written already.
-            entries = [entry for entry in entries if entry.id not in self._in_flight]
+            entries = [entry for entry in entries if entry.ref not in self._in_flight]
             if entries:
                 log.info(
-                    "reclaimed %d entries idle for over %.1fs", len(entries), min_idle_ms / 1000
+                    "reclaimed %d entries of %s idle for over %.1fs",
+                    len(entries),
+                    stream.stream,
+                    min_idle_ms / 1000,
                 )
                 self.reclaimed += len(entries)
                 metrics.RECLAIMED.inc(len(entries))
@@ -243,28 +265,37 @@ class Flusher:
                 log.exception("upkeep failed; next one in %.1fs", interval)
 
     async def upkeep(self) -> None:
-        """Trim what no group needs, delete idle consumers, publish pending and lag."""
+        """Per shard: trim what no group needs, delete idle consumers; publish pending and lag."""
+        pending, lag = 0, 0
+        for stream in self.streams.shards:
+            stats = await self._upkeep_shard(stream)
+            pending += stats.pending
+            lag += stats.lag or 0
+        metrics.PENDING.set(pending)
+        metrics.LAG.set(lag)
+
+    async def _upkeep_shard(self, stream: TickStream) -> GroupStats:
         retention_ms = int(self.settings.stream_retention_s * 1000)
         floor = f"{max(0, int(time.time() * 1000) - retention_ms)}-0"
-        trimmed, minid = await self.stream.trim(floor)
+        trimmed, minid = await stream.trim(floor)
         if trimmed:
-            log.info("trimmed %d acknowledged entries older than %s", trimmed, minid)
+            log.info(
+                "trimmed %d acknowledged entries of %s older than %s", trimmed, stream.stream, minid
+            )
             metrics.TRIMMED.inc(trimmed)
         if minid and minid != floor and _entry_time(minid) < _entry_time(floor) - 3600:
             # Retention is not what bounds the stream: a pending entry or a group
             # that stopped reading is. Say so, or memory grows with no word why.
             log.warning(
-                "trimming held back at %s, over an hour before the retention floor:"
+                "trimming %s held back at %s, over an hour before the retention floor:"
                 " an old pending entry or a group that stopped reading (tickpipe audit)",
+                stream.stream,
                 minid,
             )
         idle_ms = int(self.settings.flush_consumer_idle_delete_s * 1000)
-        for name in await self.stream.delete_idle_consumers(idle_ms):
-            log.info("deleted consumer %s: idle with nothing pending", name)
-        stats = await self.stream.stats()
-        metrics.PENDING.set(stats.pending)
-        if stats.lag is not None:
-            metrics.LAG.set(stats.lag)
+        for name in await stream.delete_idle_consumers(idle_ms):
+            log.info("deleted consumer %s of %s: idle with nothing pending", name, stream.stream)
+        return await stream.stats()
 
     async def _sleep_unless_stopped(self, seconds: float) -> bool:
         """Sleep; True as soon as a stop is requested."""
@@ -275,22 +306,22 @@ class Flusher:
     # -- one batch -----------------------------------------------------------------------
 
     async def _flush(self, batch: Sequence[Entry]) -> None:
-        ids = [entry.id for entry in batch]
-        self._in_flight.update(ids)
+        refs = [entry.ref for entry in batch]
+        self._in_flight.update(refs)
         try:
             # COMMIT then XACK as one step that a cancellation cannot split.
             await asyncio.shield(self._commit_then_ack(batch))
         finally:
-            self._in_flight.difference_update(ids)
+            self._in_flight.difference_update(refs)
 
     async def _commit_then_ack(self, batch: Sequence[Entry]) -> None:
         started = time.perf_counter()
         decoded: list[tuple[Entry, Tick]] = []
         poison: list[tuple[Entry, str]] = []
-        gone: list[str] = []
+        gone: list[Entry] = []
         for entry in batch:
             if entry.fields is None:
-                gone.append(entry.id)
+                gone.append(entry)
                 continue
             try:
                 decoded.append((entry, from_fields(entry.fields)))
@@ -302,27 +333,29 @@ class Flusher:
         poison.extend(rejected)
         await self.faults.hit("after_commit")
 
-        if gone:
-            await self._count_lost(gone, "deleted from the stream while pending")
-        ack_ids = [entry.id for entry in written] + gone
-        await self._retry("acknowledge the batch", functools.partial(self.stream.ack, ack_ids))
+        for shard, ids in _ids_by_shard(gone).items():
+            await self._count_lost(
+                self.streams.shards_by_index[shard], ids, "deleted from the stream while pending"
+            )
+        acked = [*written, *gone]
+        await self._retry("acknowledge the batch", functools.partial(self.streams.ack, acked))
         await self.faults.hit("after_ack")
 
         if written:
             # The batch's oldest entry waited longest: its lag bounds every tick's.
             oldest = min(_entry_time(entry.id) for entry in written)
             metrics.COMMIT_LAG.observe(max(0.0, time.time() - oldest))
-        written_ids = {entry.id for entry in written}
-        rows = len({tick.key for entry, tick in decoded if entry.id in written_ids})
+        written_refs = {entry.ref for entry in written}
+        rows = len({tick.key for entry, tick in decoded if entry.ref in written_refs})
         self.rows_written += rows
-        self.entries_acked += len(ack_ids)
+        self.entries_acked += len(acked)
         metrics.BATCHES.inc()
         metrics.ROWS.inc(rows)
         metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
         log.debug(
             "committed %d rows, acked %d entries in %.1f ms",
             rows,
-            len(ack_ids),
+            len(acked),
             (time.perf_counter() - started) * 1000,
         )
         if poison:
@@ -335,6 +368,7 @@ class Flusher:
 
         Returns the entries whose rows are committed and the rejected entries with
         the reason. Entries sharing a key share the fate of that key's last row.
+        A key lives on one shard (its symbol's), so "last" is by one stream's order.
         """
         entries_by_key: dict[tuple[str, int], list[Entry]] = defaultdict(list)
         for entry, tick in decoded:
@@ -369,9 +403,18 @@ class Flusher:
 
     async def _handle_poison(self, poison: Sequence[tuple[Entry, str]]) -> None:
         """Dead-letter entries that failed FLUSH_MAX_DELIVERIES times; leave the others pending."""
+        by_shard: dict[int, list[tuple[Entry, str]]] = defaultdict(list)
+        for entry, reason in poison:
+            by_shard[entry.shard].append((entry, reason))
+        for shard, shard_poison in by_shard.items():
+            await self._handle_shard_poison(self.streams.shards_by_index[shard], shard_poison)
+
+    async def _handle_shard_poison(
+        self, stream: TickStream, poison: Sequence[tuple[Entry, str]]
+    ) -> None:
         deliveries = await self._retry(
             "count deliveries",
-            functools.partial(self.stream.deliveries, [entry.id for entry, _ in poison]),
+            functools.partial(stream.deliveries, [entry.id for entry, _ in poison]),
         )
         limit = self.settings.flush_max_deliveries
         letters = []
@@ -390,13 +433,13 @@ class Flusher:
                 )
         if letters:
             moved = await self._retry(
-                "dead-letter entries", functools.partial(self.stream.dead_letter, letters)
+                "dead-letter entries", functools.partial(stream.dead_letter, letters)
             )
             for letter in letters:
                 log.error(
                     "dead-lettered entry %s to %s after %d deliveries: %s",
                     letter.entry.id,
-                    self.stream.dead_stream,
+                    stream.dead_stream,
                     letter.deliveries,
                     letter.reason,
                 )
@@ -404,13 +447,18 @@ class Flusher:
             self.entries_acked += moved
             metrics.DEAD_LETTERED.inc(moved)
 
-    async def _count_lost(self, ids: Sequence[str], why: str) -> None:
-        total = await self._retry(
-            "count lost entries", functools.partial(self.stream.count_lost, ids)
-        )
+    async def _count_lost(self, stream: TickStream, ids: Sequence[str], why: str) -> None:
+        total = await self._retry("count lost entries", functools.partial(stream.count_lost, ids))
         self.lost += len(ids)
         metrics.LOST.inc(len(ids))
-        log.error("LOST %d entries (%s): %s; lost so far: %d", len(ids), why, ", ".join(ids), total)
+        log.error(
+            "LOST %d entries of %s (%s): %s; lost so far on that shard: %d",
+            len(ids),
+            stream.stream,
+            why,
+            ", ".join(ids),
+            total,
+        )
 
     # -- retries -------------------------------------------------------------------------
 
@@ -438,6 +486,13 @@ class Flusher:
                 log.info("recovered: %s succeeded after %d retries", what, backoff.attempt)
             self._servers_ok = True
             return result
+
+
+def _ids_by_shard(entries: Sequence[Entry]) -> dict[int, list[str]]:
+    by_shard: dict[int, list[str]] = defaultdict(list)
+    for entry in entries:
+        by_shard[entry.shard].append(entry.id)
+    return by_shard
 
 
 def _entry_time(entry_id: str) -> float:

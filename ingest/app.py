@@ -17,8 +17,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
-from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio import RedisCluster
+from redis.exceptions import ResponseError
 
 from ingest import metrics, queries, ranges, sse
 from ingest.appkeys import AUTH, BACKLOG, INFLIGHT, READ_AUTH, REDIS, SETTINGS, WRITER
@@ -28,8 +28,9 @@ from ingest.decode import decode_json_array, decode_ndjson, decode_tick
 from ingest.errors import ApiError, error_middleware, json_response
 from ingest.inflight import InFlight
 from ingest.openapi import openapi_document
-from ingest.writer import NotDurable, TickWriter
+from ingest.writer import NotDurable, PartialWrite, TickWriter
 from tickpipe import loop, redis_conn
+from tickpipe.redis_conn import RedisClient
 from tickpipe.settings import Settings
 from tickpipe.ticks import Tick
 
@@ -100,6 +101,14 @@ async def store(request: web.Request, token_name: str, ticks: list[Tick]) -> web
             f"{exc}; the ticks may or may not be stored: resend them (resending is idempotent)",
             headers={"Retry-After": "1"},
         ) from None
+    except PartialWrite as exc:
+        log.warning("request stored in part: %s", exc)
+        raise ApiError(
+            503,
+            "partially_stored",
+            f"{exc}; resend the whole request (resending is idempotent)",
+            headers={"Retry-After": "1"},
+        ) from None
     except ResponseError as exc:
         if "WAITAOF" not in str(exc):
             raise
@@ -150,15 +159,24 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """GET /readyz: Redis answers and the consumer group exists."""
+    """GET /readyz: Redis answers and every shard's stream has the consumer group."""
     settings = request.app[SETTINGS]
+    redis = request.app[REDIS]
+    streams = [shard.stream for shard in settings.shard_map.shards]
     try:
-        groups = await request.app[REDIS].xinfo_groups(settings.stream_name)
-    except RedisError as exc:
+        replies = await asyncio.gather(*(redis.xinfo_groups(stream) for stream in streams))
+    except redis_conn.FAILURES as exc:
         return json_response({"status": "unavailable", "detail": f"redis: {exc}"}, 503)
-    names = {g["name"].decode() if isinstance(g["name"], bytes) else g["name"] for g in groups}
-    if settings.group_name not in names:
-        return json_response({"status": "unavailable", "detail": "consumer group missing"}, 503)
+    missing = [
+        stream
+        for stream, groups in zip(streams, replies, strict=True)
+        if settings.group_name not in {redis_conn.text(g["name"]) for g in groups}
+    ]
+    if missing:
+        return json_response(
+            {"status": "unavailable", "detail": f"consumer group missing on {', '.join(missing)}"},
+            503,
+        )
     return json_response({"status": "ready"})
 
 
@@ -207,36 +225,36 @@ def record_refusal(request: web.Request, error: ApiError) -> None:
     log.log(level, "refused %s %s from %s: %s", error.status, error.code, token_name, error)
 
 
-def redis_ctx(client: Redis | None) -> Callable[[web.Application], AsyncIterator[None]]:
+def redis_ctx(client: RedisClient | None) -> Callable[[web.Application], AsyncIterator[None]]:
     """The Redis client: ``client`` if given (tests), else one opened from REDIS_URL."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
-        redis = client or redis_conn.connect(settings.redis_url, client_name="tickpipe-ingest")
-        app[REDIS] = redis
-        app[WRITER] = TickWriter(
-            redis,
-            settings.stream_name,
-            settings.latest_key,
-            fsync=settings.ingest_durability == "fsync",
-            waitaof_timeout_ms=settings.ingest_waitaof_timeout_ms,
+        redis = client or await redis_conn.open_client(
+            settings.redis_url, settings.redis_cluster, client_name="tickpipe-ingest"
         )
+        app[REDIS] = redis
+        # Now known: a cluster's key names are hash-tagged even with one shard.
+        settings = app[SETTINGS] = settings.replace(redis_cluster=isinstance(redis, RedisCluster))
+        app[WRITER] = TickWriter.from_settings(redis, settings)
+        streams = [shard.stream for shard in settings.shard_map.shards]
         monitor = BacklogMonitor(
             redis,
-            settings.stream_name,
+            streams,
             settings.group_name,
             settings.ingest_max_backlog,
             settings.ingest_backlog_poll_s,
         )
         app[BACKLOG] = monitor
         try:
-            await redis_conn.ensure_group(redis, settings.stream_name, settings.group_name)
+            for stream in streams:
+                await redis_conn.ensure_group(redis, stream, settings.group_name)
             monitor.backlog = await monitor.measure()
-        except RedisError as exc:
+        except redis_conn.FAILURES as exc:
             # Start anyway: requests get 503 until Redis is back.
             log.warning("redis unavailable at start (%s); answering 503 until it is back", exc)
         poller = asyncio.create_task(monitor.run(), name="backlog-monitor")
-        hub = app[sse.HUB] = sse.StreamHub(redis, settings.stream_name)
+        hub = app[sse.HUB] = sse.StreamHubs(redis, streams)
         yield
         await hub.stop()
         poller.cancel()
@@ -248,7 +266,7 @@ def redis_ctx(client: Redis | None) -> Callable[[web.Application], AsyncIterator
     return ctx
 
 
-def create_app(settings: Settings, *, redis: Redis | None = None) -> web.Application:
+def create_app(settings: Settings, *, redis: RedisClient | None = None) -> web.Application:
     """The ingest application for ``settings`` (``redis``: a client to use instead of REDIS_URL)."""
     if not settings.ingest_tokens:
         raise ValueError("no ingest tokens configured: set INGEST_TOKENS or INGEST_TOKENS_FILE")

@@ -8,14 +8,16 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
-from redis.exceptions import BusyLoadingError, ConnectionError, ResponseError, TimeoutError
+from redis.exceptions import ResponseError
+
+from tickpipe.redis_conn import UNAVAILABLE
 
 log = logging.getLogger("tickpipe.ingest")
 
 _json = msgspec.json.Encoder()
 
-REDIS_DOWN = (ConnectionError, TimeoutError, BusyLoadingError)
-"""Redis errors that mean "unavailable right now": 503, retry later."""
+REDIS_DOWN = UNAVAILABLE
+"""Redis errors that mean "unavailable right now" (a cluster failing over too): 503, retry later."""
 
 
 class ApiError(Exception):
@@ -75,6 +77,14 @@ def error_middleware(max_body_bytes: int, on_error: OnError) -> Any:
                 exc.reason,
                 headers={k: v for k, v in exc.headers.items() if k.lower() != "content-type"},
             )
+        except REDIS_DOWN as exc:  # before ResponseError: CLUSTERDOWN, TRYAGAIN are both
+            log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
+            error = ApiError(
+                503,
+                "redis_unavailable",
+                "the tick store (Redis) is unavailable; nothing was stored, retry later",
+                headers={"Retry-After": "1"},
+            )
         except ResponseError as exc:
             # MISCONF, OOM, READONLY...: Redis is up but will not take the write.
             log.error("redis refused the request: %s", exc)
@@ -82,14 +92,6 @@ def error_middleware(max_body_bytes: int, on_error: OnError) -> Any:
                 503,
                 "redis_unavailable",
                 f"the tick store (Redis) refused the write ({exc}); nothing was stored",
-                headers={"Retry-After": "1"},
-            )
-        except REDIS_DOWN as exc:
-            log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
-            error = ApiError(
-                503,
-                "redis_unavailable",
-                "the tick store (Redis) is unavailable; nothing was stored, retry later",
                 headers={"Retry-After": "1"},
             )
         on_error(request, error)

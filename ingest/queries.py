@@ -22,13 +22,12 @@ from urllib.parse import urlencode
 import msgspec
 from aiohttp import web
 from multidict import MultiMapping
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from ingest.appkeys import READ_AUTH, REDIS, SETTINGS, STORE
 from ingest.errors import ApiError, json_response
 from ingest.tickstore import TickStore
 from tickpipe.pgerrors import is_transient
+from tickpipe.redis_conn import FAILURES, RedisClient
 from tickpipe.ticks import MAX_TS_US, SYMBOL, Tick, TickError, parse_ts, to_json
 
 log = logging.getLogger("tickpipe.ingest")
@@ -149,7 +148,9 @@ async def get_latest(request: web.Request) -> web.Response:
     authenticate_read(request)
     symbol = path_symbol(request)
     check_known(request.query)
-    tick = await latest_from_redis(request.app[REDIS], request.app[SETTINGS].latest_key, symbol)
+    # The symbol's shard holds its latest price (the same hash when there is one shard).
+    latest_key = request.app[SETTINGS].shard_map.for_symbol(symbol).latest
+    tick = await latest_from_redis(request.app[REDIS], latest_key, symbol)
     origin = "stream"
     if tick is None:
         with store_unavailable_as_503("latest"):
@@ -170,11 +171,11 @@ class _Latest(msgspec.Struct):
 _latest_decoder = msgspec.json.Decoder(_Latest)
 
 
-async def latest_from_redis(redis: Redis, key: str, symbol: str) -> Tick | None:
+async def latest_from_redis(redis: RedisClient, key: str, symbol: str) -> Tick | None:
     """The symbol's entry in the latest-price hash (written with every XADD), or None."""
     try:
         raw = await redis.hget(key, symbol)
-    except RedisError as exc:
+    except FAILURES as exc:
         log.warning("latest %s: redis unavailable (%s); answering from Postgres", symbol, exc)
         return None
     if raw is None:

@@ -19,6 +19,14 @@ A client goes through two phases:
 2. Live: it subscribes to the hub, reads one more XRANGE page set to cover
    entries the hub passed before the subscription, then takes events from its
    queue, skipping ids it has already sent.
+
+With ``STREAM_SHARDS=N`` an event stream follows one shard: stream ids of
+different shards are not comparable, so one shard's id is a complete resume
+position and a mix of shards' ids would not be. A client names symbols of one
+shard (their shard is found for it) or ``shard=K`` for every symbol of shard
+K; a request whose symbols span shards is refused with the shard of each, so
+the client opens one event stream per shard, each resumable on its own. There
+is one hub per shard (each a single-key XREAD, so it works on a cluster too).
 """
 
 from __future__ import annotations
@@ -32,7 +40,6 @@ from typing import Any
 import msgspec
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from ingest import metrics
@@ -41,6 +48,8 @@ from ingest.errors import ApiError
 from ingest.queries import authenticate_read, check_known
 from tickpipe import redis_conn
 from tickpipe.backoff import Backoff
+from tickpipe.redis_conn import FAILURES, RedisClient
+from tickpipe.shards import ShardMap
 from tickpipe.ticks import SYMBOL, TickError, from_fields, to_json
 
 log = logging.getLogger("tickpipe.sse")
@@ -124,7 +133,7 @@ class Subscription:
 class StreamHub:
     """Reads the stream once for every SSE client of this process."""
 
-    def __init__(self, redis: Redis, stream: str) -> None:
+    def __init__(self, redis: RedisClient, stream: str) -> None:
         self._redis = redis
         self._stream = stream
         self._subs: set[Subscription] = set()
@@ -193,7 +202,7 @@ class StreamHub:
                 reply: Any = await self._redis.xread(
                     {self._stream: cursor}, count=READ_PAGE, block=BLOCK_MS
                 )
-            except RedisError as exc:
+            except FAILURES as exc:
                 delay = backoff.next_delay()
                 log.warning("sse: cannot read the stream (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
@@ -224,7 +233,26 @@ class StreamHub:
         return wanted
 
 
-HUB = web.AppKey("sse_hub", StreamHub)
+class StreamHubs:
+    """One hub per shard, started only when a client listens to that shard."""
+
+    def __init__(self, redis: RedisClient, streams: Iterable[str]) -> None:
+        self.hubs = [StreamHub(redis, stream) for stream in streams]
+
+    @property
+    def clients(self) -> int:
+        return sum(hub.clients for hub in self.hubs)
+
+    def close(self) -> None:
+        for hub in self.hubs:
+            hub.close()
+
+    async def stop(self) -> None:
+        for hub in self.hubs:
+            await hub.stop()
+
+
+HUB = web.AppKey("sse_hub", StreamHubs)
 
 
 async def end_streams(app: web.Application) -> None:
@@ -258,6 +286,47 @@ def parse_symbols(raw: str | None) -> frozenset[str] | None:
     return symbols
 
 
+def choose_shard(shards: ShardMap, symbols: frozenset[str] | None, raw_shard: str | None) -> int:
+    """The one shard an event stream follows (see the module docstring)."""
+    if raw_shard is not None:
+        if not raw_shard.isdigit() or int(raw_shard) >= shards.count:
+            raise ApiError(
+                422,
+                "invalid_parameter",
+                f"shard must be 0 to {shards.count - 1} (STREAM_SHARDS={shards.count})",
+                field="shard",
+            )
+        chosen = int(raw_shard)
+    elif symbols is not None:
+        chosen = shards.for_symbol(next(iter(symbols))).index
+    elif shards.count == 1:
+        return 0
+    else:
+        raise ApiError(
+            422,
+            "invalid_parameter",
+            f"the ticks are spread over {shards.count} shards, each resumable on its own:"
+            f" name symbols of one shard, or shard=0 to {shards.count - 1}",
+            field="symbols",
+        )
+    elsewhere = {
+        symbol: shards.for_symbol(symbol).index
+        for symbol in sorted(symbols or ())
+        if shards.for_symbol(symbol).index != chosen
+    }
+    if elsewhere:
+        where = ", ".join(
+            f"{symbol}: shard {shards.for_symbol(symbol).index}" for symbol in sorted(symbols or ())
+        )
+        raise ApiError(
+            422,
+            "invalid_parameter",
+            f"these symbols are on different shards ({where}): open one event stream per shard",
+            field="symbols",
+        )
+    return chosen
+
+
 def parse_last_event_id(raw: str | None) -> str | None:
     if raw is None or raw == "":
         return None
@@ -276,12 +345,16 @@ def parse_last_event_id(raw: str | None) -> str | None:
 async def stream_ticks(request: web.Request) -> web.StreamResponse:
     """GET /ticks/stream: ticks as Server-Sent Events, resumable with Last-Event-ID."""
     authenticate_read(request)
-    check_known(request.query, "symbols")
+    check_known(request.query, "symbols", "shard")
     symbols = parse_symbols(request.query.get("symbols"))
     resume_from = parse_last_event_id(request.headers.get("Last-Event-ID"))
     settings = request.app[SETTINGS]
-    hub = request.app[HUB]
-    if hub.clients >= settings.sse_max_clients:
+    shard = settings.shard_map.shards[
+        choose_shard(settings.shard_map, symbols, request.query.get("shard"))
+    ]
+    hubs = request.app[HUB]
+    hub = hubs.hubs[shard.index]
+    if hubs.clients >= settings.sse_max_clients:
         raise ApiError(
             503,
             "too_many_clients",
@@ -291,15 +364,15 @@ async def stream_ticks(request: web.Request) -> web.StreamResponse:
     redis = request.app[REDIS]
     try:
         cursor = resume_from or await hub.tail()
-        gap = await trimmed_after(redis, settings.stream_name, resume_from)
-    except RedisError as exc:
+        gap = await trimmed_after(redis, shard.stream, resume_from)
+    except FAILURES as exc:
         raise ApiError(
             503,
             "redis_unavailable",
             f"the tick stream (Redis) is unavailable ({exc}); retry later",
             headers={"Retry-After": "1"},
         ) from None
-    client = _Client(request, redis, settings.stream_name, symbols)
+    client = _Client(request, redis, shard.stream, symbols)
     async with sse_response(
         request,
         ping_interval=settings.sse_heartbeat_s,
@@ -314,14 +387,14 @@ async def stream_ticks(request: web.Request) -> web.StreamResponse:
             )
         except (ConnectionResetError, TimeoutError, RuntimeError) as exc:
             reason = f"client gone ({type(exc).__name__})"
-        except RedisError as exc:
+        except FAILURES as exc:
             reason = f"redis unavailable: {exc}"
         log.debug("sse client %s ended: %s", request.remote, reason)
     return response
 
 
 async def trimmed_after(
-    redis: Redis, stream: str, resume_from: str | None
+    redis: RedisClient, stream: str, resume_from: str | None
 ) -> dict[str, str] | None:
     """Whether entries after ``resume_from`` may have been trimmed away; None if not.
 
@@ -357,7 +430,11 @@ class _Client:
     """One event-stream response: catch-up, then live events from the hub."""
 
     def __init__(
-        self, request: web.Request, redis: Redis, stream: str, symbols: frozenset[str] | None
+        self,
+        request: web.Request,
+        redis: RedisClient,
+        stream: str,
+        symbols: frozenset[str] | None,
     ) -> None:
         self._request = request
         self._redis = redis

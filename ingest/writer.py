@@ -1,18 +1,43 @@
-"""Appending ticks to the stream: one atomic Lua step per request."""
+"""Appending ticks to the stream: one atomic Lua step per shard of a request.
+
+With one shard (the default) a request is one script call: all its ticks are
+appended or none. With ``STREAM_SHARDS=N`` the ticks are grouped by shard (a
+symbol's shard is fixed, see tickpipe/shards.py) and each group is one script
+call on its shard's keys, which share one cluster slot. The calls travel in one
+pipeline (one round trip per Redis node); each is atomic, the request as a
+whole is not: when a shard fails after another succeeded, ingest answers 503
+and says so, and the feeder resends the request. Resending is harmless: a
+tick's row is keyed by ``(symbol, ts)`` and the flushers' upsert is idempotent.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
-from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
+from redis.exceptions import (
+    AskError,
+    ConnectionError,
+    MovedError,
+    NoScriptError,
+    ResponseError,
+    TryAgainError,
+)
 
+from tickpipe import redis_conn
+from tickpipe.redis_conn import RedisClient
+from tickpipe.settings import Durability, Settings
+from tickpipe.shards import ShardMap
 from tickpipe.ticks import Tick, to_fields
 
 # The "#!lua" shebang (Redis 7 script flags, here none) makes Redis refuse the
 # script whole when it cannot write (OOM, read-only replica) instead of failing
 # at some XADD midway: a request's ticks are appended all together or not at all.
-# KEYS[1] the stream, KEYS[2] the latest-price hash.
+# KEYS[1] the stream, KEYS[2] the latest-price hash (one shard: one cluster slot).
 # ARGV: five strings per tick (symbol, ts, price, volume, source).
 # Each tick becomes one entry; the hash keeps, per symbol, the tick with the
 # greatest ts (a tick with an equal ts replaces it, as it replaces the row).
@@ -41,62 +66,296 @@ end
 return ids
 """
 
+CLUSTER_ATTEMPTS = 8
+"""Rounds a cluster write may take to follow MOVED/ASK/TRYAGAIN before giving up (503)."""
+
 
 class NotDurable(Exception):
-    """WAITAOF did not confirm the local AOF fsync in time (INGEST_DURABILITY=fsync)."""
+    """WAITAOF or WAIT did not confirm the write in time (INGEST_DURABILITY=fsync/replica)."""
+
+
+class PartialWrite(Exception):
+    """Some shards of a request were appended and others were not."""
+
+    def __init__(self, stored: Sequence[int], failed: Sequence[int], cause: Exception) -> None:
+        super().__init__(
+            f"shards {', '.join(map(str, stored))} stored their ticks, shards"
+            f" {', '.join(map(str, failed))} did not ({cause})"
+        )
+        self.cause = cause
+
+
+@dataclasses.dataclass
+class _Group:
+    """The ticks of one request that belong to one shard."""
+
+    shard: int
+    keys: tuple[str, str]
+    positions: list[int]
+    argv: list[str]
+    ids: list[str] | None = None
+    error: Exception | None = None
 
 
 class TickWriter:
-    """Appends validated ticks to the stream and the latest-price hash.
+    """Appends validated ticks to their shard's stream and latest-price hash.
 
-    With ``fsync``, the answer waits for WAITAOF to report that the local AOF
-    holds the entries on disk; WAITAOF covers the writes of its own connection,
-    so it travels with the script in one pipeline: still one round trip.
+    Durability (``INGEST_DURABILITY``): ``everysec`` answers once Redis has the
+    entries; ``fsync`` waits for WAITAOF to report the local AOF fsync; ``replica``
+    waits for WAIT to report that ``wait_replicas`` replicas have them, so that a
+    master killed right after the answer loses nothing its promoted replica
+    does not hold. WAITAOF and WAIT cover the writes of their own connection,
+    so each travels in the pipeline of the node that ran the scripts.
     """
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         stream: str,
         latest_key: str,
         *,
-        fsync: bool = False,
-        waitaof_timeout_ms: int = 1000,
+        shards: int = 1,
+        durability: Durability = "everysec",
+        wait_timeout_ms: int = 1000,
+        wait_replicas: int = 1,
     ) -> None:
         self._redis = redis
-        self._keys = [stream, latest_key]
+        self._map = ShardMap.build(
+            shards, stream=stream, latest=latest_key, tagged=isinstance(redis, RedisCluster)
+        )
         self._script = redis.register_script(APPEND_LUA)
-        self._fsync = fsync
-        self._waitaof_timeout_ms = waitaof_timeout_ms
+        self._durability = durability
+        self._wait_timeout_ms = wait_timeout_ms
+        self._wait_replicas = wait_replicas
+
+    @classmethod
+    def from_settings(cls, redis: RedisClient, settings: Settings) -> TickWriter:
+        timeout_ms = (
+            settings.ingest_waitaof_timeout_ms
+            if settings.ingest_durability == "fsync"
+            else settings.ingest_wait_timeout_ms
+        )
+        return cls(
+            redis,
+            settings.stream_name,
+            settings.latest_key,
+            shards=settings.stream_shards,
+            durability=settings.ingest_durability,
+            wait_timeout_ms=timeout_ms,
+            wait_replicas=settings.ingest_wait_replicas,
+        )
 
     async def append(self, ticks: Sequence[Tick]) -> list[str]:
-        """Append every tick atomically; returns their stream ids in order."""
-        argv: list[str] = []
-        for tick in ticks:
-            argv.extend(to_fields(tick).values())
-        if self._fsync:
-            ids = await self._append_fsync(argv)
-        else:
-            ids = await self._script(keys=self._keys, args=argv)
-        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+        """Append every tick; returns their stream ids in the order of ``ticks``.
 
-    async def _append_fsync(self, argv: list[str]) -> list[bytes]:
-        for attempt in (1, 2):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.evalsha(self._script.sha, len(self._keys), *self._keys, *argv)
-                pipe.execute_command("WAITAOF", 1, 0, self._waitaof_timeout_ms)
-                try:
-                    ids, (local, _replicas) = await pipe.execute()
-                except NoScriptError:
-                    # The script did not run (a restarted Redis): load it and run it once more.
-                    if attempt == 2:
-                        raise
-                    await self._redis.script_load(APPEND_LUA)
-                    continue
+        Raises the Redis error when nothing was stored, :class:`PartialWrite`
+        when some shards were, :class:`NotDurable` when the durability wait
+        fell short.
+        """
+        try:
+            return await self._append(ticks)
+        except RuntimeError as exc:
+            if not redis_conn.closed_transport(exc):
+                raise
+            raise ConnectionError(f"connection closed under the write: {exc}") from exc
+
+    async def _append(self, ticks: Sequence[Tick]) -> list[str]:
+        groups = self._group(ticks)
+        if self._durability == "everysec" and len(groups) == 1 and not self._is_cluster:
+            # The common case, as before sharding: one script call.
+            [group] = groups
+            raw = await self._script(keys=list(group.keys), args=group.argv)
+            return [_text(i) for i in raw]
+        if isinstance(self._redis, RedisCluster):
+            await self._append_cluster(self._redis, groups)
+        else:
+            await self._append_single(self._redis, groups)
+        failed = [g for g in groups if g.ids is None]
+        if failed:
+            stored = [g.shard for g in groups if g.ids is not None]
+            cause = failed[0].error or RuntimeError("not stored")
+            if not stored:
+                raise cause
+            raise PartialWrite(stored, [g.shard for g in failed], cause)
+        ids: list[str] = [""] * len(ticks)
+        for group in groups:
+            assert group.ids is not None
+            for position, entry_id in zip(group.positions, group.ids, strict=True):
+                ids[position] = entry_id
+        return ids
+
+    @property
+    def _is_cluster(self) -> bool:
+        return isinstance(self._redis, RedisCluster)
+
+    def _group(self, ticks: Sequence[Tick]) -> list[_Group]:
+        groups: dict[int, _Group] = {}
+        for position, tick in enumerate(ticks):
+            shard = self._map.for_symbol(tick.symbol)
+            group = groups.get(shard.index)
+            if group is None:
+                group = groups[shard.index] = _Group(
+                    shard.index, (shard.stream, shard.latest), [], []
+                )
+            group.positions.append(position)
+            group.argv.extend(to_fields(tick).values())
+        return list(groups.values())
+
+    def _wait_command(self) -> tuple[Any, ...] | None:
+        if self._durability == "fsync":
+            return ("WAITAOF", 1, 0, self._wait_timeout_ms)
+        if self._durability == "replica":
+            return ("WAIT", self._wait_replicas, self._wait_timeout_ms)
+        return None
+
+    def _check_wait(self, reply: Any) -> None:
+        if isinstance(reply, Exception):
+            raise reply
+        if self._durability == "fsync":
+            local, _replicas = reply
             if int(local) < 1:
                 raise NotDurable(
-                    f"Redis did not confirm the AOF fsync within {self._waitaof_timeout_ms} ms"
+                    f"Redis did not confirm the AOF fsync within {self._wait_timeout_ms} ms"
                 )
-            result: list[bytes] = ids
-            return result
-        raise AssertionError("unreachable")
+        elif int(reply) < self._wait_replicas:
+            raise NotDurable(
+                f"{int(reply)} of {self._wait_replicas} replicas confirmed the write within"
+                f" {self._wait_timeout_ms} ms"
+            )
+
+    async def _append_single(self, redis: Redis, groups: list[_Group]) -> None:
+        """One pipeline on one connection: every shard's script, then the durability wait."""
+        wait = self._wait_command()
+        todo = groups
+        for attempt in (1, 2):
+            async with redis.pipeline(transaction=False) as pipe:
+                for group in todo:
+                    pipe.evalsha(self._script.sha, 2, *group.keys, *group.argv)
+                if wait is not None:
+                    pipe.execute_command(*wait)
+                replies = await pipe.execute(raise_on_error=False)
+            missing = self._take(todo, replies[: len(todo)])
+            if wait is not None:
+                self._check_wait(replies[-1])
+            if not missing:
+                return
+            if attempt == 2:
+                break
+            # The script did not run (a restarted Redis): load it and run those once more.
+            await redis.script_load(APPEND_LUA)
+            todo = missing
+
+    async def _append_cluster(self, redis: RedisCluster, groups: list[_Group]) -> None:
+        """Per node, one pipeline on one connection: its shards' scripts, then its wait.
+
+        Each command is sent to the node that owns the shard's slot; a MOVED,
+        ASK or TRYAGAIN reply means the script did not run there, so it is sent
+        again where the cluster says, for a few rounds.
+        """
+        await redis.initialize()  # a no-op unless a failure asked for a new slot map
+        wait = self._wait_command()
+        targets: dict[int, tuple[ClusterNode, bool]] = {}  # shard -> (node, send ASKING)
+        todo = groups
+        for _attempt in range(CLUSTER_ATTEMPTS):
+            by_node: dict[str, list[_Group]] = {}
+            nodes: dict[str, ClusterNode] = {}
+            for group in todo:
+                node, _asking = targets.get(group.shard) or (
+                    _primary(redis, group.keys[0]),
+                    False,
+                )
+                nodes[node.name] = node
+                by_node.setdefault(node.name, []).append(group)
+            pipe = redis.pipeline()
+            layout: list[tuple[str, _Group | None]] = []
+            for name, node_groups in by_node.items():
+                for group in node_groups:
+                    if targets.get(group.shard, (None, False))[1]:
+                        pipe.execute_command("ASKING", target_nodes=nodes[name])
+                        layout.append(("asking", None))
+                    pipe.execute_command(
+                        "EVALSHA",
+                        self._script.sha,
+                        2,
+                        *group.keys,
+                        *group.argv,
+                        target_nodes=nodes[name],
+                    )
+                    layout.append(("script", group))
+                if wait is not None:
+                    pipe.execute_command(*wait, target_nodes=nodes[name])
+                    layout.append((name, None))
+            replies = await pipe.execute(raise_on_error=False, allow_redirections=False)
+            retry: list[_Group] = []
+            reload = False
+            pause = False
+            wait_replies: dict[str, Any] = {}
+            for (kind, sent), reply in zip(layout, replies, strict=True):
+                if sent is None:
+                    if kind != "asking":
+                        wait_replies[kind] = reply
+                    continue
+                group = sent
+                targets.pop(group.shard, None)
+                if isinstance(reply, AskError) and not isinstance(reply, MovedError):
+                    targets[group.shard] = (await _node_at(redis, reply), True)
+                    retry.append(group)
+                elif isinstance(reply, MovedError):
+                    await redis.nodes_manager.initialize()
+                    retry.append(group)
+                elif isinstance(reply, TryAgainError):
+                    pause = True
+                    retry.append(group)
+                elif isinstance(reply, NoScriptError):
+                    reload = True
+                    retry.append(group)
+                elif isinstance(reply, Exception):
+                    group.error = reply
+                else:
+                    group.ids = [_text(i) for i in reply]
+            for name, reply in wait_replies.items():
+                if any(g.ids is not None for g in by_node[name]):
+                    self._check_wait(reply)
+            if not retry:
+                return
+            if reload:
+                await redis.script_load(APPEND_LUA)  # on every primary
+            if pause:
+                await asyncio.sleep(0.05)  # a slot is moving its keys
+            todo = retry
+        for group in todo:
+            group.error = ResponseError("the cluster kept redirecting the write; retry later")
+
+    @staticmethod
+    def _take(groups: list[_Group], replies: list[Any]) -> list[_Group]:
+        """Record each group's ids or error; returns the groups whose script was not loaded."""
+        missing = []
+        for group, reply in zip(groups, replies, strict=True):
+            if isinstance(reply, NoScriptError):
+                missing.append(group)
+            elif isinstance(reply, Exception):
+                group.error = reply
+            else:
+                group.ids = [_text(i) for i in reply]
+        return missing
+
+
+def _primary(redis: RedisCluster, key: str) -> ClusterNode:
+    node = redis.get_node_from_key(key)
+    assert node is not None  # the primary; None only when asking for a replica
+    return node
+
+
+async def _node_at(redis: RedisCluster, redirect: AskError) -> ClusterNode:
+    """The node an ASK points to (a node new to this client: after a fresh slot map)."""
+    node = redis.get_node(redirect.host, redirect.port)
+    if node is None:
+        await redis.nodes_manager.initialize()
+        node = redis.get_node(redirect.host, redirect.port)
+    if node is None:
+        raise ResponseError(f"ASK to {redirect.host}:{redirect.port}, a node the cluster lacks")
+    return node
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -14,6 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tickpipe import redis_conn
+from tickpipe.cluster_stack import LocalCluster
 from tickpipe.settings import Settings
 from tickpipe.stack import LocalStack, free_port
 
@@ -34,6 +35,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
 
 def _quiet(message: str) -> None:
     pass
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A Redis Cluster of 3 masters and 3 replicas, started only for the tests that ask."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"), log=_quiet)
+    try:
+        cluster.up()
+        yield cluster
+    finally:
+        cluster.down()
 
 
 def service_env(stack: LocalStack, **extra: str) -> dict[str, str]:

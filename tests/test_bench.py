@@ -40,3 +40,27 @@ def test_bench_produces_its_report(tmp_path: Path) -> None:
     assert set(results["ratios"]) >= {"batch_e2e_vs_direct", "drain_vs_copy_ceiling"}
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
     assert "ratios (same run)" in run.stdout
+
+
+def test_bench_shards_reports_each_shape(tmp_path: Path) -> None:
+    out = tmp_path / "scale"
+    run = subprocess.run(
+        [
+            sys.executable, "-m", "tickpipe", "bench", "--shards", "2", "--flushers", "1",
+            "--duration-s", "1", "--drain-entries", "2000",
+            "--state-dir", str(tmp_path / "state"), "--out", str(out),
+        ],
+        env=os.environ,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["shards"], r["flushers"]) for r in results["runs"]] == [(1, 1), (2, 1), (2, 2)]
+    for shape in results["runs"]:
+        assert shape["drain_rows_per_s"] > 0
+        assert shape["batch_committed_rows_per_s"] > 0
+    assert results["runs"][0]["drain_vs_1x1"] == 1.0
+    assert "tickpipe bench --shards" in run.stdout

@@ -3,7 +3,8 @@
 The report is a plain dict with a stable, documented shape (docs/audit.md), so
 `--json` prints exactly what the table shows. ``--verify`` pages through the
 stream (never loading it whole) and checks every acknowledged entry against
-md_ticks.
+md_ticks. With STREAM_SHARDS > 1 every shard is audited on its own
+(``shards``) and the top-level figures are the totals.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from tickpipe.redis_conn import text, xrange_pages
+from tickpipe.redis_conn import RedisClient, text, xrange_pages
 from tickpipe.settings import Settings
+from tickpipe.shards import Shard
 from tickpipe.ticks import EPOCH, TickError, datetime_to_us, from_fields
 
 PAGE_SIZE = 5000
@@ -50,9 +51,19 @@ def id_key(entry_id: str) -> tuple[int, int]:
 # -- Redis side ---------------------------------------------------------------------------
 
 
-async def stream_report(redis: Redis, settings: Settings, limits: Thresholds) -> dict[str, Any]:
-    """Stream, groups, consumers, stuck entries, dead letters, lost counter."""
-    stream = settings.stream_name
+async def stream_report(
+    redis: RedisClient, settings: Settings, limits: Thresholds
+) -> dict[str, Any]:
+    """Stream, groups, consumers, stuck entries, dead letters, lost counter: per shard, in total."""
+    shards = [await shard_report(redis, shard, limits) for shard in settings.shard_map.shards]
+    if len(shards) == 1:
+        return {**shards[0], "shards": [_shard_summary(shards[0], 0)]}
+    return {**_totals(shards), "shards": [_shard_summary(r, i) for i, r in enumerate(shards)]}
+
+
+async def shard_report(redis: RedisClient, shard: Shard, limits: Thresholds) -> dict[str, Any]:
+    """One shard's stream, groups, consumers, stuck entries, dead letters and lost counter."""
+    stream = shard.stream
     now_ms = int(time.time() * 1000)
     try:
         info: dict[str, Any] = await redis.xinfo_stream(stream)
@@ -124,6 +135,7 @@ async def stream_report(redis: Redis, settings: Settings, limits: Thresholds) ->
                 stuck.append(
                     {
                         "id": entry_id,
+                        "stream": stream,
                         "group": name,
                         "consumer": text(entry["consumer"]),
                         "idle_ms": idle_ms,
@@ -137,13 +149,14 @@ async def stream_report(redis: Redis, settings: Settings, limits: Thresholds) ->
         "count": stuck_count,
         "entries": stuck,
     }
-    newest: Any = await redis.xrevrange(settings.dead_stream_name, count=5)
+    newest: Any = await redis.xrevrange(shard.dead_stream, count=5)
     report["dead_letters"] = {
-        "stream": settings.dead_stream_name,
-        "length": await redis.xlen(settings.dead_stream_name),
+        "stream": shard.dead_stream,
+        "length": await redis.xlen(shard.dead_stream),
         "newest": [
             {
                 "id": text(dead_id),
+                "dead_stream": shard.dead_stream,
                 "original_id": text(fields.get(b"original_id", b"")),
                 "reason": text(fields.get(b"reason", b"")),
                 "deliveries": int(fields.get(b"deliveries", b"0")),
@@ -151,12 +164,90 @@ async def stream_report(redis: Redis, settings: Settings, limits: Thresholds) ->
             for dead_id, fields in newest
         ],
     }
-    report["lost"] = int(await redis.get(settings.lost_key) or 0)
+    report["lost"] = int(await redis.get(shard.lost) or 0)
     return report
 
 
+def _shard_summary(report: dict[str, Any], index: int) -> dict[str, Any]:
+    return {"index": index, **report}
+
+
+def _totals(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures of several shards added up (ids, which are per stream, are left out)."""
+    streams = [r["stream"] for r in shards]
+    added = [s["entries_added"] for s in streams]
+    groups: dict[str, dict[str, Any]] = {}
+    for report in shards:
+        for group in report["groups"]:
+            total = groups.setdefault(
+                group["name"],
+                {
+                    "name": group["name"],
+                    "consumers": {},
+                    "pending": 0,
+                    "lag": 0,
+                    "lag_reported_by_redis": True,
+                    "entries_read": 0,
+                    "last_delivered_id": None,
+                },
+            )
+            total["pending"] += group["pending"]
+            total["lag"] = (
+                None
+                if total["lag"] is None or group["lag"] is None
+                else (total["lag"] + group["lag"])
+            )
+            total["lag_reported_by_redis"] &= group["lag_reported_by_redis"]
+            total["entries_read"] = (
+                None
+                if total["entries_read"] is None or group["entries_read"] is None
+                else total["entries_read"] + group["entries_read"]
+            )
+            for consumer in group["consumers"]:
+                seen = total["consumers"].setdefault(
+                    consumer["name"],
+                    {"name": consumer["name"], "pending": 0, "idle_ms": consumer["idle_ms"],
+                     "oldest_pending": None},
+                )  # fmt: skip
+                seen["pending"] += consumer["pending"]
+                seen["idle_ms"] = min(seen["idle_ms"], consumer["idle_ms"])
+                oldest = consumer["oldest_pending"]
+                if oldest and (
+                    seen["oldest_pending"] is None
+                    or oldest["age_ms"] > seen["oldest_pending"]["age_ms"]
+                ):
+                    seen["oldest_pending"] = oldest
+    stuck = [entry for r in shards for entry in r["stuck"]["entries"]]
+    newest = [letter for r in shards for letter in r["dead_letters"]["newest"]]
+    return {
+        "stream": {
+            "name": ", ".join(s["name"] for s in streams),
+            "exists": any(s["exists"] for s in streams),
+            "length": sum(s["length"] for s in streams),
+            "first_id": None,
+            "last_id": None,
+            "entries_added": None if None in added else sum(added),
+            "memory_bytes": sum(s["memory_bytes"] or 0 for s in streams),
+        },
+        "groups": [
+            {**group, "consumers": list(group["consumers"].values())} for group in groups.values()
+        ],
+        "stuck": {
+            **shards[0]["stuck"],
+            "count": sum(r["stuck"]["count"] for r in shards),
+            "entries": stuck[:SHOWN],
+        },
+        "dead_letters": {
+            "stream": ", ".join(r["dead_letters"]["stream"] for r in shards),
+            "length": sum(r["dead_letters"]["length"] for r in shards),
+            "newest": newest[:5],
+        },
+        "lost": sum(r["lost"] for r in shards),
+    }
+
+
 async def _lag_fallback(
-    redis: Redis, stream: str, info: dict[str, Any], group: dict[str, Any]
+    redis: RedisClient, stream: str, info: dict[str, Any], group: dict[str, Any]
 ) -> int | None:
     """Redis 7.0 reports lag as nil after deletions; derive it where the counters allow.
 
@@ -170,7 +261,9 @@ async def _lag_fallback(
     return None if undelivered else 0
 
 
-async def _pending_entries(redis: Redis, stream: str, group: str) -> AsyncIterator[dict[str, Any]]:
+async def _pending_entries(
+    redis: RedisClient, stream: str, group: str
+) -> AsyncIterator[dict[str, Any]]:
     start = "-"
     while True:
         page = await redis.xpending_range(stream, group, min=start, max="+", count=PAGE_SIZE)
@@ -187,17 +280,54 @@ Row = tuple[Decimal, Decimal, str]
 
 
 async def verify(
-    redis: Redis,
+    redis: RedisClient,
     conn: asyncpg.Connection,
     settings: Settings,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Every acknowledged entry still in the stream has its row, with its key's last value.
+    """Every acknowledged entry still in the streams has its row, with its key's last value.
+
+    Shard by shard: a key (its symbol) lives on one shard, so "last" is by that
+    stream's order. With several shards, listed ids read ``stream/id``.
+    """
+    shards = settings.shard_map.shards
+    results = [
+        await verify_shard(redis, conn, shard, settings.group_name, progress) for shard in shards
+    ]
+    if len(results) == 1:
+        return results[0]
+    for shard, result in zip(shards, results, strict=True):
+        result["missing_ids"] = [f"{shard.stream}/{i}" for i in result["missing_ids"]]
+        for mismatch in result["mismatches"]:
+            mismatch["id"] = f"{shard.stream}/{mismatch['id']}"
+    total: dict[str, Any] = {
+        key: sum(r[key] for r in results)
+        for key in ("checked", "missing", "mismatched", "skipped_unacknowledged",
+                    "skipped_dead_lettered", "undecodable")
+    }  # fmt: skip
+    total["missing_ids"] = [i for r in results for i in r["missing_ids"]][:SHOWN]
+    total["mismatches"] = [m for r in results for m in r["mismatches"]][:SHOWN]
+    total["shards"] = [
+        {"index": shard.index, "stream": shard.stream, "checked": r["checked"],
+         "missing": r["missing"], "mismatched": r["mismatched"]}
+        for shard, r in zip(shards, results, strict=True)
+    ]  # fmt: skip
+    return total
+
+
+async def verify_shard(
+    redis: RedisClient,
+    conn: asyncpg.Connection,
+    shard: Shard,
+    group: str,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """:func:`verify` for one shard's stream.
 
     Pages through the stream; memory holds the pending and dead-lettered ids
     and the few keys whose row does not (yet) match, never the whole stream.
     """
-    stream, group = settings.stream_name, settings.group_name
+    stream = shard.stream
     last_delivered = "0-0"
     for info in await redis.xinfo_groups(stream) if await redis.exists(stream) else []:
         if text(info["name"]) == group:
@@ -208,7 +338,7 @@ async def verify(
         else set()
     )
     dead_ids: set[str] = set()
-    async for dead_page in xrange_pages(redis, settings.dead_stream_name, PAGE_SIZE):
+    async for dead_page in xrange_pages(redis, shard.dead_stream, PAGE_SIZE):
         dead_ids.update(text(fields.get(b"original_id", b"")) for _, fields in dead_page)
 
     checked = skipped_unacked = skipped_dead = undecodable = 0

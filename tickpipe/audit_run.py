@@ -7,7 +7,8 @@ from typing import Any
 
 import asyncpg
 import msgspec
-from redis.exceptions import ConnectionError, RedisError, TimeoutError
+from redis.asyncio import RedisCluster
+from redis.exceptions import RedisError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -21,6 +22,23 @@ OK, NOT_OK, UNREACHABLE = 0, 1, 2
 _json = msgspec.json.Encoder()
 
 
+_UNREACHABLE: tuple[type[Exception], ...] = (*redis_conn.UNAVAILABLE, OSError)
+
+
+async def _open(settings: Settings, client_name: str) -> tuple[redis_conn.RedisClient, Settings]:
+    """A client that has answered once (an unreachable Redis shows here, not midway),
+    and the settings with ``redis_cluster`` now known."""
+    redis = await redis_conn.open_client(
+        settings.redis_url, settings.redis_cluster, client_name=client_name
+    )
+    try:
+        await redis.ping()
+    except BaseException:
+        await redis.aclose()
+        raise
+    return redis, settings.replace(redis_cluster=isinstance(redis, RedisCluster))
+
+
 def _say(message: str) -> None:
     print(f"tickpipe: {message}", file=sys.stderr, flush=True)
 
@@ -28,14 +46,17 @@ def _say(message: str) -> None:
 async def run_audit(
     settings: Settings, *, as_json: bool, verify: bool, stuck_idle_s: float, stuck_deliveries: int
 ) -> int:
-    redis = redis_conn.connect(settings.redis_url, client_name="tickpipe-audit")
+    try:
+        redis, settings = await _open(settings, "tickpipe-audit")
+    except _UNREACHABLE as exc:
+        _say(f"cannot reach Redis at REDIS_URL: {exc}")
+        return UNREACHABLE
     try:
         try:
-            await redis.ping()
             report = await stream_report(
                 redis, settings, Thresholds(stuck_idle_s, stuck_deliveries)
             )
-        except (ConnectionError, TimeoutError, OSError) as exc:
+        except _UNREACHABLE as exc:
             _say(f"cannot reach Redis at REDIS_URL: {exc}")
             return UNREACHABLE
         report["verify"] = None
@@ -86,8 +107,12 @@ async def dlq_command(
     limit: int = 20,
     as_json: bool = False,
 ) -> int:
-    redis = redis_conn.connect(settings.redis_url, client_name="tickpipe-dlq")
-    letters = DeadLetters(redis, settings.dead_stream_name, settings.stream_name)
+    try:
+        redis, settings = await _open(settings, "tickpipe-dlq")
+    except _UNREACHABLE as exc:
+        _say(f"cannot reach Redis at REDIS_URL: {exc}")
+        return UNREACHABLE
+    letters = DeadLetters(redis, settings.shard_map.shards)
     try:
         if action == "list":
             found = await letters.oldest(limit)
@@ -115,7 +140,7 @@ async def dlq_command(
         dropped = await letters.drop(targets)
         print(f"dropped {dropped} dead letters")
         return OK if dropped == len(targets) else NOT_OK
-    except (ConnectionError, TimeoutError, OSError) as exc:
+    except _UNREACHABLE as exc:
         _say(f"cannot reach Redis at REDIS_URL: {exc}")
         return UNREACHABLE
     except RedisError as exc:

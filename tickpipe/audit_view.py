@@ -19,6 +19,10 @@ def _age(ms: int | None) -> str:
 
 
 def render(report: dict[str, Any], console: Console) -> None:
+    shards = report.get("shards") or []
+    if len(shards) > 1:
+        _render_shards(shards, console)
+        console.print(f"totals over {len(shards)} shards:")
     stream = report["stream"]
     table = Table(title=f"stream {stream['name']}", title_justify="left")
     for column in ("length", "first id", "last id", "entries added", "memory"):
@@ -114,3 +118,27 @@ def render(report: dict[str, Any], console: Console) -> None:
             "[bold green]OK[/]: zero lost, nothing stuck"
             + (", every acknowledged entry is in md_ticks" if checked is not None else "")
         )
+
+
+def _render_shards(shards: list[dict[str, Any]], console: Console) -> None:
+    table = Table(title="shards", title_justify="left")
+    for column in ("shard", "stream", "length", "first id", "last id", "pending", "lag",
+                   "stuck", "dead letters", "lost"):  # fmt: skip
+        table.add_column(column)
+    for shard in shards:
+        stream = shard["stream"]
+        groups = shard["groups"]
+        lags = [g["lag"] for g in groups]
+        table.add_row(
+            str(shard["index"]),
+            stream["name"],
+            str(stream["length"]),
+            stream["first_id"] or "-",
+            stream["last_id"] or "-",
+            str(sum(g["pending"] for g in groups)),
+            "unknown" if None in lags else str(sum(lags)),
+            str(shard["stuck"]["count"]),
+            str(shard["dead_letters"]["length"]),
+            str(shard["lost"]),
+        )
+    console.print(table)

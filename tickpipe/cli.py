@@ -430,6 +430,13 @@ def chaos(
 @click.option("--flushers", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--connections", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
+    "--shards",
+    type=click.IntRange(min=1, max=64),
+    default=1,
+    show_default=True,
+    help="Above 1: how throughput grows with shards and flushers, on a local Redis Cluster.",
+)
+@click.option(
     "--drain-entries",
     type=click.IntRange(min=1),
     default=100_000,
@@ -457,6 +464,7 @@ def bench(
     workers: int,
     flushers: int,
     connections: int,
+    shards: int,
     drain_entries: int,
     ceiling_rows: int,
     state_dir: Path,
@@ -479,6 +487,14 @@ def bench(
         ceiling_rows=ceiling_rows,
     )
     console = Console()
+    if shards > 1:
+        from tickpipe.bench_scale import render_scale, run_scale
+
+        scaled = asyncio.run(run_scale(config, shards, Console(stderr=True)))
+        render_scale(scaled, console)
+        out.with_suffix(".json").write_text(json.dumps(scaled, indent=2) + "\n")
+        click.echo(f"wrote {out.with_suffix('.json')}", err=True)
+        return
     results = asyncio.run(run_bench(config, Console(stderr=True)))
     render(results, console)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")

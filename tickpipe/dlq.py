@@ -1,13 +1,12 @@
-"""Dead-letter operations: list, replay (atomically back to the stream), drop."""
+"""Dead-letter operations on every shard: list, replay (atomically back to the stream), drop."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import Redis
-
-from tickpipe.redis_conn import text, xrange_pages
+from tickpipe.redis_conn import RedisClient, text, xrange_pages
+from tickpipe.shards import Shard
 
 # Re-append a dead letter's original fields to the stream and delete it from
 # the dead-letter stream in one atomic step: a replay is never lost or doubled.
@@ -31,47 +30,77 @@ return id
 
 
 class DeadLetters:
-    def __init__(self, redis: Redis, dead_stream: str, stream: str) -> None:
+    """The dead letters of every shard.
+
+    With one shard a dead letter is named by its id; with several, by
+    ``shard/id`` (ids are unique within one dead-letter stream only). A bare id
+    given with several shards is looked up in each.
+    """
+
+    def __init__(self, redis: RedisClient, shards: Sequence[Shard]) -> None:
         self.redis = redis
-        self.dead_stream = dead_stream
-        self.stream = stream
+        self.shards = tuple(shards)
         self._replay = redis.register_script(REPLAY_LUA)
 
+    def _name(self, shard: Shard, dead_id: str) -> str:
+        return dead_id if len(self.shards) == 1 else f"{shard.index}/{dead_id}"
+
+    def _candidates(self, name: str) -> list[tuple[Shard, str]]:
+        index, sep, dead_id = name.partition("/")
+        if sep and index.isdigit() and int(index) < len(self.shards):
+            return [(self.shards[int(index)], dead_id)]
+        return [(shard, name) for shard in self.shards]
+
     async def oldest(self, limit: int) -> list[dict[str, Any]]:
-        """The oldest ``limit`` dead letters."""
-        found: Any = await self.redis.xrange(self.dead_stream, count=limit)
+        """The oldest ``limit`` dead letters (by the time they were dead-lettered)."""
         letters = []
-        for dead_id, raw in found:
-            fields = {text(k): text(v) for k, v in raw.items()}
-            letters.append(
-                {
-                    "id": text(dead_id),
-                    "original_id": fields.pop("original_id", None),
-                    "stream": fields.pop("stream", None),
-                    "reason": fields.pop("reason", None),
-                    "deliveries": int(fields.pop("deliveries", 0)),
-                    "fields": {k.removeprefix("field:"): v for k, v in fields.items()},
-                }
-            )
-        return letters
+        for shard in self.shards:
+            found: Any = await self.redis.xrange(shard.dead_stream, count=limit)
+            for dead_id, raw in found:
+                fields = {text(k): text(v) for k, v in raw.items()}
+                letters.append(
+                    {
+                        "id": self._name(shard, text(dead_id)),
+                        "shard": shard.index,
+                        "original_id": fields.pop("original_id", None),
+                        "stream": fields.pop("stream", None),
+                        "reason": fields.pop("reason", None),
+                        "deliveries": int(fields.pop("deliveries", 0)),
+                        "fields": {k.removeprefix("field:"): v for k, v in fields.items()},
+                    }
+                )
+        letters.sort(key=lambda letter: _id_key(letter["id"].rpartition("/")[2]))
+        return letters[:limit]
 
     async def all_ids(self) -> list[str]:
         return [
-            entry_id
-            async for page in xrange_pages(self.redis, self.dead_stream, 1000)
+            self._name(shard, entry_id)
+            for shard in self.shards
+            async for page in xrange_pages(self.redis, shard.dead_stream, 1000)
             for entry_id, _ in page
         ]
 
-    async def replay(self, ids: Sequence[str]) -> dict[str, str | None]:
-        """Dead-letter id -> new stream id (None when no such dead letter)."""
+    async def replay(self, names: Sequence[str]) -> dict[str, str | None]:
+        """Dead letter -> new stream id (None when no such dead letter)."""
         replayed: dict[str, str | None] = {}
-        for dead_id in ids:
-            new_id = await self._replay(keys=[self.dead_stream, self.stream], args=[dead_id])
-            replayed[dead_id] = text(new_id) if new_id else None
+        for name in names:
+            replayed[name] = None
+            for shard, dead_id in self._candidates(name):
+                # The shard's dead letters and stream share a slot: one script may touch both.
+                new_id = await self._replay(keys=[shard.dead_stream, shard.stream], args=[dead_id])
+                if new_id:
+                    replayed[name] = text(new_id)
+                    break
         return replayed
 
-    async def drop(self, ids: Sequence[str]) -> int:
-        if not ids:
-            return 0
-        dropped: int = await self.redis.xdel(self.dead_stream, *ids)
+    async def drop(self, names: Sequence[str]) -> int:
+        dropped = 0
+        for name in names:
+            for shard, dead_id in self._candidates(name):
+                dropped += int(await self.redis.xdel(shard.dead_stream, dead_id))
         return dropped
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return (int(ms), int(seq or 0)) if ms.isdigit() and seq.isdigit() else (0, 0)

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 from tickpipe import keys
+from tickpipe.shards import MAX_SHARDS, Shard, ShardMap
 
-Durability = Literal["everysec", "fsync"]
+Durability = Literal["everysec", "fsync", "replica"]
 
 DEFAULT_REDIS_PORT = 16379
 DEFAULT_PG_PORT = 15432
@@ -38,6 +39,11 @@ class Settings:
     dead_stream_name: str = keys.DEAD_STREAM
     latest_key: str = keys.LATEST
     lost_key: str = keys.LOST
+    stream_shards: int = 1
+    """STREAM_SHARDS: streams ticks are spread over by symbol (tickpipe/shards.py)."""
+
+    # Redis Cluster: None = find out (INFO cluster) when connecting.
+    redis_cluster: bool | None = None
 
     # Ingest.
     ingest_host: str = "127.0.0.1"
@@ -48,6 +54,8 @@ class Settings:
     ingest_max_backlog: int = 1_000_000
     ingest_durability: Durability = "everysec"
     ingest_waitaof_timeout_ms: int = 1000
+    ingest_wait_replicas: int = 1
+    ingest_wait_timeout_ms: int = 1000
     ingest_backlog_poll_s: float = 0.5
     ingest_shutdown_timeout_s: float = 10.0
     ingest_workers: int = 1
@@ -67,6 +75,8 @@ class Settings:
     # Flusher.
     flusher_consumer: str = dataclasses.field(default_factory=lambda: os.uname().nodename)
     flusher_metrics_port: int | None = None
+    flusher_shards: tuple[int, ...] = ()
+    """FLUSHER_SHARDS: the shards this flusher reads (empty: all of them)."""
     flush_batch_size: int = 200
     flush_interval_s: float = 1.0
     flush_claim_idle_s: float = 30.0
@@ -129,6 +139,8 @@ class Settings:
             dead_stream_name=r.get("DEAD_STREAM_NAME", _name, keys.DEAD_STREAM),
             latest_key=r.get("LATEST_KEY", _name, keys.LATEST),
             lost_key=r.get("LOST_KEY", _name, keys.LOST),
+            stream_shards=r.get("STREAM_SHARDS", _shard_count, 1),
+            redis_cluster=r.get("REDIS_CLUSTER", _auto_flag, None),
             ingest_host=r.get("INGEST_HOST", str, defaults.ingest_host),
             ingest_port=r.get("INGEST_PORT", _port, defaults.ingest_port),
             ingest_tokens=tokens,
@@ -142,6 +154,12 @@ class Settings:
             ingest_durability=r.get("INGEST_DURABILITY", _durability, "everysec"),
             ingest_waitaof_timeout_ms=r.get(
                 "INGEST_WAITAOF_TIMEOUT_MS", _positive_int, defaults.ingest_waitaof_timeout_ms
+            ),
+            ingest_wait_replicas=r.get(
+                "INGEST_WAIT_REPLICAS", _positive_int, defaults.ingest_wait_replicas
+            ),
+            ingest_wait_timeout_ms=r.get(
+                "INGEST_WAIT_TIMEOUT_MS", _positive_int, defaults.ingest_wait_timeout_ms
             ),
             ingest_backlog_poll_s=r.get(
                 "INGEST_BACKLOG_POLL_S", _positive_float, defaults.ingest_backlog_poll_s
@@ -162,6 +180,7 @@ class Settings:
             sse_max_clients=r.get("SSE_MAX_CLIENTS", _positive_int, defaults.sse_max_clients),
             flusher_consumer=r.get("FLUSHER_CONSUMER", _name, defaults.flusher_consumer),
             flusher_metrics_port=r.get("FLUSHER_METRICS_PORT", _port, None),
+            flusher_shards=r.get("FLUSHER_SHARDS", _shard_list, ()),
             flush_batch_size=r.get("FLUSH_BATCH_SIZE", _positive_int, defaults.flush_batch_size),
             flush_interval_s=r.get("FLUSH_INTERVAL_S", _positive_float, defaults.flush_interval_s),
             flush_claim_idle_s=r.get(
@@ -204,6 +223,40 @@ class Settings:
             redis_url_configured=bool(env.get("REDIS_URL")),
             database_url_configured=bool(env.get("DATABASE_URL")),
         )
+
+    def __post_init__(self) -> None:
+        if self.stream_shards > 1:
+            for name in (self.stream_name, self.latest_key, self.dead_stream_name, self.lost_key):
+                if "{" in name or "}" in name:
+                    raise SettingsError(
+                        f"key name {name!r} holds a brace: with STREAM_SHARDS > 1 tickpipe adds"
+                        " the hash tag {shard} itself"
+                    )
+        try:
+            self.shard_map.select(self.flusher_shards)
+        except ValueError as exc:
+            raise SettingsError(f"FLUSHER_SHARDS: {exc}") from None
+
+    @property
+    def shard_map(self) -> ShardMap:
+        """The shards of the stream and the shard of each symbol.
+
+        On a Redis Cluster (``redis_cluster`` True: set, or found when connecting)
+        every key name carries its shard's hash tag, even with one shard.
+        """
+        return ShardMap.build(
+            self.stream_shards,
+            tagged=self.redis_cluster is True,
+            stream=self.stream_name,
+            latest=self.latest_key,
+            dead_stream=self.dead_stream_name,
+            lost=self.lost_key,
+        )
+
+    @property
+    def flusher_shard_set(self) -> tuple[Shard, ...]:
+        """The shards a flusher reads: FLUSHER_SHARDS, else every shard."""
+        return self.shard_map.select(self.flusher_shards)
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed (command-line flags override the environment)."""
@@ -348,4 +401,29 @@ def _durability(raw: str) -> Durability:
         return "everysec"
     if raw == "fsync":
         return "fsync"
-    raise SettingsError(f"must be 'everysec' or 'fsync', got {raw!r}")
+    if raw == "replica":
+        return "replica"
+    raise SettingsError(f"must be 'everysec', 'fsync' or 'replica', got {raw!r}")
+
+
+def _shard_count(raw: str) -> int:
+    value = int(raw)
+    if not 1 <= value <= MAX_SHARDS:
+        raise SettingsError(f"must be 1 to {MAX_SHARDS}, got {raw!r}")
+    return value
+
+
+def _shard_list(raw: str) -> tuple[int, ...]:
+    """``0,2,5-7`` -> (0, 2, 5, 6, 7)."""
+    chosen: set[int] = set()
+    for item in raw.split(","):
+        first, sep, last = item.strip().partition("-")
+        if not first.isdigit() or (sep and not last.isdigit()):
+            raise SettingsError(f"expected shard numbers like 0,2,5-7, got {raw!r}")
+        chosen.update(range(int(first), int(last if sep else first) + 1))
+    return tuple(sorted(chosen))
+
+
+def _auto_flag(raw: str) -> bool | None:
+    """``auto``: None (find out); otherwise a flag."""
+    return None if raw.strip().lower() == "auto" else _flag(raw)

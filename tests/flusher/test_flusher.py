@@ -12,7 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from flusher.db import Row, TickStore, last_per_key
-from flusher.stream import TickStream
+from flusher.stream import ShardedStream
 from flusher.worker import Flusher
 from ingest.writer import TickWriter
 from tickpipe.settings import Settings
@@ -73,7 +73,9 @@ async def test_upsert_replaces_by_stream_order_and_replays_harmlessly(
 async def make_flusher(
     redis: Redis, store: TickStore, settings: Settings, consumer: str = "f1"
 ) -> Flusher:
-    return Flusher(TickStream.for_consumer(redis, settings, consumer), store, settings, burst=True)
+    return Flusher(
+        ShardedStream.for_consumer(redis, settings, consumer), store, settings, burst=True
+    )
 
 
 @pytest.mark.services
@@ -112,7 +114,7 @@ async def test_restart_drains_own_pending_first(
 ) -> None:
     writer = TickWriter(redis, settings.stream_name, settings.latest_key)
     await writer.append([tick("P", i, "1") for i in range(1, 11)])
-    crashed = (await make_flusher(redis, store, settings, consumer="f1")).stream
+    crashed = (await make_flusher(redis, store, settings, consumer="f1")).streams.shards[0]
     await crashed.ensure_group()
     delivered = await crashed.read_new(10, None)  # delivered, then the process "dies"
     assert len(delivered) == 10
@@ -136,7 +138,7 @@ async def test_trim_never_drops_a_pending_entry(
     writer = TickWriter(redis, settings.stream_name, settings.latest_key)
     await writer.append([tick("T", i, "1") for i in range(1, 101)])
     flusher = await make_flusher(redis, store, settings, consumer="trimmer")
-    await flusher.stream.ensure_group()
+    await flusher.streams.shards[0].ensure_group()
     acked_early = await deliver(redis, "y", 50)
     await redis.xack("ticks.received", "flushers", *acked_early)
     still_pending = await deliver(redis, "x", 30)  # a slow or dead consumer holds these
@@ -144,7 +146,7 @@ async def test_trim_never_drops_a_pending_entry(
     await redis.xack("ticks.received", "flushers", *acked_late)
 
     # No retention: everything acknowledged may go, but nothing from the oldest pending on.
-    trimmed, minid = await flusher.stream.trim(floor_now())
+    trimmed, minid = await flusher.streams.shards[0].trim(floor_now())
     assert trimmed == 50
     assert minid == still_pending[0]
     remaining = [i.decode() for i, _ in await redis.xrange("ticks.received")]
@@ -159,10 +161,10 @@ async def test_trim_keeps_what_another_group_has_not_read(
     writer = TickWriter(redis, settings.stream_name, settings.latest_key)
     await writer.append([tick("T", i, "1") for i in range(1, 11)])
     flusher = await make_flusher(redis, store, settings)
-    await flusher.stream.ensure_group()
+    await flusher.streams.shards[0].ensure_group()
     await redis.xack("ticks.received", "flushers", *await deliver(redis, "y", 10))
     await redis.xgroup_create("ticks.received", "archiver", id="0")
-    assert await flusher.stream.trim(floor_now()) == (0, "0-0")
+    assert await flusher.streams.shards[0].trim(floor_now()) == (0, "0-0")
     assert await redis.xlen("ticks.received") == 10
 
 
@@ -173,7 +175,7 @@ async def test_trim_keeps_the_retention_window(
     writer = TickWriter(redis, settings.stream_name, settings.latest_key)
     await writer.append([tick("T", i, "1") for i in range(1, 11)])
     flusher = await make_flusher(redis, store, settings)
-    await flusher.stream.ensure_group()
+    await flusher.streams.shards[0].ensure_group()
     await redis.xack("ticks.received", "flushers", *await deliver(redis, "y", 10))
     await flusher.upkeep()  # STREAM_RETENTION_S is an hour: all of it is recent
     assert await redis.xlen("ticks.received") == 10
@@ -191,12 +193,12 @@ async def test_idle_consumers_are_deleted_only_without_pending(
     writer = TickWriter(redis, settings.stream_name, settings.latest_key)
     await writer.append([tick("C", i, "1") for i in range(1, 5)])
     flusher = await make_flusher(redis, store, settings, consumer="keeper")
-    await flusher.stream.ensure_group()
+    await flusher.streams.shards[0].ensure_group()
     done = await deliver(redis, "finished", 2)
     await redis.xack("ticks.received", "flushers", *done)
     await deliver(redis, "holding", 2)
     await redis.xgroup_createconsumer("ticks.received", "flushers", "keeper")
-    assert await flusher.stream.delete_idle_consumers(0) == ["finished"]
+    assert await flusher.streams.shards[0].delete_idle_consumers(0) == ["finished"]
     names = {c["name"] for c in await redis.xinfo_consumers("ticks.received", "flushers")}
     assert names == {b"holding", b"keeper"}
 
@@ -208,7 +210,7 @@ async def test_entries_deleted_while_pending_are_counted_lost(
     writer = TickWriter(redis, settings.stream_name, settings.latest_key)
     ids = await writer.append([tick("L", i, "1") for i in range(1, 11)])
     flusher = await make_flusher(redis, store, settings, consumer="rescuer")
-    await flusher.stream.ensure_group()
+    await flusher.streams.shards[0].ensure_group()
     await deliver(redis, "crashed", 10)
     await redis.xdel("ticks.received", *ids[:3])
     await asyncio.sleep(0.05)  # idle for longer than the claim threshold below
@@ -252,7 +254,7 @@ async def test_upkeep_publishes_pending_and_lag_and_trims_by_retention(
     writer = TickWriter(redis, settings.stream_name, settings.latest_key)
     await writer.append([tick("G", i, "1") for i in range(1, 11)])
     flusher = await make_flusher(redis, store, settings.replace(stream_retention_s=0))
-    await flusher.stream.ensure_group()
+    await flusher.streams.shards[0].ensure_group()
     await redis.xack("ticks.received", "flushers", *await deliver(redis, "fast", 5))
     await deliver(redis, "slow", 3)  # pending 3, lag 2
     await flusher.upkeep()
@@ -271,14 +273,14 @@ async def test_dead_letter_and_lost_count_are_safe_to_retry(
     writer = TickWriter(redis, settings.stream_name, settings.latest_key)
     [entry_id] = await writer.append([tick("D", 1, "1")])
     flusher = await make_flusher(redis, store, settings)
-    await flusher.stream.ensure_group()
-    [delivered] = await flusher.stream.read_new(1, None)
+    await flusher.streams.shards[0].ensure_group()
+    [delivered] = await flusher.streams.shards[0].read_new(1, None)
     letter = DeadLetter(Entry(entry_id, delivered.fields), "test", 5)
-    assert await flusher.stream.dead_letter([letter]) == 1
-    assert await flusher.stream.dead_letter([letter]) == 0  # the retry
+    assert await flusher.streams.shards[0].dead_letter([letter]) == 1
+    assert await flusher.streams.shards[0].dead_letter([letter]) == 0  # the retry
     assert await redis.xlen("ticks.dead") == 1
     assert (await redis.xpending("ticks.received", "flushers"))["pending"] == 0
 
-    assert await flusher.stream.count_lost(["9-1", "9-2"]) == 2
-    assert await flusher.stream.count_lost(["9-1", "9-2"]) == 2  # the retry
+    assert await flusher.streams.shards[0].count_lost(["9-1", "9-2"]) == 2
+    assert await flusher.streams.shards[0].count_lost(["9-1", "9-2"]) == 2  # the retry
     assert await redis.smembers("ticks:lost:ids") == {b"9-1", b"9-2"}

@@ -72,7 +72,7 @@ def test_single_tick_must_be_an_object() -> None:
 
 async def test_backlog_is_lag_plus_pending() -> None:
     redis = fakeredis.FakeAsyncRedis()
-    monitor = BacklogMonitor(redis, "s", "g", limit=3, poll_s=1)
+    monitor = BacklogMonitor(redis, ["s"], "g", limit=3, poll_s=1)
     assert await monitor.measure() == 0  # no stream yet
     await redis.xgroup_create("s", "g", id="0", mkstream=True)
     for _ in range(5):
@@ -95,6 +95,6 @@ async def test_backlog_when_redis_reports_no_lag() -> None:
     for _ in range(4):
         await redis.xadd("s", {"a": "1"})
     await redis.xreadgroup("g", "c", {"s": ">"}, count=1)
-    monitor = BacklogMonitor(redis, "s", "g", limit=10, poll_s=1)
+    monitor = BacklogMonitor(redis, ["s"], "g", limit=10, poll_s=1)
     assert await monitor.measure() == 4  # entries-added 4 - entries-read 1, + pending 1
     await redis.aclose()

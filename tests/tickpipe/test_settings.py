@@ -56,7 +56,11 @@ def test_local_urls_follow_the_stack_ports() -> None:
         ("FLUSH_INTERVAL_S", "-1", "FLUSH_INTERVAL_S: must be a positive number"),
         ("FLUSH_INTERVAL_S", "nan", "FLUSH_INTERVAL_S: must be a positive number"),
         ("INGEST_PORT", "70000", "INGEST_PORT: must be a TCP port"),
-        ("INGEST_DURABILITY", "always", "INGEST_DURABILITY: must be 'everysec' or 'fsync'"),
+        (
+            "INGEST_DURABILITY",
+            "always",
+            "INGEST_DURABILITY: must be 'everysec', 'fsync' or 'replica'",
+        ),
         ("STREAM_NAME", "has space", "STREAM_NAME: must not contain whitespace"),
     ],
 )

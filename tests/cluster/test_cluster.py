@@ -1,0 +1,345 @@
+"""Sharded streams on a real Redis Cluster (3 masters, 3 replicas): failover and resharding.
+
+The cluster is started once per session, only when one of these tests runs
+(the ``redis_cluster`` fixture); Postgres is the session's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import RedisCluster
+
+from flusher.run import run_flusher
+from ingest.app import create_app
+from tickpipe import redis_conn
+from tickpipe.cluster_stack import LocalCluster
+from tickpipe.feeder import generate_ticks, tick_json, wait_ready
+from tickpipe.settings import Settings
+from tickpipe.shards import shard_of
+from tickpipe.stack import LocalStack, free_port
+from tickpipe.ticks import Tick, datetime_to_us
+
+pytestmark = pytest.mark.services
+
+TOKEN = "test-token-0123456789"
+HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+SHARDS = 4
+SYMBOLS = tuple(f"CL{n}" for n in range(16))
+
+
+def cluster_env(stack: LocalStack, cluster: LocalCluster, **extra: str) -> dict[str, str]:
+    return {
+        "REDIS_URL": cluster.url,
+        "DATABASE_URL": stack.database_url,
+        "INGEST_TOKENS": f"feeder-a:{TOKEN}",
+        "STREAM_SHARDS": str(SHARDS),
+        "FLUSH_INTERVAL_S": "0.1",
+        "FLUSH_CLAIM_IDLE_S": "2",
+        "FLUSH_CLAIM_INTERVAL_S": "0.5",
+        **extra,
+    }
+
+
+@pytest.fixture
+async def cluster_client(redis_cluster: LocalCluster) -> AsyncIterator[RedisCluster]:
+    """A client on an empty, healthy cluster."""
+    await asyncio.to_thread(redis_cluster.wait_until_ok)
+    client = redis_conn.connect_cluster(redis_cluster.url, client_name="tickpipe-tests")
+    await client.flushall()  # every master
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            # SIGTERM: `ingest --workers N` passes it on to its workers (SIGKILL would orphan them).
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def spawn(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    """A tickpipe process; its log goes to a temporary file that :func:`stopped` shows."""
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stopped() or at exit
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tickpipe", *args],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    LOGS[proc.pid] = log
+    return proc
+
+
+LOGS: dict[int, Any] = {}
+
+
+async def stopped(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
+    """SIGTERM ``proc`` and wait: its exit status and the end of its log."""
+    proc.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(proc.wait, 60)
+    log = LOGS.pop(proc.pid)
+    log.seek(0)
+    tail = log.read().decode(errors="replace")[-4000:]
+    log.close()
+    return code, tail
+
+
+async def rows(pg: asyncpg.Connection) -> dict[tuple[str, int], tuple[Decimal, Decimal, str]]:
+    records = await pg.fetch("SELECT symbol, ts, price, volume, source FROM md_ticks")
+    return {
+        (r["symbol"], datetime_to_us(r["ts"])): (r["price"], r["volume"], r["source"])
+        for r in records
+    }
+
+
+def expected(ticks: list[Tick]) -> dict[tuple[str, int], tuple[Decimal, Decimal, str]]:
+    return {t.key: (t.price, t.volume, t.source) for t in ticks}
+
+
+async def audit(env: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "tickpipe", "audit", "--verify", "--json"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode in (0, 1), result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+async def feed_until_acked(
+    base_url: str,
+    batches: list[list[Tick]],
+    *,
+    before_batch: Callable[[int], Awaitable[None]] | None = None,
+    deadline_s: float = 120.0,
+) -> tuple[list[Tick], Counter[str]]:
+    """POST each batch until it is answered 200, as a feeder with retries would.
+
+    A 5xx or a connection error may leave some of a batch stored: the batch is
+    sent again whole, which is harmless (the upsert is idempotent).
+    """
+    acked: list[Tick] = []
+    answers: Counter[str] = Counter()
+    deadline = time.monotonic() + deadline_s
+    timeout = aiohttp.ClientTimeout(total=15)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for number, batch in enumerate(batches):
+            if before_batch is not None:
+                await before_batch(number)
+            body = b"[" + b",".join(tick_json(t) for t in batch) + b"]"
+            while True:
+                try:
+                    async with session.post(
+                        f"{base_url}/ingest/ticks", data=body, headers=HEADERS
+                    ) as response:
+                        await response.read()
+                        answer = str(response.status)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    answer = type(exc).__name__
+                answers[answer] += 1
+                if answer == "200":
+                    acked.extend(batch)
+                    break
+                assert time.monotonic() < deadline, f"batch {number} never accepted: {answers}"
+                await asyncio.sleep(0.1)
+    return acked, answers
+
+
+async def wait_rows(pg: asyncpg.Connection, count: int, timeout_s: float = 90.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    found = 0
+    while time.monotonic() < deadline:
+        found = await pg.fetchval("SELECT count(*) FROM md_ticks")
+        if found >= count:
+            return int(found)
+        await asyncio.sleep(0.2)
+    return int(found)
+
+
+def batches_of(ticks: list[Tick], size: int) -> list[list[Tick]]:
+    return [ticks[i : i + size] for i in range(0, len(ticks), size)]
+
+
+async def test_sharded_ingest_and_flusher_on_a_cluster(
+    stack: LocalStack,
+    redis_cluster: LocalCluster,
+    cluster_client: RedisCluster,
+    pg: asyncpg.Connection,
+) -> None:
+    # REDIS_CLUSTER is not set: tickpipe finds out from the server.
+    env = cluster_env(stack, redis_cluster, INGEST_DURABILITY="replica")
+    settings = Settings.from_env(env)
+    sent = generate_ticks(400, SYMBOLS, seed=3, start_us=1_700_000_000_000_000, source="cl")
+    async with TestClient(TestServer(create_app(settings))) as client:
+        assert (await client.get("/readyz")).status == 200
+        response = await client.post(
+            "/ingest/ticks", data=b"[" + b",".join(tick_json(t) for t in sent) + b"]",
+            headers=HEADERS,
+        )  # fmt: skip
+        assert response.status == 200, await response.text()
+        assert (await response.json())["accepted"] == 400
+    # Each shard's stream holds exactly its symbols' ticks, in the order sent.
+    for shard in settings.shard_map.shards:
+        entries = await cluster_client.xrange(shard.stream)
+        mine = [t for t in sent if shard_of(t.symbol, SHARDS) == shard.index]
+        assert [f[b"ts"].decode() for _, f in entries] == [str(t.ts_us) for t in mine]
+        latest = await cluster_client.hgetall(shard.latest)
+        assert {k.decode() for k in latest} == {t.symbol for t in mine}
+    assert len({redis_cluster.owner_of(redis_cluster.keyslot(s.stream))
+                for s in settings.shard_map.shards}) > 1  # fmt: skip
+    flusher = await run_flusher(settings.replace(flusher_consumer="cl-f1"), burst=True)
+    assert flusher.entries_acked == 400
+    assert await rows(pg) == expected(sent)
+    code, report = await audit(env)
+    assert code == 0, report["problems"]
+    assert report["verify"]["checked"] == 400
+    assert [s["stream"]["length"] for s in report["shards"]] == [
+        sum(1 for t in sent if shard_of(t.symbol, SHARDS) == i) for i in range(SHARDS)
+    ]
+
+
+async def test_master_killed_mid_run_loses_no_acknowledged_tick(
+    stack: LocalStack,
+    redis_cluster: LocalCluster,
+    cluster_client: RedisCluster,
+    pg: asyncpg.Connection,
+    processes: list[subprocess.Popen[bytes]],
+) -> None:
+    port = free_port()
+    env = cluster_env(
+        stack, redis_cluster, REDIS_CLUSTER="1", INGEST_DURABILITY="replica", INGEST_PORT=str(port)
+    )
+    processes.append(spawn(env, "ingest", "--workers", "2"))
+    for name in ("cl-a", "cl-b"):
+        processes.append(spawn(env, "flusher", "run", "--consumer", name))
+    await wait_ready(f"http://127.0.0.1:{port}/readyz", 60.0)
+    shard0 = Settings.from_env(env).shard_map.shards[0]
+    victim = redis_cluster.owner_of(redis_cluster.keyslot(shard0.stream))
+    healed: list[asyncio.Task[None]] = []
+
+    async def fail_over_and_heal() -> None:
+        await asyncio.to_thread(redis_cluster.wait_for_failover, victim)
+        # The old master comes back as a replica of the promoted one; until then
+        # INGEST_DURABILITY=replica refuses (503) what it cannot copy.
+        await asyncio.to_thread(redis_cluster.restart, victim)
+        await asyncio.to_thread(redis_cluster.wait_until_ok)
+
+    async def chaos(batch: int) -> None:
+        if batch == 12:
+            await asyncio.to_thread(redis_cluster.kill, victim)
+            healed.append(asyncio.create_task(fail_over_and_heal()))
+
+    sent = generate_ticks(2400, SYMBOLS, seed=5, start_us=1_710_000_000_000_000, source="fo")
+    acked, answers = await feed_until_acked(
+        f"http://127.0.0.1:{port}", batches_of(sent, 50), before_batch=chaos
+    )
+    await healed[0]
+    assert redis_cluster.owner_of(redis_cluster.keyslot(shard0.stream)) != victim
+    assert answers["200"] == 48
+    assert sum(answers.values()) > 48, answers  # the outage was felt, and retried
+    assert await wait_rows(pg, len(acked)) == len(acked)
+    for flusher in processes[1:]:
+        code, log = await stopped(flusher)
+        assert code == 0, log
+    assert await rows(pg) == expected(acked)
+    assert await pg.fetchval("SELECT count(*) - count(DISTINCT (symbol, ts)) FROM md_ticks") == 0
+    code, report = await audit(env)
+    assert code == 0, report["problems"]
+    assert report["lost"] == 0
+    assert report["verify"]["missing"] == 0
+
+
+async def test_resharding_mid_run_follows_moved_and_ask(
+    stack: LocalStack,
+    redis_cluster: LocalCluster,
+    cluster_client: RedisCluster,
+    pg: asyncpg.Connection,
+    processes: list[subprocess.Popen[bytes]],
+) -> None:
+    port = free_port()
+    env = cluster_env(stack, redis_cluster, REDIS_CLUSTER="1", INGEST_PORT=str(port))
+    processes.append(spawn(env, "ingest"))
+    for name in ("rs-a", "rs-b"):
+        processes.append(spawn(env, "flusher", "run", "--consumer", name))
+    await wait_ready(f"http://127.0.0.1:{port}/readyz", 60.0)
+    shard = Settings.from_env(env).shard_map.shards[1]
+    slot = redis_cluster.keyslot(shard.stream)
+    source = redis_cluster.owner_of(slot)
+    target = next(p for p in redis_cluster.primaries() if p != source)
+    moves: list[asyncio.Task[int]] = []
+
+    async def reshard(batch: int) -> None:
+        if batch == 10:
+            moves.append(
+                asyncio.create_task(
+                    asyncio.to_thread(redis_cluster.move_slot, slot, target, pause_s=0.5)
+                )
+            )
+
+    sent = generate_ticks(2000, SYMBOLS, seed=7, start_us=1_720_000_000_000_000, source="rs")
+    acked, _answers = await feed_until_acked(
+        f"http://127.0.0.1:{port}", batches_of(sent, 50), before_batch=reshard
+    )
+    assert await moves[0] >= 2  # the stream and its latest-price hash, at least
+    assert redis_cluster.owner_of(slot) == target
+    assert len(acked) == 2000
+    assert await wait_rows(pg, len(acked)) == len(acked)
+    for flusher in processes[1:]:
+        code, log = await stopped(flusher)
+        assert code == 0, log
+    assert await rows(pg) == expected(acked)
+    code, report = await audit(env)
+    assert code == 0, report["problems"]
+    assert report["verify"]["checked"] >= 2000
+
+
+async def test_one_shard_on_a_cluster_uses_tagged_names(
+    stack: LocalStack,
+    redis_cluster: LocalCluster,
+    cluster_client: RedisCluster,
+    pg: asyncpg.Connection,
+) -> None:
+    # ticks.received and ticks:latest hash to different slots: one script cannot
+    # touch both, so on a cluster even one shard is hash-tagged.
+    env = cluster_env(stack, redis_cluster, STREAM_SHARDS="1")
+    sent = generate_ticks(30, SYMBOLS, seed=9, start_us=1_730_000_000_000_000, source="one")
+    async with TestClient(TestServer(create_app(Settings.from_env(env)))) as client:
+        response = await client.post(
+            "/ingest/ticks", data=b"[" + b",".join(tick_json(t) for t in sent) + b"]",
+            headers=HEADERS,
+        )  # fmt: skip
+        assert response.status == 200, await response.text()
+    assert await cluster_client.xlen("ticks.received:{0}") == 30
+    assert await cluster_client.hlen("ticks:latest:{0}") == len(SYMBOLS)
+    await run_flusher(Settings.from_env(env).replace(flusher_consumer="one"), burst=True)
+    assert await rows(pg) == expected(sent)
+    code, report = await audit(env)
+    assert code == 0, report["problems"]
+    assert report["stream"]["name"] == "ticks.received:{0}"

@@ -1,0 +1,211 @@
+"""STREAM_SHARDS on a single Redis: routing, one read over every shard, partial writes, DLQ."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
+
+from flusher.run import run_flusher
+from ingest.app import create_app
+from tickpipe.feeder import generate_ticks, tick_json
+from tickpipe.settings import Settings
+from tickpipe.shards import shard_of
+from tickpipe.ticks import Tick, datetime_to_us
+
+pytestmark = pytest.mark.services
+
+AUTH = {"Authorization": "Bearer test-token-0123456789", "Content-Type": "application/json"}
+SYMBOLS = tuple(f"SH{n}" for n in range(12))
+
+
+def body(ticks: list[Tick]) -> bytes:
+    return b"[" + b",".join(tick_json(t) for t in ticks) + b"]"
+
+
+@pytest.fixture
+def sharded(settings: Settings) -> Settings:
+    return settings.replace(stream_shards=4)
+
+
+async def tickpipe(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "tickpipe", *args],
+        env={**env, "STREAM_SHARDS": "4"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+async def table(pg: asyncpg.Connection) -> dict[tuple[str, int], Decimal]:
+    records = await pg.fetch("SELECT symbol, ts, price FROM md_ticks")
+    return {(r["symbol"], datetime_to_us(r["ts"])): r["price"] for r in records}
+
+
+async def test_ticks_go_to_their_symbols_shard_and_one_flusher_reads_all(
+    sharded: Settings, redis: Redis, pg: asyncpg.Connection, subprocess_env: dict[str, str]
+) -> None:
+    sent = generate_ticks(300, SYMBOLS, seed=1, start_us=1_700_000_000_000_000)
+    async with TestClient(TestServer(create_app(sharded))) as client:
+        response = await client.post("/ingest/ticks", data=body(sent), headers=AUTH)
+        assert response.status == 200
+        ids = (await response.json())["ids"]
+        assert (await client.get("/readyz")).status == 200
+    for shard in sharded.shard_map.shards:
+        entries = await redis.xrange(shard.stream)
+        mine = [
+            (i, t) for i, t in zip(ids, sent, strict=True) if shard_of(t.symbol, 4) == shard.index
+        ]
+        assert [e.decode() for e, _ in entries] == [i for i, _ in mine]
+    assert not await redis.exists("ticks.received")
+    flusher = await run_flusher(sharded.replace(flusher_consumer="all"), burst=True)
+    assert flusher.entries_acked == 300
+    assert await table(pg) == {t.key: t.price for t in sent}
+    result = await tickpipe(subprocess_env, "audit", "--json", "--verify")
+    report: dict[str, Any] = json.loads(result.stdout)
+    assert result.returncode == 0, report["problems"]
+    assert len(report["shards"]) == 4
+    assert report["stream"]["length"] == 300
+    assert report["verify"]["checked"] == 300
+
+
+async def test_flusher_reads_only_its_shards(
+    sharded: Settings, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    sent = generate_ticks(200, SYMBOLS, seed=2, start_us=1_700_000_000_000_000)
+    async with TestClient(TestServer(create_app(sharded))) as client:
+        assert (await client.post("/ingest/ticks", data=body(sent), headers=AUTH)).status == 200
+    await run_flusher(sharded.replace(flusher_consumer="low", flusher_shards=(0, 1)), burst=True)
+    assert await table(pg) == {t.key: t.price for t in sent if shard_of(t.symbol, 4) in (0, 1)}
+    await run_flusher(sharded.replace(flusher_consumer="high", flusher_shards=(2, 3)), burst=True)
+    assert await table(pg) == {t.key: t.price for t in sent}
+
+
+async def test_a_failing_shard_is_503_and_the_resend_completes_the_request(
+    sharded: Settings, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    sent = generate_ticks(80, SYMBOLS, seed=3, start_us=1_700_000_000_000_000)
+    broken = sharded.shard_map.shards[2].stream
+    await redis.set(broken, "not a stream")  # every script on shard 2 fails
+    async with TestClient(TestServer(create_app(sharded))) as client:
+        response = await client.post("/ingest/ticks", data=body(sent), headers=AUTH)
+        assert response.status == 503
+        answer = await response.json()
+        assert answer["error"] == "partially_stored"
+        assert "resend" in answer["detail"]
+        stored = sum(
+            [await redis.xlen(s.stream) for s in sharded.shard_map.shards if s.stream != broken]
+        )
+        assert stored == sum(1 for t in sent if shard_of(t.symbol, 4) != 2)
+        await redis.delete(broken)
+        assert (await client.post("/ingest/ticks", data=body(sent), headers=AUTH)).status == 200
+    await run_flusher(sharded.replace(flusher_consumer="f"), burst=True)
+    assert await table(pg) == {t.key: t.price for t in sent}
+
+
+async def test_dead_letters_are_listed_and_replayed_per_shard(
+    sharded: Settings, redis: Redis, subprocess_env: dict[str, str]
+) -> None:
+    shard = sharded.shard_map.shards[2]
+    dead_id = (
+        await redis.xadd(
+            shard.dead_stream,
+            {
+                "original_id": "1-0",
+                "stream": shard.stream,
+                "reason": "test",
+                "deliveries": "5",
+                "field:symbol": "X",
+                "field:ts": "1",
+                "field:price": "1",
+                "field:volume": "1",
+                "field:source": "t",
+            },
+        )
+    ).decode()
+    listed = await tickpipe(subprocess_env, "dlq", "list", "--json")
+    [letter] = json.loads(listed.stdout)
+    assert letter["id"] == f"2/{dead_id}"
+    assert letter["shard"] == 2
+    audit = await tickpipe(subprocess_env, "audit", "--json")
+    assert audit.returncode == 1
+    assert json.loads(audit.stdout)["dead_letters"]["length"] == 1
+    replay = await tickpipe(subprocess_env, "dlq", "replay", f"2/{dead_id}")
+    assert replay.returncode == 0, replay.stderr
+    assert await redis.xlen(shard.dead_stream) == 0
+    [(_, fields)] = await redis.xrange(shard.stream)
+    assert fields[b"symbol"] == b"X"
+
+
+async def read_events(
+    client: TestClient[Any, Any], query: dict[str, str], count: int, last_id: str | None
+) -> list[dict[str, Any]]:
+    """The first ``count`` tick events of GET /ticks/stream."""
+    headers = {"Authorization": AUTH["Authorization"]}
+    if last_id is not None:
+        headers["Last-Event-ID"] = last_id
+    events: list[dict[str, Any]] = []
+    async with client.get("/ticks/stream", params=query, headers=headers) as response:
+        assert response.status == 200, await response.text()
+        current: dict[str, Any] = {}
+        while len(events) < count:
+            line = (await asyncio.wait_for(response.content.readline(), 30)).decode().rstrip()
+            field, _, value = line.partition(":")
+            if field in ("id", "event"):
+                current[field] = value.strip()
+            elif field == "data":
+                current["data"] = json.loads(value)
+            elif line == "" and current:
+                if current.get("event") == "tick":
+                    events.append(current)
+                current = {}
+    return events
+
+
+async def test_event_streams_follow_one_shard_and_resume_by_its_ids(
+    sharded: Settings, redis: Redis
+) -> None:
+    by_shard: dict[int, list[str]] = {}
+    for symbol in SYMBOLS:
+        by_shard.setdefault(shard_of(symbol, 4), []).append(symbol)
+    shard, symbols = next((i, s) for i, s in sorted(by_shard.items()) if len(s) >= 2)
+    other = next(s[0] for i, s in by_shard.items() if i != shard)
+    sent = generate_ticks(120, SYMBOLS, seed=4, start_us=1_700_000_000_000_000)
+    mine = [t for t in sent if t.symbol in symbols[:2]]
+    async with TestClient(TestServer(create_app(sharded))) as client:
+        assert (await client.post("/ingest/ticks", data=body(sent), headers=AUTH)).status == 200
+        query = {"symbols": ",".join(symbols[:2])}
+        first = await read_events(client, query, len(mine) // 2, "0-0")
+        rest = await read_events(client, query, len(mine) - len(first), first[-1]["id"])
+        events = first + rest
+        assert [(e["data"]["symbol"], e["data"]["price"]) for e in events] == [
+            (t.symbol, str(t.price)) for t in mine
+        ]
+        stream_ids = [i.decode() for i, _ in await redis.xrange(f"ticks.received:{{{shard}}}")]
+        assert [e["id"] for e in events] == [
+            i for i, t in zip(stream_ids, [t for t in sent if shard_of(t.symbol, 4) == shard],
+                              strict=True) if t.symbol in symbols[:2]
+        ]  # fmt: skip
+        whole = await read_events(client, {"shard": str(shard)}, 3, "0-0")
+        assert {e["data"]["symbol"] for e in whole} <= set(symbols)
+        spanning = await client.get(
+            "/ticks/stream",
+            params={"symbols": f"{symbols[0]},{other}"},
+            headers={"Authorization": AUTH["Authorization"]},
+        )
+        assert spanning.status == 422
+        assert f"{other}: shard {shard_of(other, 4)}" in (await spanning.json())["detail"]
+        unnamed = await client.get(
+            "/ticks/stream", headers={"Authorization": AUTH["Authorization"]}
+        )
+        assert unnamed.status == 422
