@@ -186,29 +186,9 @@ def from_fields(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Tick:
     plain decimal digits) takes a short path; every rule is still checked.
     """
     try:
-        text = {
-            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-            for k, v in fields.items()
-        }
+        symbol, ts, price, volume, source = _entry_values(fields)
     except UnicodeDecodeError:
         raise TickError("stream entry is not valid UTF-8") from None
-    if len(text) != 5:
-        missing = sorted(set(ENTRY_FIELDS) - set(text))
-        if missing:
-            raise TickError(f"stream entry lacks field {missing[0]!r}", missing[0])
-        raise TickError(
-            f"stream entry has unexpected fields {sorted(set(text) - set(ENTRY_FIELDS))}"
-        )
-    try:
-        symbol, ts, price, volume, source = (
-            text["symbol"],
-            text["ts"],
-            text["price"],
-            text["volume"],
-            text["source"],
-        )
-    except KeyError as exc:
-        raise TickError(f"stream entry lacks field {exc.args[0]!r}", exc.args[0]) from None
     if SYMBOL.fullmatch(symbol) is None:
         raise TickError("stream entry has an invalid symbol", "symbol")
     try:
@@ -224,6 +204,30 @@ def from_fields(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Tick:
         volume=_stream_decimal(volume, "volume", allow_zero=True),
         source=check_source(source),
     )
+
+
+_BYTE_FIELDS = tuple(name.encode() for name in ENTRY_FIELDS)
+
+
+def _entry_values(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> tuple[str, ...]:
+    """The five values of an entry, in ENTRY_FIELDS order, as text."""
+    if len(fields) == 5:
+        try:  # the common case: bytes straight from Redis
+            return tuple(fields[name].decode() for name in _BYTE_FIELDS)  # type: ignore[index,union-attr]
+        except (KeyError, AttributeError):
+            pass
+    text = {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in fields.items()
+    }
+    missing = [name for name in ENTRY_FIELDS if name not in text]
+    if missing:
+        raise TickError(f"stream entry lacks field {missing[0]!r}", missing[0])
+    if len(text) != 5:
+        raise TickError(
+            f"stream entry has unexpected fields {sorted(set(text) - set(ENTRY_FIELDS))}"
+        )
+    return tuple(text[name] for name in ENTRY_FIELDS)
 
 
 def _stream_decimal(text: str, field: str, *, allow_zero: bool) -> Decimal:
