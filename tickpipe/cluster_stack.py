@@ -247,6 +247,8 @@ class LocalCluster:
             with contextlib.suppress(redis_sync.RedisError), node.client(1.0) as client:
                 if client.ping():
                     return
+            if node.pid() is not None and not _alive(node.pid()):
+                break  # it gave up (a port taken): no point waiting
             time.sleep(0.05)
         raise StackError(f"cluster node on port {node.port} did not answer; see {node.logfile}")
 
@@ -336,19 +338,41 @@ class LocalCluster:
 
 
 CLUSTER_BUS_OFFSET = 10000
-"""Each node also listens on its port + 10000 for the cluster bus (so its port is < 55536)."""
+"""Each node also listens on its port + 10000 for the cluster bus."""
+LOWEST_PORT = 12000
 
 
 def _free_cluster_ports(count: int) -> list[int]:
-    """``count`` ports that are free, each with its cluster-bus port free too."""
+    """``count`` ports that are free, each with its cluster-bus port free too.
+
+    No port is another's bus port, and every bus port lies below the kernel's
+    ephemeral range: an outgoing connection (or :func:`tickpipe.stack.free_port`)
+    cannot take one between this check and the node's bind.
+    """
+    highest = _ephemeral_low() - 1 - CLUSTER_BUS_OFFSET
+    if highest - LOWEST_PORT < 10 * count:
+        raise StackError(
+            f"too few ports below the ephemeral range ({LOWEST_PORT} to {highest})"
+            " for a local cluster"
+        )
     chosen: list[int] = []
+    taken: set[int] = set()
     while len(chosen) < count:
-        port = random.randint(20000, 65535 - CLUSTER_BUS_OFFSET)
-        if port in chosen or port + CLUSTER_BUS_OFFSET in chosen:
+        port = random.randint(LOWEST_PORT, highest)
+        if port in taken or port + CLUSTER_BUS_OFFSET in taken:
             continue
         if _port_free(port) and _port_free(port + CLUSTER_BUS_OFFSET):
             chosen.append(port)
+            taken.update((port, port + CLUSTER_BUS_OFFSET))
     return chosen
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's range for outgoing connections (Linux; else 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _port_free(port: int) -> bool:
