@@ -25,19 +25,20 @@ class FlusherError(RuntimeError):
     """The flusher cannot work with this configuration; the message says what to do."""
 
 
-async def run_flusher(settings: Settings, *, burst: bool = False) -> Flusher:
-    """Run a flusher until SIGTERM/SIGINT (or, with ``burst``, until the stream is drained)."""
+async def run_flusher(settings: Settings, *, burst: bool = False) -> Flusher | None:
+    """Run a flusher until SIGTERM/SIGINT (or, with ``burst``, until the stream is drained).
+
+    Returns None when stopped before Redis first answered (nothing was read).
+    """
     consumer = settings.flusher_consumer
     try:
         faults = Faults(settings.fault)
     except ValueError as exc:
         raise FlusherError(str(exc)) from None
-    redis = await redis_conn.open_client(
-        settings.redis_url,
-        settings.redis_cluster,
-        client_name=f"tickpipe-flusher:{consumer}",
-        socket_timeout_s=max(redis_conn.REDIS_SOCKET_TIMEOUT_S, settings.flush_interval_s + 10),
-    )
+    redis = await _open_redis(settings, consumer)
+    if redis is None:
+        log.info("flusher %s stopped before Redis answered: nothing was read", consumer)
+        return None
     settings = settings.replace(redis_cluster=isinstance(redis, RedisCluster))
     store = await TickStore.open(settings.database_url)
     streams = ShardedStream.for_consumer(redis, settings, consumer)
@@ -101,6 +102,30 @@ async def run_flusher(settings: Settings, *, burst: bool = False) -> Flusher:
     return flusher
 
 
+async def _open_redis(settings: Settings, consumer: str) -> redis_conn.RedisClient | None:
+    """The client, once Redis answers (whether it is a cluster decides every key name).
+
+    A signal while waiting stops the wait: None.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        return await redis_conn.open_client_when_ready(
+            settings.redis_url,
+            settings.redis_cluster,
+            client_name=f"tickpipe-flusher:{consumer}",
+            socket_timeout_s=max(redis_conn.REDIS_SOCKET_TIMEOUT_S, settings.flush_interval_s + 10),
+            stop=stop,
+        )
+    except redis_conn.RedisConfigError as exc:
+        raise FlusherError(str(exc)) from None
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
 async def check(settings: Settings) -> list[str]:
     """Problems that would stop a flusher from working (empty when it could run)."""
     problems: list[str] = []
@@ -114,6 +139,8 @@ async def check(settings: Settings) -> list[str]:
                 await redis_conn.ensure_group(redis, shard.stream, settings.group_name)
         finally:
             await redis.aclose()
+    except redis_conn.RedisConfigError as exc:
+        problems.append(f"Redis at REDIS_URL: {exc}")
     except redis_conn.FAILURES as exc:
         problems.append(f"Redis at REDIS_URL: {exc}")
     try:

@@ -19,7 +19,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 from redis.asyncio import RedisCluster
 from redis.exceptions import ReadOnlyError, ResponseError
 
-from flusher.errors import TransientError
+from flusher.errors import FatalError, TransientError
 from tickpipe import redis_conn
 from tickpipe.redis_conn import RedisClient, text
 from tickpipe.settings import Settings
@@ -43,6 +43,10 @@ def _transient(method: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, 
         try:
             return await method(*args, **kwargs)
         except _UNAVAILABLE as exc:
+            if redis_conn.not_a_cluster(exc):
+                raise FatalError(
+                    "REDIS_CLUSTER=1 but Redis is not a cluster: set REDIS_CLUSTER=0 or auto"
+                ) from exc
             raise TransientError(f"redis: {type(exc).__name__}: {exc}") from exc
         except RuntimeError as exc:
             if not redis_conn.closed_transport(exc):

@@ -9,7 +9,6 @@ appended, in one atomic step, and answered 200 with the stream ids.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -17,18 +16,17 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
-from redis.asyncio import RedisCluster
 from redis.exceptions import ResponseError
 
 from ingest import metrics, queries, ranges, sse
-from ingest.appkeys import AUTH, BACKLOG, INFLIGHT, READ_AUTH, REDIS, SETTINGS, WRITER
+from ingest.appkeys import AUTH, INFLIGHT, LINK, READ_AUTH, SETTINGS
 from ingest.auth import TokenAuth
-from ingest.backpressure import BacklogMonitor
 from ingest.decode import decode_json_array, decode_ndjson, decode_tick
 from ingest.errors import ApiError, error_middleware, json_response
 from ingest.inflight import InFlight
+from ingest.link import RedisLink
 from ingest.openapi import openapi_document
-from ingest.writer import NotDurable, PartialWrite, TickWriter
+from ingest.writer import NotDurable, PartialWrite
 from tickpipe import loop, redis_conn
 from tickpipe.redis_conn import RedisClient
 from tickpipe.settings import Settings
@@ -80,7 +78,10 @@ def check_declared_length(request: web.Request) -> None:
 
 
 def check_backlog(request: web.Request) -> None:
-    monitor = request.app[BACKLOG]
+    linked = request.app[LINK].linked
+    if linked is None:
+        return  # not measured yet: the write answers 503 anyway
+    monitor = linked.backlog
     if monitor.over_limit:
         raise ApiError(
             429,
@@ -93,7 +94,7 @@ def check_backlog(request: web.Request) -> None:
 
 async def store(request: web.Request, token_name: str, ticks: list[Tick]) -> web.Response:
     try:
-        ids = await request.app[WRITER].append(ticks)
+        ids = await request.app[LINK].get().writer.append(ticks)
     except NotDurable as exc:
         raise ApiError(
             503,
@@ -160,8 +161,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """GET /readyz: Redis answers and every shard's stream has the consumer group."""
-    settings = request.app[SETTINGS]
-    redis = request.app[REDIS]
+    link = request.app[LINK]
+    try:
+        linked = link.get()
+    except ApiError as exc:
+        return json_response({"status": "unavailable", "detail": str(exc)}, 503)
+    settings, redis = linked.settings, linked.redis
     streams = [shard.stream for shard in settings.shard_map.shards]
     try:
         replies = await asyncio.gather(*(redis.xinfo_groups(stream) for stream in streams))
@@ -226,42 +231,15 @@ def record_refusal(request: web.Request, error: ApiError) -> None:
 
 
 def redis_ctx(client: RedisClient | None) -> Callable[[web.Application], AsyncIterator[None]]:
-    """The Redis client: ``client`` if given (tests), else one opened from REDIS_URL."""
+    """The Redis side: ``client`` if given (tests), else one opened from REDIS_URL."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        settings = app[SETTINGS]
-        redis = client or await redis_conn.open_client(
-            settings.redis_url, settings.redis_cluster, client_name="tickpipe-ingest"
-        )
-        app[REDIS] = redis
-        # Now known: a cluster's key names are hash-tagged even with one shard.
-        settings = app[SETTINGS] = settings.replace(redis_cluster=isinstance(redis, RedisCluster))
-        app[WRITER] = TickWriter.from_settings(redis, settings)
-        streams = [shard.stream for shard in settings.shard_map.shards]
-        monitor = BacklogMonitor(
-            redis,
-            streams,
-            settings.group_name,
-            settings.ingest_max_backlog,
-            settings.ingest_backlog_poll_s,
-        )
-        app[BACKLOG] = monitor
+        link = app[LINK] = RedisLink(app[SETTINGS], client)
         try:
-            for stream in streams:
-                await redis_conn.ensure_group(redis, stream, settings.group_name)
-            monitor.backlog = await monitor.measure()
-        except redis_conn.FAILURES as exc:
-            # Start anyway: requests get 503 until Redis is back.
-            log.warning("redis unavailable at start (%s); answering 503 until it is back", exc)
-        poller = asyncio.create_task(monitor.run(), name="backlog-monitor")
-        hub = app[sse.HUB] = sse.StreamHubs(redis, streams)
-        yield
-        await hub.stop()
-        poller.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await poller
-        if client is None:
-            await redis.aclose()
+            await link.start()
+            yield
+        finally:
+            await link.stop()
 
     return ctx
 
@@ -302,7 +280,11 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     """Serve until SIGINT/SIGTERM, then let in-flight requests finish before exiting."""
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except redis_conn.RedisConfigError:
+        await runner.cleanup()
+        raise
     site = web.TCPSite(
         runner, settings.ingest_host, settings.ingest_port, reuse_port=reuse_port or None
     )
@@ -321,7 +303,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     await stop.wait()
     inflight = app[INFLIGHT]
     inflight.stopping = True
-    app[sse.HUB].close()  # event streams end now; other requests finish
+    app[LINK].close_streams()  # event streams end now; other requests finish
     log.info("ingest stopping: %d requests in flight", inflight.count)
     await site.stop()
     if not await inflight.drained(settings.ingest_shutdown_timeout_s):

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from ingest.auth import TokenAuth
-from ingest.backpressure import BacklogMonitor
 from ingest.inflight import InFlight
 from ingest.tickstore import TickStore
-from ingest.writer import TickWriter
 from tickpipe.redis_conn import RedisClient
 from tickpipe.settings import Settings
 
+if TYPE_CHECKING:
+    from ingest.link import RedisLink  # it needs modules that import these keys
+
 SETTINGS = web.AppKey("settings", Settings)
 REDIS: web.AppKey[RedisClient] = web.AppKey("redis")
-WRITER = web.AppKey("writer", TickWriter)
+"""A bare client (the bench's baseline server); the ingest app links through LINK."""
+LINK: web.AppKey[RedisLink] = web.AppKey("link")
+"""Redis and what depends on its kind, once it has answered (ingest/link.py)."""
 AUTH = web.AppKey("auth", TokenAuth)
 READ_AUTH = web.AppKey("read_auth", TokenAuth)
 """Tokens that may read: every ingest token and every read-only token."""
-BACKLOG = web.AppKey("backlog", BacklogMonitor)
 INFLIGHT = web.AppKey("inflight", InFlight)
 STORE = web.AppKey("store", TickStore)

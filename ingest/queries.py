@@ -23,7 +23,7 @@ import msgspec
 from aiohttp import web
 from multidict import MultiMapping
 
-from ingest.appkeys import READ_AUTH, REDIS, SETTINGS, STORE
+from ingest.appkeys import LINK, READ_AUTH, SETTINGS, STORE
 from ingest.errors import ApiError, json_response
 from ingest.tickstore import TickStore
 from tickpipe.pgerrors import is_transient
@@ -148,9 +148,12 @@ async def get_latest(request: web.Request) -> web.Response:
     authenticate_read(request)
     symbol = path_symbol(request)
     check_known(request.query)
-    # The symbol's shard holds its latest price (the same hash when there is one shard).
-    latest_key = request.app[SETTINGS].shard_map.for_symbol(symbol).latest
-    tick = await latest_from_redis(request.app[REDIS], latest_key, symbol)
+    tick = None
+    linked = request.app[LINK].linked
+    if linked is not None:  # else Redis has not answered yet: Postgres answers alone
+        # The symbol's shard holds its latest price (the same hash when there is one shard).
+        latest_key = linked.settings.shard_map.for_symbol(symbol).latest
+        tick = await latest_from_redis(linked.redis, latest_key, symbol)
     origin = "stream"
     if tick is None:
         with store_unavailable_as_503("latest"):

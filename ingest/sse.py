@@ -43,7 +43,7 @@ from aiohttp_sse import EventSourceResponse, sse_response
 from redis.exceptions import RedisError
 
 from ingest import metrics
-from ingest.appkeys import REDIS, SETTINGS
+from ingest.appkeys import LINK
 from ingest.errors import ApiError
 from ingest.queries import authenticate_read, check_known
 from tickpipe import redis_conn
@@ -252,13 +252,10 @@ class StreamHubs:
             await hub.stop()
 
 
-HUB = web.AppKey("sse_hub", StreamHubs)
-
-
 async def end_streams(app: web.Application) -> None:
     """on_shutdown: event streams never finish by themselves, so end them."""
-    if HUB in app:
-        app[HUB].close()
+    if LINK in app:
+        app[LINK].close_streams()
 
 
 # -- the endpoint -----------------------------------------------------------------------
@@ -348,11 +345,12 @@ async def stream_ticks(request: web.Request) -> web.StreamResponse:
     check_known(request.query, "symbols", "shard")
     symbols = parse_symbols(request.query.get("symbols"))
     resume_from = parse_last_event_id(request.headers.get("Last-Event-ID"))
-    settings = request.app[SETTINGS]
+    linked = request.app[LINK].get()
+    settings = linked.settings
     shard = settings.shard_map.shards[
         choose_shard(settings.shard_map, symbols, request.query.get("shard"))
     ]
-    hubs = request.app[HUB]
+    hubs = linked.hubs
     hub = hubs.hubs[shard.index]
     if hubs.clients >= settings.sse_max_clients:
         raise ApiError(
@@ -361,7 +359,7 @@ async def stream_ticks(request: web.Request) -> web.StreamResponse:
             f"this process serves {settings.sse_max_clients} event streams already; retry later",
             headers={"Retry-After": "5"},
         )
-    redis = request.app[REDIS]
+    redis = linked.redis
     try:
         cursor = resume_from or await hub.tail()
         gap = await trimmed_after(redis, shard.stream, resume_from)

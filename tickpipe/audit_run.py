@@ -51,6 +51,9 @@ async def run_audit(
     except _UNREACHABLE as exc:
         _say(f"cannot reach Redis at REDIS_URL: {exc}")
         return UNREACHABLE
+    except redis_conn.RedisConfigError as exc:
+        _say(f"configuration: {exc}")
+        return UNREACHABLE
     try:
         try:
             report = await stream_report(
@@ -111,6 +114,9 @@ async def dlq_command(
         redis, settings = await _open(settings, "tickpipe-dlq")
     except _UNREACHABLE as exc:
         _say(f"cannot reach Redis at REDIS_URL: {exc}")
+        return UNREACHABLE
+    except redis_conn.RedisConfigError as exc:
+        _say(f"configuration: {exc}")
         return UNREACHABLE
     letters = DeadLetters(redis, settings.shard_map.shards)
     try:

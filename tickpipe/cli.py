@@ -145,6 +145,7 @@ def ingest(host: str | None, port: int | None, workers: int | None, reuse_port: 
     """Serve the ingest HTTP API."""
     from ingest.app import ListenError, run
     from ingest.workers import Supervisor
+    from tickpipe.redis_conn import RedisConfigError
 
     settings = load_settings(ingest_host=host, ingest_port=port, ingest_workers=workers)
     if not settings.ingest_tokens:
@@ -157,6 +158,8 @@ def ingest(host: str | None, port: int | None, workers: int | None, reuse_port: 
         run(settings, reuse_port=reuse_port)
     except ListenError as exc:
         raise click.ClickException(f"{exc}; choose another with --port or INGEST_PORT") from None
+    except RedisConfigError as exc:
+        raise click.ClickException(f"configuration: {exc}") from None
 
 
 @main.group()

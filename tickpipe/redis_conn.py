@@ -3,14 +3,20 @@
 A Redis Cluster gets redis-py's cluster client (``RedisCluster``), which follows
 MOVED and ASK redirections and refreshes its slot map after a failover; a
 single Redis gets the plain client. ``REDIS_CLUSTER`` says which, or, left at
-``auto``, ``INFO cluster`` tells when the client is opened.
+``auto``, ``INFO cluster`` tells when the client is opened. The answer decides
+the key names (hash-tagged on a cluster), so it is never guessed: a process
+whose Redis does not answer yet waits for it (:func:`open_client_when_ready`)
+or says it cannot tell (:func:`open_client`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
+from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
@@ -24,6 +30,8 @@ from redis.exceptions import (
     TimeoutError,
     TryAgainError,
 )
+
+from tickpipe.backoff import Backoff
 
 log = logging.getLogger("tickpipe")
 
@@ -47,6 +55,40 @@ UNAVAILABLE: tuple[type[Exception], ...] = (
 
 FAILURES: tuple[type[Exception], ...] = (RedisError, RedisClusterException)
 """Any failure of a command, the cluster client's own (not RedisErrors) included."""
+
+NOT_A_CLUSTER = "Cluster mode is not enabled"
+"""What redis-py's cluster client says when the server it was given is a single Redis."""
+
+
+class RedisConfigError(Exception):
+    """The configuration contradicts the Redis it names: fix the configuration.
+
+    Retrying cannot help (REDIS_CLUSTER=1 on a single Redis, a STREAM_SHARDS
+    other than the deployment's); the message says what to change.
+    """
+
+
+def not_a_cluster(exc: BaseException) -> bool:
+    """Whether ``exc`` is the cluster client finding a single Redis (REDIS_CLUSTER=1)."""
+    return isinstance(exc, RedisClusterException) and NOT_A_CLUSTER in str(exc)
+
+
+def not_a_cluster_error(url: str) -> RedisConfigError:
+    return RedisConfigError(
+        f"REDIS_CLUSTER=1 but the Redis at {shown_url(url)} is not a cluster"
+        " (cluster_enabled:0): set REDIS_CLUSTER=0, or auto to ask the server"
+    )
+
+
+def shown_url(url: str) -> str:
+    """``url`` fit for a log line: the password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
 
 
 def connect(url: str, *, client_name: str, socket_timeout_s: float | None = None) -> Redis:
@@ -104,20 +146,69 @@ async def is_cluster(url: str) -> bool:
 async def open_client(
     url: str, cluster: bool | None, *, client_name: str, socket_timeout_s: float | None = None
 ) -> RedisClient:
-    """The client for ``url``: a cluster client if ``cluster`` (None: ask the server)."""
+    """The client for ``url``: a cluster client if ``cluster`` (None: ask the server).
+
+    A cluster client has read the slot map before it is returned. Raises the
+    Redis error when the server cannot be asked (one of :data:`UNAVAILABLE`),
+    :class:`RedisConfigError` when ``cluster`` is True and the server is a
+    single Redis.
+    """
     if cluster is None:
+        cluster = await is_cluster(url)
+    if not cluster:
+        return connect(url, client_name=client_name, socket_timeout_s=socket_timeout_s)
+    client = connect_cluster(url, client_name=client_name, socket_timeout_s=socket_timeout_s)
+    try:
+        await client.initialize()
+    except BaseException as exc:
+        with contextlib.suppress(*FAILURES, OSError):
+            await client.aclose()
+        if not_a_cluster(exc):
+            raise not_a_cluster_error(url) from None
+        raise
+    return client
+
+
+_WAIT_FOR: tuple[type[Exception], ...] = (*UNAVAILABLE, OSError)
+
+
+async def open_client_when_ready(
+    url: str,
+    cluster: bool | None,
+    *,
+    client_name: str,
+    socket_timeout_s: float | None = None,
+    stop: asyncio.Event | None = None,
+) -> RedisClient | None:
+    """:func:`open_client`, asked again with backoff while Redis is unavailable.
+
+    Each wait is logged. Returns None when ``stop`` is set before Redis
+    answers; :class:`RedisConfigError` is raised at once (waiting cannot fix it).
+    """
+    backoff = Backoff(cap_s=5.0)
+    question = "to answer whether it is a cluster" if cluster is None else "to answer"
+    while True:
         try:
-            cluster = await is_cluster(url)
-        except RedisError as exc:
-            log.warning(
-                "cannot ask Redis whether it is a cluster (%s); assuming a single Redis:"
-                " set REDIS_CLUSTER=1 or 0 to say which",
-                exc,
+            return await open_client(
+                url, cluster, client_name=client_name, socket_timeout_s=socket_timeout_s
             )
-            cluster = False
-    if cluster:
-        return connect_cluster(url, client_name=client_name, socket_timeout_s=socket_timeout_s)
-    return connect(url, client_name=client_name, socket_timeout_s=socket_timeout_s)
+        except _WAIT_FOR as exc:
+            delay = backoff.next_delay()
+            log.warning(
+                "waiting for Redis at %s %s (%s); asking again in %.1fs",
+                shown_url(url),
+                question,
+                exc,
+                delay,
+            )
+        if stop is None:
+            await asyncio.sleep(delay)
+            continue
+        waiting = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({waiting}, timeout=delay)
+        waiting.cancel()
+        if stop.is_set():
+            return None
 
 
 def closed_transport(exc: BaseException) -> bool:

@@ -33,7 +33,7 @@ from tickpipe.feeder import generate_ticks, tick_json, wait_ready
 from tickpipe.settings import Settings
 from tickpipe.shards import shard_of
 from tickpipe.stack import LocalStack, free_port
-from tickpipe.ticks import Tick, datetime_to_us
+from tickpipe.ticks import Tick, datetime_to_us, to_fields
 
 pytestmark = pytest.mark.services
 
@@ -343,3 +343,108 @@ async def test_one_shard_on_a_cluster_uses_tagged_names(
     code, report = await audit(env)
     assert code == 0, report["problems"]
     assert report["stream"]["name"] == "ticks.received:{0}"
+
+
+class Gate:
+    """A port that refuses connections until :meth:`open`, then forwards them to ``target``.
+
+    A Redis that does not answer yet (still booting), then does.
+    """
+
+    def __init__(self, target: int) -> None:
+        self.port = free_port()
+        self.target = target
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def open(self) -> None:
+        self._server = await asyncio.start_server(self._pipe, "127.0.0.1", self.port)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self._writers += [writer, upstream_writer]
+
+        async def copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            finally:
+                sink.close()
+
+        await asyncio.gather(
+            copy(reader, upstream_writer), copy(upstream_reader, writer), return_exceptions=True
+        )
+
+    async def close(self) -> None:
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+@pytest.fixture
+async def gate(redis_cluster: LocalCluster) -> AsyncIterator[Gate]:
+    closed = Gate(redis_cluster.nodes[0].port)
+    yield closed
+    await closed.close()
+
+
+async def wait_ready_app(client: TestClient[Any, Any], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (await client.get("/readyz")).status != 200:
+        assert time.monotonic() < deadline, "ingest never became ready"
+        await asyncio.sleep(0.2)
+
+
+async def test_ingest_started_before_the_cluster_answers_finds_out_it_is_one(
+    stack: LocalStack, redis_cluster: LocalCluster, cluster_client: RedisCluster, gate: Gate
+) -> None:
+    # REDIS_CLUSTER=auto and nothing answers at start: ingest must not guess
+    # "single Redis" (plain names: CROSSSLOT on every write, forever).
+    env = cluster_env(stack, redis_cluster, STREAM_SHARDS="1", REDIS_URL=gate.url)
+    sent = generate_ticks(20, SYMBOLS, seed=11, start_us=1_740_000_000_000_000, source="late")
+    body = b"[" + b",".join(tick_json(t) for t in sent) + b"]"
+    async with TestClient(TestServer(create_app(Settings.from_env(env)))) as client:
+        refused = await client.post("/ingest/ticks", data=body, headers=HEADERS)
+        assert refused.status == 503
+        assert (await refused.json())["error"] == "redis_unavailable"
+        assert (await client.get("/readyz")).status == 503
+        await gate.open()
+        await wait_ready_app(client)
+        response = await client.post("/ingest/ticks", data=body, headers=HEADERS)
+        assert response.status == 200, await response.text()
+    assert await cluster_client.xlen("ticks.received:{0}") == 20
+    assert await cluster_client.hlen("ticks:latest:{0}") == len({t.symbol for t in sent})
+
+
+async def test_flusher_started_before_the_cluster_answers_waits_for_it(
+    stack: LocalStack,
+    redis_cluster: LocalCluster,
+    cluster_client: RedisCluster,
+    pg: asyncpg.Connection,
+    gate: Gate,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    env = cluster_env(stack, redis_cluster, STREAM_SHARDS="1", REDIS_URL=gate.url)
+    sent = generate_ticks(20, SYMBOLS, seed=12, start_us=1_750_000_000_000_000, source="late")
+    for tick in sent:
+        await cluster_client.xadd("ticks.received:{0}", to_fields(tick))  # type: ignore[arg-type]
+    settings = Settings.from_env(env).replace(flusher_consumer="late")
+    flusher = asyncio.create_task(run_flusher(settings, burst=True))
+    deadline = time.monotonic() + 60
+    while "to answer whether it is a cluster" not in caplog.text:
+        assert time.monotonic() < deadline, caplog.text
+        assert not flusher.done(), "the flusher gave up waiting (or guessed)"
+        await asyncio.sleep(0.1)
+    await gate.open()
+    done = await asyncio.wait_for(flusher, 120)
+    assert done is not None
+    assert done.entries_acked == 20
+    assert await rows(pg) == expected(sent)
+    assert not await cluster_client.exists("ticks.received")  # no plain stream made up

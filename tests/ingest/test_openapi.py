@@ -25,7 +25,7 @@ from openapi_spec_validator import OpenAPIV31SpecValidator
 from redis.asyncio import Redis
 
 from ingest.app import create_app
-from ingest.appkeys import SETTINGS
+from ingest.appkeys import LINK
 from ingest.openapi import openapi_document
 from tickpipe.rollup.store import RollupStore
 from tickpipe.schema import apply_schema, ensure_database
@@ -289,7 +289,7 @@ async def test_every_ingest_answer_is_documented_and_produced(
             await contract.check(path, "post", answer)
     # Two shards, one of which cannot take writes: a batch is stored in part.
     async with serve(stream_shards=2) as client:
-        shards = client.app[SETTINGS].shard_map
+        shards = client.app[LINK].get().settings.shard_map
         one = "A"
         other = next(s for s in "BCDEFGH" if shards.for_symbol(s) != shards.for_symbol(one))
         broken = shards.for_symbol(other).stream

@@ -14,8 +14,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
-from ingest import metrics, sse
+from ingest import metrics
 from ingest.app import create_app
+from ingest.appkeys import LINK
 from tickpipe.settings import Settings
 
 pytestmark = pytest.mark.services
@@ -176,7 +177,7 @@ async def test_heartbeats_keep_an_idle_stream_alive(make_client: MakeClient) -> 
 
 async def test_a_client_that_leaves_is_unsubscribed(make_client: MakeClient) -> None:
     async with make_client(sse_heartbeat_s=0.1) as client:
-        hub = client.server.app[sse.HUB]
+        hub = client.server.app[LINK].get().hubs
         stream = await open_stream(client)
         await post(client, "AAPL", 1)
         await read_events(stream, 1)
@@ -189,7 +190,7 @@ async def test_a_slow_client_is_dropped_and_never_slows_ingest(
     make_client: MakeClient, redis: Redis
 ) -> None:
     async with make_client(sse_client_buffer=5, sse_heartbeat_s=0.2) as client:
-        hub = client.server.app[sse.HUB]
+        hub = client.server.app[LINK].get().hubs
         dropped = metrics.SSE_DROPPED._value.get()
         # A client that asks for the stream and then never reads a byte.
         sock = socket.socket()
@@ -213,7 +214,7 @@ async def test_a_slow_client_is_dropped_and_never_slows_ingest(
 
 async def test_stopping_the_server_ends_event_streams(client: Client) -> None:
     stream = await open_stream(client)
-    client.server.app[sse.HUB].close()
+    client.server.app[LINK].get().hubs.close()
     async with asyncio.timeout(10):
         while await stream.content.readline():
             pass
