@@ -15,7 +15,7 @@ from flusher.errors import FatalError
 from flusher.faults import Faults
 from flusher.stream import ShardedStream
 from flusher.worker import Flusher
-from tickpipe import redis_conn
+from tickpipe import redis_conn, shape
 from tickpipe.settings import Settings
 
 log = logging.getLogger("tickpipe.flusher")
@@ -135,6 +135,12 @@ async def check(settings: Settings) -> list[str]:
         )
         settings = settings.replace(redis_cluster=isinstance(redis, RedisCluster))
         try:
+            deployed = await shape.recorded(redis, settings.stream_name)
+            if deployed is not None and deployed != shape.Shape.of(settings):
+                problems.append(
+                    f"STREAM_SHARDS: the deployment runs {deployed.describe()}, not"
+                    f" {shape.Shape.of(settings).describe()} ({shape.DRAIN_DOC})"
+                )
             for shard in settings.flusher_shard_set:
                 await redis_conn.ensure_group(redis, shard.stream, settings.group_name)
         finally:

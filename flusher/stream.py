@@ -20,7 +20,7 @@ from redis.asyncio import RedisCluster
 from redis.exceptions import ReadOnlyError, ResponseError
 
 from flusher.errors import FatalError, TransientError
-from tickpipe import redis_conn
+from tickpipe import redis_conn, shape
 from tickpipe.redis_conn import RedisClient, text
 from tickpipe.settings import Settings
 from tickpipe.shards import Shard
@@ -373,6 +373,14 @@ class ShardedStream:
     @property
     def names(self) -> list[str]:
         return [stream.stream for stream in self.shards]
+
+    @_transient
+    async def claim_shape(self, settings: Settings) -> None:
+        """Record the deployment's shape (STREAM_SHARDS), or refuse to run with another."""
+        try:
+            await shape.claim(self.redis, settings)
+        except shape.ShapeMismatch as exc:
+            raise FatalError(str(exc)) from None
 
     @property
     def shards_by_index(self) -> dict[int, TickStream]:

@@ -89,6 +89,10 @@ class Flusher:
     async def run(self) -> None:
         """Drain this consumer's own pending entries, then new ones, until stopped."""
         try:
+            await self._retry(
+                "check the deployment's shape",
+                functools.partial(self.streams.claim_shape, self.settings),
+            )
             await self._retry("create the consumer group", self.streams.ensure_group)
         except Stopping:
             return

@@ -5,8 +5,9 @@ Whether REDIS_URL is a Redis Cluster decides the client and every key name
 say. Ingest starts whether Redis answers or not: when it does not, requests
 that need Redis get 503 while a background task asks again with backoff and
 links everything once it answers. A configuration that contradicts the server
-(``REDIS_CLUSTER=1`` on a single Redis) stops ingest at start; found later, it
-is logged and every such request gets 503 saying what to fix.
+(``REDIS_CLUSTER=1`` on a single Redis, a STREAM_SHARDS other than the one
+recorded for the deployment, tickpipe/shape.py) stops ingest at start; found
+later, it is logged and every such request gets 503 saying what to fix.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from ingest.backpressure import BacklogMonitor
 from ingest.errors import ApiError
 from ingest.sse import StreamHubs
 from ingest.writer import TickWriter
-from tickpipe import redis_conn
+from tickpipe import redis_conn, shape
+from tickpipe.backoff import Backoff
 from tickpipe.redis_conn import RedisClient
 from tickpipe.settings import Settings
 
@@ -72,7 +74,11 @@ class RedisLink:
                 )
                 self._task = asyncio.create_task(self._link_later(None), name="redis-link")
                 return
-        await self._link(redis)
+        try:
+            await self._link(redis)
+        except redis_conn.UNAVAILABLE as exc:
+            log.warning("Redis unavailable at start (%s); answering 503 until it answers", exc)
+            self._task = asyncio.create_task(self._link_later(redis), name="redis-link")
 
     async def _open(self) -> RedisClient:
         return await redis_conn.open_client(
@@ -88,7 +94,15 @@ class RedisLink:
                     client_name="tickpipe-ingest",
                 )
             assert redis is not None  # no stop event: it waits until Redis answers
-            await self._link(redis)
+            backoff = Backoff(cap_s=5.0)
+            while True:
+                try:
+                    await self._link(redis)
+                    break
+                except redis_conn.UNAVAILABLE as exc:
+                    delay = backoff.next_delay()
+                    log.warning("Redis unavailable (%s); trying again in %.1fs", exc, delay)
+                    await asyncio.sleep(delay)
             log.info("Redis at %s answered: accepting ticks", self._redis_url)
         except redis_conn.RedisConfigError as exc:
             log.error("cannot use Redis: %s; answering 503 until the configuration is fixed", exc)
@@ -101,6 +115,7 @@ class RedisLink:
     async def _link(self, redis: RedisClient) -> None:
         # Now known: a cluster's key names are hash-tagged even with one shard.
         settings = self._settings.replace(redis_cluster=isinstance(redis, RedisCluster))
+        await shape.claim(redis, settings)
         streams = [shard.stream for shard in settings.shard_map.shards]
         monitor = BacklogMonitor(
             redis,

@@ -14,11 +14,12 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
-from flusher.run import run_flusher
+from flusher.run import FlusherError, run_flusher
 from ingest.app import create_app
 from tickpipe.feeder import generate_ticks, tick_json
 from tickpipe.settings import Settings
 from tickpipe.shards import shard_of
+from tickpipe.stack import free_port
 from tickpipe.ticks import Tick, datetime_to_us
 
 pytestmark = pytest.mark.services
@@ -40,7 +41,7 @@ async def tickpipe(env: dict[str, str], *args: str) -> subprocess.CompletedProce
     return await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "tickpipe", *args],
-        env={**env, "STREAM_SHARDS": "4"},
+        env={"STREAM_SHARDS": "4", **env},
         capture_output=True,
         text=True,
         timeout=120,
@@ -209,3 +210,89 @@ async def test_event_streams_follow_one_shard_and_resume_by_its_ids(
             "/ticks/stream", headers={"Authorization": AUTH["Authorization"]}
         )
         assert unnamed.status == 422
+
+
+# -- the deployment's shape -----------------------------------------------------------
+
+
+async def test_a_flusher_with_another_stream_shards_refuses_to_start(
+    sharded: Settings, redis: Redis, subprocess_env: dict[str, str]
+) -> None:
+    sent = generate_ticks(40, SYMBOLS, seed=5, start_us=1_700_000_000_000_000)
+    async with TestClient(TestServer(create_app(sharded))) as client:
+        assert (await client.post("/ingest/ticks", data=body(sent), headers=AUTH)).status == 200
+    assert await redis.hget("tickpipe:shape", "ticks.received") == b"4 tagged"
+    with pytest.raises(FlusherError, match="tickpipe shards set 1") as refused:
+        await run_flusher(sharded.replace(stream_shards=1, flusher_consumer="one"), burst=True)
+    assert "runs STREAM_SHARDS=4" in str(refused.value)
+    assert not await redis.exists("ticks.received")  # it read and made nothing
+    check = await tickpipe({**subprocess_env, "STREAM_SHARDS": "1"}, "flusher", "run", "--check")
+    assert check.returncode == 2
+    assert "the deployment runs STREAM_SHARDS=4" in check.stderr
+
+
+async def test_ingest_with_another_stream_shards_refuses_to_start(
+    settings: Settings, redis: Redis, subprocess_env: dict[str, str]
+) -> None:
+    await run_flusher(settings.replace(flusher_consumer="one"), burst=True)
+    assert await redis.hget("tickpipe:shape", "ticks.received") == b"1 plain"
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "tickpipe", "ingest", "--port", str(free_port())],
+        env={**subprocess_env, "STREAM_SHARDS": "4"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "this deployment runs STREAM_SHARDS=1 with plain names" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_changing_stream_shards_waits_for_the_streams_to_drain(
+    settings: Settings, redis: Redis, pg: asyncpg.Connection, subprocess_env: dict[str, str]
+) -> None:
+    one = {**subprocess_env, "STREAM_SHARDS": "1"}
+    sent = generate_ticks(30, SYMBOLS, seed=6, start_us=1_700_000_000_000_000)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        assert (await client.post("/ingest/ticks", data=body(sent), headers=AUTH)).status == 200
+    refused = await tickpipe(one, "shards", "set", "4")
+    assert refused.returncode == 1
+    assert "ticks.received: 0 pending, 30 undelivered" in refused.stderr
+    assert await redis.hget("tickpipe:shape", "ticks.received") == b"1 plain"
+    await run_flusher(settings.replace(flusher_consumer="drain"), burst=True)
+    changed = await tickpipe(one, "shards", "set", "4")
+    assert changed.returncode == 0, changed.stderr
+    assert "now runs STREAM_SHARDS=4" in changed.stdout
+    assert await redis.hget("tickpipe:shape", "ticks.received") == b"4 tagged"
+    later = generate_ticks(30, SYMBOLS, seed=7, start_us=1_710_000_000_000_000)
+    async with TestClient(TestServer(create_app(settings.replace(stream_shards=4)))) as client:
+        assert (await client.post("/ingest/ticks", data=body(later), headers=AUTH)).status == 200
+    await run_flusher(settings.replace(stream_shards=4, flusher_consumer="four"), burst=True)
+    assert await table(pg) == {t.key: t.price for t in sent + later}
+    audit = await tickpipe(subprocess_env, "audit", "--json")
+    assert audit.returncode == 0, audit.stdout
+    assert json.loads(audit.stdout)["shape"] == {"recorded": "4 tagged", "configured": "4 tagged"}
+
+
+async def test_audit_finds_entries_left_in_streams_outside_the_shard_map(
+    sharded: Settings, redis: Redis, subprocess_env: dict[str, str]
+) -> None:
+    sent = generate_ticks(60, SYMBOLS, seed=8, start_us=1_700_000_000_000_000)
+    async with TestClient(TestServer(create_app(sharded))) as client:
+        assert (await client.post("/ingest/ticks", data=body(sent), headers=AUTH)).status == 200
+    # A deployment that went from 4 shards to 1 before the shape was recorded.
+    await redis.delete("tickpipe:shape")
+    await run_flusher(
+        sharded.replace(stream_shards=1, flusher_consumer="one"), burst=True
+    )  # reads nothing: its plain stream is empty
+    result = await tickpipe({**subprocess_env, "STREAM_SHARDS": "1"}, "audit", "--json")
+    report = json.loads(result.stdout)
+    assert result.returncode == 1
+    assert [o["stream"] for o in report["outside_shards"]] == [
+        f"ticks.received:{{{i}}}" for i in range(4) if any(shard_of(t.symbol, 4) == i for t in sent)
+    ]
+    assert sum(o["undelivered"] for o in report["outside_shards"]) == 60
+    assert any("outside the shard map" in problem for problem in report["problems"])
+    text_report = await tickpipe({**subprocess_env, "STREAM_SHARDS": "1"}, "audit")
+    assert "outside the shard map: ticks.received:{" in text_report.stdout

@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 from redis.exceptions import ResponseError
 
+from tickpipe import shape
 from tickpipe.redis_conn import RedisClient, text, xrange_pages
 from tickpipe.settings import Settings
 from tickpipe.shards import Shard
@@ -54,11 +55,33 @@ def id_key(entry_id: str) -> tuple[int, int]:
 async def stream_report(
     redis: RedisClient, settings: Settings, limits: Thresholds
 ) -> dict[str, Any]:
-    """Stream, groups, consumers, stuck entries, dead letters, lost counter: per shard, in total."""
+    """Stream, groups, consumers, stuck entries, dead letters, lost counter: per shard, in total.
+
+    Also the deployment's recorded shape and the streams outside the shard map
+    (a STREAM_SHARDS changed without draining) that still hold entries.
+    """
     shards = [await shard_report(redis, shard, limits) for shard in settings.shard_map.shards]
     if len(shards) == 1:
-        return {**shards[0], "shards": [_shard_summary(shards[0], 0)]}
-    return {**_totals(shards), "shards": [_shard_summary(r, i) for i, r in enumerate(shards)]}
+        report = {**shards[0], "shards": [_shard_summary(shards[0], 0)]}
+    else:
+        report = {**_totals(shards), "shards": [_shard_summary(r, i) for i, r in enumerate(shards)]}
+    deployed = await shape.recorded(redis, settings.stream_name)
+    report["shape"] = {
+        "recorded": None if deployed is None else str(deployed),
+        "configured": str(shape.Shape.of(settings)),
+    }
+    report["outside_shards"] = [
+        {
+            "stream": left.stream,
+            "length": left.length,
+            "pending": left.pending,
+            "undelivered": left.undelivered,
+            "dead_letters": left.dead_letters,
+            "detail": left.describe(),
+        }
+        for left in await shape.stranded(redis, settings, keep=shape.current_names(settings))
+    ]
+    return report
 
 
 async def shard_report(redis: RedisClient, shard: Shard, limits: Thresholds) -> dict[str, Any]:
@@ -430,6 +453,18 @@ async def _rows(conn: asyncpg.Connection, keys: set[tuple[str, int]]) -> dict[tu
 def problems(report: dict[str, Any]) -> list[str]:
     """Why the audit fails (empty when nothing is lost, mismatched, stuck or dead)."""
     found = []
+    deployed = report["shape"]
+    if deployed["recorded"] is not None and deployed["recorded"] != deployed["configured"]:
+        found.append(
+            f"the deployment runs STREAM_SHARDS shape {deployed['recorded']!r}, this audit"
+            f" {deployed['configured']!r}: audit with the deployment's STREAM_SHARDS"
+        )
+    if report["outside_shards"]:
+        found.append(
+            "entries wait in streams outside the shard map, read by no flusher: "
+            + "; ".join(left["detail"] for left in report["outside_shards"])
+            + f" (a STREAM_SHARDS changed without draining: {shape.DRAIN_DOC})"
+        )
     if report["lost"]:
         found.append(f"{report['lost']} entries lost (deleted from the stream while pending)")
     if report["stuck"]["count"]:

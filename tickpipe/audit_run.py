@@ -1,4 +1,4 @@
-"""Running `tickpipe audit` and `tickpipe dlq`: connections, output, exit status."""
+"""Running `tickpipe audit`, `dlq` and `shards`: connections, output, exit status."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tickpipe import redis_conn
+from tickpipe import redis_conn, shape
 from tickpipe.audit import Thresholds, problems, stream_report, verify
 from tickpipe.audit_view import render
 from tickpipe.dlq import DeadLetters
@@ -154,3 +154,41 @@ async def dlq_command(
         return NOT_OK
     finally:
         await redis.aclose()
+
+
+async def shards_command(settings: Settings, count: int | None) -> int:
+    """Show the deployment's shape (``count`` None), or change it to ``count`` shards."""
+    try:
+        redis, settings = await _open(settings, "tickpipe-shards")
+    except _UNREACHABLE as exc:
+        _say(f"cannot reach Redis at REDIS_URL: {exc}")
+        return UNREACHABLE
+    except redis_conn.RedisConfigError as exc:
+        _say(f"configuration: {exc}")
+        return UNREACHABLE
+    try:
+        if count is None:
+            deployed = await shape.recorded(redis, settings.stream_name)
+            print(f"recorded: {deployed.describe() if deployed else 'nothing yet'}")
+            print(f"configured here: {shape.Shape.of(settings).describe()}")
+            for left in await shape.stranded(redis, settings, keep=shape.current_names(settings)):
+                print(f"outside the shard map: {left.describe()}")
+            return OK
+        old, new = await shape.change(redis, settings, count)
+    except redis_conn.RedisConfigError as exc:
+        _say(str(exc))
+        return NOT_OK
+    except _UNREACHABLE as exc:
+        _say(f"cannot reach Redis at REDIS_URL: {exc}")
+        return UNREACHABLE
+    finally:
+        await redis.aclose()
+    if old == new:
+        print(f"the deployment already runs {new.describe()}")
+    else:
+        print(
+            f"the deployment now runs {new.describe()} (was"
+            f" {old.describe() if old else 'not recorded'}): start ingest and the flushers"
+            f" with STREAM_SHARDS={new.shards}"
+        )
+    return OK

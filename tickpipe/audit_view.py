@@ -93,6 +93,13 @@ def render(report: dict[str, Any], console: Console) -> None:
             highlight=False,
         )
     console.print(f"lost (deleted while pending, counted by the flushers): {report['lost']}")
+    deployed = report["shape"]
+    console.print(
+        f"shards: {deployed['configured']} (recorded for the deployment:"
+        f" {deployed['recorded'] or 'nothing yet'})"
+    )
+    for left in report["outside_shards"]:
+        console.print(f"  outside the shard map: {left['detail']}", highlight=False)
 
     checked = report.get("verify")
     if checked is not None:

@@ -13,6 +13,7 @@ import click
 
 from tickpipe import loop
 from tickpipe.settings import Settings, SettingsError
+from tickpipe.shards import MAX_SHARDS
 from tickpipe.stack import LocalStack, StackError
 
 
@@ -354,6 +355,33 @@ def dlq_drop(ids: tuple[str, ...], everything: bool, yes: bool) -> None:
     sys.exit(
         asyncio.run(dlq_command(load_settings(), "drop", ids=list(ids), everything=everything))
     )
+
+
+@main.group()
+def shards() -> None:
+    """The deployment's STREAM_SHARDS, recorded in Redis (docs/scaling.md)."""
+
+
+@shards.command("show")
+def shards_show() -> None:
+    """Show the recorded shape, this environment's, and streams outside the shard map."""
+    from tickpipe.audit_run import shards_command
+
+    sys.exit(asyncio.run(shards_command(load_settings(), None)))
+
+
+@shards.command("set")
+@click.argument("count", type=click.IntRange(1, MAX_SHARDS))
+def shards_set(count: int) -> None:
+    """Change the deployment to COUNT shards, once every stream is drained.
+
+    Stop ingest first and let the flushers (with the old STREAM_SHARDS) empty
+    the streams; this refuses while any stream still holds undelivered or
+    pending entries, or dead letters.
+    """
+    from tickpipe.audit_run import shards_command
+
+    sys.exit(asyncio.run(shards_command(load_settings(), count)))
 
 
 # -- reliability ------------------------------------------------------------------------

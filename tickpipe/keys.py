@@ -18,6 +18,12 @@ LOST = "ticks:lost"
 ENTRY_FIELDS = ("symbol", "ts", "price", "volume", "source")
 """The fields of one stream entry, in order; all strings, ``ts`` in epoch microseconds."""
 
+SHAPE = "tickpipe:shape"
+"""Hash stream name -> the deployment's shape, ``"<shards> <tagged|plain>"`` (tickpipe/shape.py).
+
+One key for the whole deployment, so in any one cluster slot; ingest and the
+flushers refuse to start with another STREAM_SHARDS."""
+
 SHARD_TAG = "{%d}"
 """The hash tag that ends every key of a shard when STREAM_SHARDS > 1 (see shard_key)."""
 

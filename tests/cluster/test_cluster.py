@@ -448,3 +448,26 @@ async def test_flusher_started_before_the_cluster_answers_waits_for_it(
     assert done.entries_acked == 20
     assert await rows(pg) == expected(sent)
     assert not await cluster_client.exists("ticks.received")  # no plain stream made up
+
+
+async def test_audit_scans_every_master_for_streams_outside_the_shard_map(
+    stack: LocalStack, redis_cluster: LocalCluster, cluster_client: RedisCluster
+) -> None:
+    env = cluster_env(stack, redis_cluster)
+    sent = generate_ticks(80, SYMBOLS, seed=13, start_us=1_760_000_000_000_000, source="os")
+    async with TestClient(TestServer(create_app(Settings.from_env(env)))) as client:
+        response = await client.post(
+            "/ingest/ticks", data=b"[" + b",".join(tick_json(t) for t in sent) + b"]",
+            headers=HEADERS,
+        )  # fmt: skip
+        assert response.status == 200, await response.text()
+    await cluster_client.delete("tickpipe:shape")  # as if recorded before the change
+    code, report = await audit({**env, "STREAM_SHARDS": "1"})
+    assert code == 1
+    outside = [left["stream"] for left in report["outside_shards"]]
+    # ticks.received:{0} is the one-shard name on a cluster: it is in the map.
+    assert outside == [f"ticks.received:{{{i}}}" for i in range(1, SHARDS)]
+    assert len({redis_cluster.owner_of(redis_cluster.keyslot(s)) for s in outside}) > 1
+    assert sum(left["undelivered"] for left in report["outside_shards"]) == sum(
+        1 for t in sent if shard_of(t.symbol, SHARDS) != 0
+    )

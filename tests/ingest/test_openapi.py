@@ -190,6 +190,8 @@ def serve(settings: Settings, redis: Redis) -> Serve:
             ingest_max_batch=10,
             **overrides,
         )
+        # Each app is a deployment of its own (its STREAM_SHARDS may differ).
+        await redis.delete("tickpipe:shape")
         async with TestClient(TestServer(create_app(changed))) as client:
             yield client
 
