@@ -24,6 +24,9 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import RedisCluster
+from redis.asyncio.cluster import ClusterNode
+from redis.cluster import PRIMARY
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flusher.run import run_flusher
 from ingest.app import create_app
@@ -351,9 +354,12 @@ class Gate:
     A Redis that does not answer yet (still booting), then does.
     """
 
-    def __init__(self, target: int) -> None:
+    def __init__(self, target: int, *, lose_replies_after: bytes | None = None) -> None:
         self.port = free_port()
         self.target = target
+        self.lose_replies_after = lose_replies_after
+        """Once a command holding these bytes passes, Redis's replies are lost on the way back."""
+        self._losing = False
         self._server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
 
@@ -371,6 +377,10 @@ class Gate:
         async def copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
             try:
                 while data := await source.read(65536):
+                    if self.lose_replies_after and self.lose_replies_after in data:
+                        self._losing = True
+                    if sink is writer and self._losing:
+                        continue
                     sink.write(data)
                     await sink.drain()
             finally:
@@ -471,3 +481,33 @@ async def test_audit_scans_every_master_for_streams_outside_the_shard_map(
     assert sum(left["undelivered"] for left in report["outside_shards"]) == sum(
         1 for t in sent if shard_of(t.symbol, SHARDS) != 0
     )
+
+
+async def test_the_cluster_client_never_resends_a_command_whose_reply_was_lost(
+    redis_cluster: LocalCluster, cluster_client: RedisCluster
+) -> None:
+    # redis-py before 6.0 ignored retry= for the cluster client's own retries:
+    # after a timeout it rebuilt its slot map and sent the XADD again, a
+    # duplicate entry. The master runs the command; its reply never comes back.
+    key = "ticks.received:{0}"
+    master = redis_cluster.owner_of(redis_cluster.keyslot(key))
+    lossy = Gate(master, lose_replies_after=b"XADD")
+    await lossy.open()
+    client = redis_conn.connect_cluster(
+        redis_cluster.url, client_name="tickpipe-tests", socket_timeout_s=1.0
+    )
+    try:
+        await client.initialize()
+        manager = client.nodes_manager
+        behind_lossy_link = ClusterNode(
+            "127.0.0.1", lossy.port, PRIMARY, **manager.connection_kwargs
+        )
+        manager.slots_cache[redis_cluster.keyslot(key)] = [behind_lossy_link]
+        with pytest.raises(RedisTimeoutError):
+            await client.xadd(key, {"symbol": "X"})
+    finally:
+        await behind_lossy_link.disconnect()
+        await client.initialize()  # after the timeout it wants a new slot map first
+        await client.aclose()
+        await lossy.close()
+    assert await cluster_client.xlen(key) == 1  # it ran once, and only once
