@@ -9,11 +9,12 @@ is unavailable" leaves this module as :class:`~flusher.errors.TransientError`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Sequence
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from redis.asyncio import RedisCluster
@@ -56,6 +57,11 @@ def _transient(method: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, 
             if str(exc).startswith("UNBLOCKED"):
                 # A blocked read whose stream moved away (a cluster slot migrated):
                 # read again, from where the stream now lives.
+                raise TransientError(f"redis: {exc}") from exc
+            if "WRONGTYPE" in str(exc):
+                # A shard's key replaced by something else (by hand, by another
+                # program): that shard is unusable until someone fixes it; the
+                # others are not, so it is retried like an outage, not fatal.
                 raise TransientError(f"redis: {exc}") from exc
             if "NOGROUP" not in str(exc):
                 raise
@@ -342,9 +348,10 @@ class ShardedStream:
     one slot, and each shard has its own: there, one XREADGROUP per shard, run
     concurrently, and a read still waiting when another returned is kept for
     the next call rather than cancelled (a cancelled read may have delivered
-    entries whose reply is lost). Everything else (reclaim, dead letters,
-    trimming, consumer housekeeping) goes shard by shard through
-    :class:`TickStream`.
+    entries whose reply is lost). Reads and acknowledgements report each
+    shard's failure on its own, so that the caller can go on with the others.
+    Everything else (reclaim, dead letters, trimming, consumer housekeeping)
+    goes shard by shard through :class:`TickStream`.
     """
 
     def __init__(self, redis: RedisClient, streams: Sequence[TickStream]) -> None:
@@ -386,30 +393,57 @@ class ShardedStream:
     def shards_by_index(self) -> dict[int, TickStream]:
         return self._by_index
 
-    async def ensure_group(self) -> None:
-        for stream in self.shards:
-            await stream.ensure_group()
-
     async def recreate_group(self) -> None:
         for stream in self.shards:
-            await stream.recreate_group()
+            # A shard that cannot have it now shows on its own next command.
+            with contextlib.suppress(*_UNAVAILABLE, ResponseError):
+                await stream.recreate_group()
 
-    async def read_new(self, count: int, block_ms: int | None) -> list[Entry]:
-        """Entries never delivered (``>``) from any shard, waiting up to ``block_ms``."""
-        if len(self.shards) == 1:
-            return await self.shards[0].read_new(count, block_ms)
+    async def read_new(
+        self, count: int, block_ms: int | None, shards: Collection[int] | None = None
+    ) -> tuple[list[Entry], dict[int, TransientError]]:
+        """Entries never delivered (``>``) of ``shards`` (default all), waiting up to ``block_ms``.
+
+        About ``count`` in all: each shard is asked for its share (``count`` over
+        the shards read, at least 1), so one batch never holds ``count`` entries
+        of every shard. Returns the entries, and the failure of each shard that
+        failed: the others' entries are delivered all the same.
+        """
+        chosen = self.shards if shards is None else [s for s in self.shards if s.shard in shards]
+        if not chosen:
+            return [], {}
+        share = max(1, -(-count // len(chosen)))
         if self._per_shard_reads:
-            return await self._read_each(count, block_ms)
-        return await self._read_together(count, block_ms)
+            return await self._read_each(chosen, share, block_ms)
+        if len(chosen) == 1:
+            try:
+                return await chosen[0].read_new(share, block_ms), {}
+            except TransientError as exc:
+                return [], {chosen[0].shard: exc}
+        try:
+            return await self._read_together(chosen, share, block_ms), {}
+        except TransientError:
+            pass
+        # Which shard failed? Each on its own, without waiting.
+        entries: list[Entry] = []
+        failures: dict[int, TransientError] = {}
+        for stream in chosen:
+            try:
+                entries.extend(await stream.read_new(share, None))
+            except TransientError as exc:
+                failures[stream.shard] = exc
+        return entries, failures
 
     @_transient
-    async def _read_together(self, count: int, block_ms: int | None) -> list[Entry]:
-        # COUNT applies per stream: a read returns up to count entries of each shard.
+    async def _read_together(
+        self, chosen: Sequence[TickStream], share: int, block_ms: int | None
+    ) -> list[Entry]:
+        # COUNT applies per stream: each shard's share.
         reply: Any = await self.redis.xreadgroup(
             self.group,
             self.consumer,
-            {stream.stream: ">" for stream in self.shards},
-            count=count,
+            {stream.stream: ">" for stream in chosen},
+            count=share,
             block=block_ms,
         )
         entries: list[Entry] = []
@@ -418,16 +452,18 @@ class ShardedStream:
             entries.extend(Entry(text(i), fields or None, shard) for i, fields in messages)
         return entries
 
-    async def _read_each(self, count: int, block_ms: int | None) -> list[Entry]:
+    async def _read_each(
+        self, chosen: Sequence[TickStream], share: int, block_ms: int | None
+    ) -> tuple[list[Entry], dict[int, TransientError]]:
         deadline = None if block_ms is None else time.monotonic() + block_ms / 1000
         while True:
             remaining_ms = None
             if deadline is not None:
                 remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
-            for stream in self.shards:
+            for stream in chosen:
                 if stream.shard not in self._reads:
                     self._reads[stream.shard] = asyncio.create_task(
-                        stream.read_new(count, remaining_ms)
+                        stream.read_new(share, remaining_ms)
                     )
             pending = set(self._reads.values())
             if deadline is None:
@@ -438,36 +474,43 @@ class ShardedStream:
                     timeout=max(0.0, deadline - time.monotonic()),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
-            entries = self._collect(done)
-            if entries or deadline is None or time.monotonic() >= deadline:
-                return entries
+            entries, failures = self._collect(done)
+            if entries or failures or deadline is None or time.monotonic() >= deadline:
+                return entries, failures
 
-    def _collect(self, done: Iterable[asyncio.Task[list[Entry]]]) -> list[Entry]:
-        """The entries of finished reads; the first failure is raised after all are taken."""
+    def _collect(
+        self, done: Iterable[asyncio.Task[list[Entry]]]
+    ) -> tuple[list[Entry], dict[int, TransientError]]:
+        """The entries of finished reads, and the failure of each shard whose read failed."""
         entries: list[Entry] = []
-        failure: BaseException | None = None
+        failures: dict[int, TransientError] = {}
+        unexpected: BaseException | None = None
         for shard, task in list(self._reads.items()):
             if task not in done:
                 continue
             del self._reads[shard]
             error = task.exception()
-            if error is not None:
-                failure = failure or error
-                continue
-            entries.extend(task.result())
-        if failure is not None:
-            raise failure
-        return entries
+            if isinstance(error, TransientError):
+                failures[shard] = error
+            elif error is not None:
+                unexpected = unexpected or error
+            else:
+                entries.extend(task.result())
+        if unexpected is not None:
+            raise unexpected
+        return entries, failures
 
     async def settle(self) -> list[Entry]:
-        """Wait for the reads still under way (at stop) and return what they delivered."""
+        """Wait for the reads still under way (at stop) and return what they delivered.
+
+        A read that failed may still have delivered entries: they wait in this
+        consumer's pending list.
+        """
         if not self._reads:
             return []
         done, _ = await asyncio.wait(set(self._reads.values()))
-        try:
-            return self._collect(done)
-        except TransientError:
-            return []  # delivered or not, they wait in this consumer's pending list
+        entries, _failures = self._collect(done)
+        return entries
 
     def abandon(self) -> None:
         """Cancel the reads still under way; what they delivered stays pending."""
@@ -475,18 +518,37 @@ class ShardedStream:
             task.cancel()
         self._reads.clear()
 
-    @_transient
-    async def ack(self, entries: Sequence[Entry]) -> int:
-        """XACK ``entries``, each on its shard's stream; one round trip per node."""
+    async def ack(self, entries: Sequence[Entry]) -> dict[int, TransientError]:
+        """XACK ``entries``, each on its shard's stream; one round trip per node.
+
+        Returns the failure of each shard whose XACK failed: the other shards'
+        entries are acknowledged all the same (XACK may be sent again safely).
+        """
         by_shard: dict[int, list[str]] = defaultdict(list)
         for entry in entries:
             by_shard[entry.shard].append(entry.id)
-        if not by_shard:
-            return 0
-        if len(by_shard) == 1:
-            [(shard, ids)] = by_shard.items()
-            acked: int = await self.redis.xack(self._by_index[shard].stream, self.group, *ids)
-            return acked
+        todo = dict(by_shard)
+        if len(by_shard) > 1:
+            try:
+                replies = await self._ack_pipelined(by_shard)
+            except TransientError:
+                pass  # each shard on its own, below
+            else:
+                todo = {
+                    shard: ids
+                    for (shard, ids), reply in zip(by_shard.items(), replies, strict=True)
+                    if isinstance(reply, Exception)
+                }
+        failures: dict[int, TransientError] = {}
+        for shard, ids in todo.items():
+            try:
+                await self._by_index[shard].ack(ids)
+            except TransientError as exc:
+                failures[shard] = exc
+        return failures
+
+    @_transient
+    async def _ack_pipelined(self, by_shard: dict[int, list[str]]) -> list[Any]:
         pipe: Any = (
             self.redis.pipeline()
             if isinstance(self.redis, RedisCluster)
@@ -494,5 +556,5 @@ class ShardedStream:
         )
         for shard, ids in by_shard.items():
             pipe.xack(self._by_index[shard].stream, self.group, *ids)
-        replies = await pipe.execute()
-        return sum(int(reply) for reply in replies)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies

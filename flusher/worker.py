@@ -11,6 +11,13 @@ again by this consumer on restart or reclaimed by another.
 Besides the main loop, two upkeep loops run: reclaim (XAUTOCLAIM entries other
 consumers left idle) and upkeep (trim the stream, delete idle consumers,
 publish pending and lag).
+
+A shard that fails (its master down, its key unusable) is set aside with a
+backoff of its own (:class:`~flusher.shard_health.ShardHealth`) while the
+other shards keep flowing: its reads, own-pending drain, reclaim and dead
+letters wait for it. An acknowledgement that fails is kept and sent again
+until it succeeds; the batch's entries of the other shards are acknowledged
+at once. Postgres is shared by every shard: an outage there stops them all.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from flusher import metrics
 from flusher.db import Row, TickStore, last_per_key
 from flusher.errors import RowsRejected, TransientError
 from flusher.faults import Faults
+from flusher.shard_health import ShardHealth
 from flusher.stream import DeadLetter, Entry, GroupStats, ShardedStream, TickStream
 from tickpipe.backoff import Backoff
 from tickpipe.settings import Settings
@@ -61,10 +69,14 @@ class Flusher:
         self.faults = faults or Faults(None)
         self._stopping = asyncio.Event()
         self._stop_deadline: float | None = None
-        self._recheck_own_pending = False
         self._servers_ok = True
         self._in_flight: set[tuple[int, str]] = set()
         """(shard, id) being written by this process: the reclaim loop must not take them too."""
+        self._health = ShardHealth({stream.shard: stream.stream for stream in streams.shards})
+        self._drain_due: set[int] = {stream.shard for stream in streams.shards}
+        """Shards whose own pending entries must be read (from 0) before anything else of theirs."""
+        self._unacked: dict[int, list[Entry]] = {}
+        """Per shard, entries committed whose XACK failed: sent again until it succeeds."""
         self.rows_written = 0
         self.entries_acked = 0
         self.dead_lettered = 0
@@ -93,9 +105,14 @@ class Flusher:
                 "check the deployment's shape",
                 functools.partial(self.streams.claim_shape, self.settings),
             )
-            await self._retry("create the consumer group", self.streams.ensure_group)
         except Stopping:
             return
+        for stream in self.streams.shards:
+            try:
+                await stream.ensure_group()
+            except TransientError as exc:
+                # Its reads create it once it answers (NOGROUP).
+                self._health.failed(stream.shard, "create the consumer group", exc)
         log.info(
             "flusher %s reading %s as group %s",
             self.streams.consumer,
@@ -122,18 +139,19 @@ class Flusher:
 
     async def _main_loop(self) -> None:
         try:
-            await self._drain_own_pending()
             batch: list[Entry] = []
             while not self.stopping:
-                if self._recheck_own_pending:
-                    self._recheck_own_pending = False
-                    await self._drain_own_pending()
+                await self._tend_shards()
                 if not batch:
                     batch = await self._next_batch()
                     if not batch:
-                        if self.burst:
+                        if not self.burst:
+                            continue
+                        if not self._shards_owe_work():
                             log.info("burst: stream drained, exiting")
                             return
+                        # A shard still fails: wait for its turn rather than spin.
+                        await self._sleep_unless_stopped(self._health.seconds_to_next())
                         continue
                 # Write this batch while reading the next: Redis and Postgres work
                 # at the same time instead of in turn.
@@ -147,24 +165,37 @@ class Flusher:
             leftover = await self.streams.settle()
             if leftover:
                 await self._flush(leftover)  # delivered by a read still under way
+            await self._finish_acks()
         except Stopping:
             self.streams.abandon()
             log.warning("shutdown grace over: unfinished entries stay pending")
 
-    async def _drain_own_pending(self) -> None:
-        """Entries delivered to this consumer name before a crash or restart come first."""
+    def _shards_owe_work(self) -> bool:
+        """Whether a shard has failed, or has its own pending entries or acks still due."""
+        return self._health.failing or bool(self._drain_due) or bool(self._unacked)
+
+    async def _tend_shards(self) -> None:
+        """Send again the acks that failed, and drain own pending entries, of shards ready."""
+        for shard in list(self._unacked):
+            if self._health.ready(shard):
+                await self._ack_again(shard)
         for stream in self.streams.shards:
-            await self._drain_own_pending_of(stream)
+            if stream.shard in self._drain_due and self._health.ready(stream.shard):
+                await self._drain_own_pending_of(stream)
 
     async def _drain_own_pending_of(self, stream: TickStream) -> None:
+        """Entries delivered to this consumer name before a crash, restart or lost reply."""
         after = "0"
         size = self.settings.flush_batch_size
         while not self.stopping:
-            batch = await self._retry(
-                "read own pending entries",
-                functools.partial(stream.read_own_pending, after, size),
-            )
+            try:
+                batch = await stream.read_own_pending(after, size)
+            except TransientError as exc:
+                self._health.failed(stream.shard, "read own pending entries", exc)
+                return  # still due: again when the shard's wait is over
+            self._health.answered(stream.shard)
             if not batch:
+                self._drain_due.discard(stream.shard)
                 return
             log.info(
                 "re-processing %d pending entries of %s on %s",
@@ -191,26 +222,40 @@ class Flusher:
                 if block_ms <= 0:
                     break
             count = size - len(batch)
-            got = await self._retry(
-                "read new entries", functools.partial(self._read_new, count, block_ms)
-            )
+            got = await self._read_new(count, block_ms)
+            if got is None:
+                break  # no shard may be read now: the main loop tends them first
             if not got:
-                if batch or self.burst:
-                    break
+                if batch or self.burst or self._shards_owe_work():
+                    break  # the main loop tends the shards that owe work, then reads again
                 continue
             if deadline is None:
                 deadline = time.monotonic() + self.settings.flush_interval_s
             batch.extend(got)
         return batch
 
-    async def _read_new(self, count: int, block_ms: int | None) -> list[Entry]:
-        try:
-            return await self.streams.read_new(count, block_ms)
-        except TransientError:
-            # Redis may have delivered entries whose reply was lost: they now wait in
-            # this consumer's pending list, which only a read from 0 finds.
-            self._recheck_own_pending = True
-            raise
+    async def _read_new(self, count: int, block_ms: int | None) -> list[Entry] | None:
+        """New entries of the shards ready to be read (others wait out their backoff).
+
+        None when no shard may be read now (after a short wait for the first).
+        """
+        ready = self._health.ready_among(
+            s.shard for s in self.streams.shards if s.shard not in self._drain_due
+        )
+        if not ready:
+            # Every shard waits (for its backoff, or for its own pending to be read first).
+            await self._sleep_unless_stopped(max(0.01, self._health.seconds_to_next()))
+            return None
+        entries, failures = await self.streams.read_new(count, block_ms, ready)
+        for shard, exc in failures.items():
+            self._health.failed(shard, "read new entries", exc)
+            # Redis may have delivered entries whose reply was lost: they now wait
+            # in this consumer's pending list, which only a read from 0 finds.
+            self._drain_due.add(shard)
+        for shard in ready:
+            if shard not in failures:
+                self._health.answered(shard)
+        return entries
 
     async def _reclaim_loop(self) -> None:
         while not await self._sleep_unless_stopped(self.settings.flush_claim_interval_s):
@@ -226,25 +271,33 @@ class Flusher:
                 )
 
     async def _reclaim_pass(self) -> None:
-        """XAUTOCLAIM, shard by shard, every entry idle longer than FLUSH_CLAIM_IDLE_S."""
+        """XAUTOCLAIM, shard by shard, every entry idle longer than FLUSH_CLAIM_IDLE_S.
+
+        A shard that fails is left for a later pass; the others are reclaimed.
+        """
         for stream in self.streams.shards:
-            await self._reclaim_shard(stream)
+            if self._health.ready(stream.shard):
+                await self._reclaim_shard(stream)
 
     async def _reclaim_shard(self, stream: TickStream) -> None:
         min_idle_ms = int(self.settings.flush_claim_idle_s * 1000)
         cursor = "0-0"
         while not self.stopping:
-            cursor, entries, deleted = await self._retry(
-                "reclaim idle entries",
-                functools.partial(
-                    stream.claim, min_idle_ms, cursor, self.settings.flush_batch_size
-                ),
-            )
+            try:
+                cursor, entries, deleted = await stream.claim(
+                    min_idle_ms, cursor, self.settings.flush_batch_size
+                )
+            except TransientError as exc:
+                self._health.failed(stream.shard, "reclaim idle entries", exc)
+                return
             if deleted:
-                await self._count_lost(stream, deleted, "deleted from the stream while pending")
+                # Redis dropped them from the pending list with this very reply: count
+                # them now, however long the shard takes (they cannot be seen again).
+                await self._count_lost(stream, deleted, _GONE)
             # XAUTOCLAIM also hands back this process's own slow batch (a lock wait,
-            # a long drain after downtime): it is being written already.
-            entries = [entry for entry in entries if entry.ref not in self._in_flight]
+            # a long drain after downtime) and entries whose ack is still due: they
+            # are written already, or being written.
+            entries = [entry for entry in entries if not self._busy(entry.ref)]
             if entries:
                 log.info(
                     "reclaimed %d entries of %s idle for over %.1fs",
@@ -269,10 +322,17 @@ class Flusher:
                 log.exception("upkeep failed; next one in %.1fs", interval)
 
     async def upkeep(self) -> None:
-        """Per shard: trim what no group needs, delete idle consumers; publish pending and lag."""
+        """Per shard: trim what no group needs, delete idle consumers; publish pending and lag.
+
+        A shard that fails is skipped (its figures are missing from the totals).
+        """
         pending, lag = 0, 0
         for stream in self.streams.shards:
-            stats = await self._upkeep_shard(stream)
+            try:
+                stats = await self._upkeep_shard(stream)
+            except TransientError as exc:
+                log.warning("upkeep of %s skipped: %s", stream.stream, exc)
+                continue
             pending += stats.pending
             lag += stats.lag or 0
         metrics.PENDING.set(pending)
@@ -337,12 +397,19 @@ class Flusher:
         poison.extend(rejected)
         await self.faults.hit("after_commit")
 
-        for shard, ids in _ids_by_shard(gone).items():
-            await self._count_lost(
-                self.streams.shards_by_index[shard], ids, "deleted from the stream while pending"
-            )
-        acked = [*written, *gone]
-        await self._retry("acknowledge the batch", functools.partial(self.streams.ack, acked))
+        counted: list[Entry] = []
+        for shard, entries in _by_shard(gone).items():
+            stream = self.streams.shards_by_index[shard]
+            try:
+                total = await stream.count_lost([entry.id for entry in entries])
+            except TransientError as exc:
+                # Left pending: read again (and counted) once the shard answers.
+                self._health.failed(shard, "count lost entries", exc)
+                continue
+            self._report_lost(stream, [entry.id for entry in entries], total, _GONE)
+            counted.extend(entries)
+        acked = [*written, *counted]
+        failed = await self._acknowledge(acked)
         await self.faults.hit("after_ack")
 
         if written:
@@ -352,7 +419,7 @@ class Flusher:
         written_refs = {entry.ref for entry in written}
         rows = len({tick.key for entry, tick in decoded if entry.ref in written_refs})
         self.rows_written += rows
-        self.entries_acked += len(acked)
+        self.entries_acked += len(acked) - failed
         metrics.BATCHES.inc()
         metrics.ROWS.inc(rows)
         metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
@@ -406,20 +473,23 @@ class Flusher:
         return []
 
     async def _handle_poison(self, poison: Sequence[tuple[Entry, str]]) -> None:
-        """Dead-letter entries that failed FLUSH_MAX_DELIVERIES times; leave the others pending."""
+        """Dead-letter entries that failed FLUSH_MAX_DELIVERIES times; leave the others pending.
+
+        On a shard that fails, its entries stay pending and come back by reclaim.
+        """
         by_shard: dict[int, list[tuple[Entry, str]]] = defaultdict(list)
         for entry, reason in poison:
             by_shard[entry.shard].append((entry, reason))
         for shard, shard_poison in by_shard.items():
-            await self._handle_shard_poison(self.streams.shards_by_index[shard], shard_poison)
+            try:
+                await self._handle_shard_poison(self.streams.shards_by_index[shard], shard_poison)
+            except TransientError as exc:
+                self._health.failed(shard, "dead-letter entries", exc)
 
     async def _handle_shard_poison(
         self, stream: TickStream, poison: Sequence[tuple[Entry, str]]
     ) -> None:
-        deliveries = await self._retry(
-            "count deliveries",
-            functools.partial(stream.deliveries, [entry.id for entry, _ in poison]),
-        )
+        deliveries = await stream.deliveries([entry.id for entry, _ in poison])
         limit = self.settings.flush_max_deliveries
         letters = []
         for entry, reason in poison:
@@ -436,9 +506,7 @@ class Flusher:
                     self.settings.flush_claim_idle_s,
                 )
         if letters:
-            moved = await self._retry(
-                "dead-letter entries", functools.partial(stream.dead_letter, letters)
-            )
+            moved = await stream.dead_letter(letters)
             for letter in letters:
                 log.error(
                     "dead-lettered entry %s to %s after %d deliveries: %s",
@@ -453,6 +521,9 @@ class Flusher:
 
     async def _count_lost(self, stream: TickStream, ids: Sequence[str], why: str) -> None:
         total = await self._retry("count lost entries", functools.partial(stream.count_lost, ids))
+        self._report_lost(stream, ids, total, why)
+
+    def _report_lost(self, stream: TickStream, ids: Sequence[str], total: int, why: str) -> None:
         self.lost += len(ids)
         metrics.LOST.inc(len(ids))
         log.error(
@@ -463,6 +534,63 @@ class Flusher:
             ", ".join(ids),
             total,
         )
+
+    # -- acknowledgements ------------------------------------------------------------------
+
+    def _busy(self, ref: tuple[int, str]) -> bool:
+        """Being written by this process, or written and waiting for its ack."""
+        return ref in self._in_flight or any(
+            entry.ref == ref for entry in self._unacked.get(ref[0], ())
+        )
+
+    async def _acknowledge(self, entries: Sequence[Entry]) -> int:
+        """XACK ``entries``; returns how many wait for a later try (their shard failed)."""
+        if not entries:
+            return 0
+        failures = await self.streams.ack(entries)
+        deferred = 0
+        for shard, exc in failures.items():
+            waiting = [entry for entry in entries if entry.shard == shard]
+            self._unacked.setdefault(shard, []).extend(waiting)
+            deferred += len(waiting)
+            self._health.failed(
+                shard, f"acknowledge {len(waiting)} written entries (kept, sent again)", exc
+            )
+        for shard in {entry.shard for entry in entries} - failures.keys():
+            self._health.answered(shard)
+        return deferred
+
+    async def _ack_again(self, shard: int) -> None:
+        entries = self._unacked.pop(shard)
+        failures = await self.streams.ack(entries)
+        if shard in failures:
+            # Others may have joined meanwhile (a reclaimed batch's).
+            self._unacked.setdefault(shard, []).extend(entries)
+            self._health.failed(
+                shard, f"acknowledge {len(entries)} written entries (kept)", failures[shard]
+            )
+            return
+        self._health.answered(shard)
+        self.entries_acked += len(entries)
+        log.info("acknowledged %d entries of shard %d at last", len(entries), shard)
+
+    async def _finish_acks(self) -> None:
+        """At stop: send the acks still due until they succeed or the grace is over."""
+        while self._unacked:
+            deadline = self._stop_deadline
+            if deadline is not None and time.monotonic() > deadline:
+                left = sum(len(entries) for entries in self._unacked.values())
+                log.warning(
+                    "%d written entries of shards %s are not acknowledged: they stay pending"
+                    " and are written again (harmlessly) by this or another flusher",
+                    left,
+                    ", ".join(map(str, sorted(self._unacked))),
+                )
+                return
+            await asyncio.sleep(self._health.seconds_to_next())
+            for shard in list(self._unacked):
+                if self._health.ready(shard):
+                    await self._ack_again(shard)
 
     # -- retries -------------------------------------------------------------------------
 
@@ -492,10 +620,13 @@ class Flusher:
             return result
 
 
-def _ids_by_shard(entries: Sequence[Entry]) -> dict[int, list[str]]:
-    by_shard: dict[int, list[str]] = defaultdict(list)
+_GONE = "deleted from the stream while pending"
+
+
+def _by_shard(entries: Sequence[Entry]) -> dict[int, list[Entry]]:
+    by_shard: dict[int, list[Entry]] = defaultdict(list)
     for entry in entries:
-        by_shard[entry.shard].append(entry.id)
+        by_shard[entry.shard].append(entry)
     return by_shard
 
 

@@ -6,6 +6,10 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
 
@@ -14,8 +18,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
+from flusher.db import TickStore
+from flusher.faults import Faults
 from flusher.run import FlusherError, run_flusher
+from flusher.stream import ShardedStream
+from flusher.worker import Flusher
 from ingest.app import create_app
+from tickpipe import redis_conn
 from tickpipe.feeder import generate_ticks, tick_json
 from tickpipe.settings import Settings
 from tickpipe.shards import shard_of
@@ -296,3 +305,143 @@ async def test_audit_finds_entries_left_in_streams_outside_the_shard_map(
     assert any("outside the shard map" in problem for problem in report["problems"])
     text_report = await tickpipe({**subprocess_env, "STREAM_SHARDS": "1"}, "audit")
     assert "outside the shard map: ticks.received:{" in text_report.stdout
+
+
+# -- one shard failing ----------------------------------------------------------------
+
+
+class BreakShardAfterCommit(Faults):
+    """Makes a shard's stream unusable right after the first COMMIT, before its XACK."""
+
+    def __init__(self, redis: Redis, stream: str) -> None:
+        super().__init__(None)
+        self.redis = redis
+        self.stream = stream
+        self.broken = False
+
+    async def hit(self, point: str) -> None:
+        if point == "after_commit" and not self.broken:
+            self.broken = True
+            await break_stream(self.redis, self.stream)
+
+
+async def break_stream(redis: Redis, stream: str) -> None:
+    """Put the stream aside (its group and pending entries with it) and a string in its place."""
+    await redis.rename(stream, f"{stream}:aside")
+    await redis.set(stream, "not a stream")
+
+
+async def mend_stream(redis: Redis, stream: str) -> None:
+    await redis.delete(stream)
+    await redis.rename(f"{stream}:aside", stream)
+
+
+@asynccontextmanager
+async def flusher_running(
+    settings: Settings, consumer: str, faults: Faults | None = None
+) -> AsyncIterator[tuple[Flusher, asyncio.Task[None]]]:
+    """A flusher (not --burst) in this process, stopped at the end as SIGTERM would."""
+    client = redis_conn.connect(settings.redis_url, client_name="tickpipe-tests")
+    store = await TickStore.open(settings.database_url)
+    streams = ShardedStream.for_consumer(client, settings, consumer)
+    flusher = Flusher(streams, store, settings, faults=faults)
+    task = asyncio.create_task(flusher.run())
+    try:
+        yield flusher, task
+    finally:
+        flusher.stop()
+        await asyncio.wait_for(task, 60)
+        await store.close()
+        await client.aclose()
+
+
+async def until(
+    task: asyncio.Task[None], check: Callable[[], Awaitable[bool]], timeout_s: float = 60.0
+) -> None:
+    """Wait for ``check`` while the flusher runs (its crash fails the test at once)."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if task.done():
+            task.result()
+            raise AssertionError("the flusher stopped")
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.1)
+
+
+async def pending(redis: Redis, stream: str) -> int:
+    return int((await redis.xpending(stream, "flushers"))["pending"])
+
+
+async def test_a_failing_shard_does_not_stop_the_others(
+    sharded: Settings, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    sent = generate_ticks(200, SYMBOLS, seed=9, start_us=1_700_000_000_000_000)
+    async with TestClient(TestServer(create_app(sharded))) as client:
+        assert (await client.post("/ingest/ticks", data=body(sent), headers=AUTH)).status == 200
+    broken = sharded.shard_map.shards[2].stream
+    await break_stream(redis, broken)
+    healthy = {t.key: t.price for t in sent if shard_of(t.symbol, 4) != 2}
+    async with flusher_running(sharded, "f") as (_flusher, task):
+        await until(task, lambda: _equals(table(pg), healthy))
+        await mend_stream(redis, broken)
+        await until(task, lambda: _equals(table(pg), {t.key: t.price for t in sent}))
+    for shard in sharded.shard_map.shards:
+        assert await pending(redis, shard.stream) == 0
+
+
+async def test_an_ack_that_fails_is_kept_while_the_other_shards_go_on(
+    sharded: Settings, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    first = generate_ticks(200, SYMBOLS, seed=10, start_us=1_700_000_000_000_000)
+    async with TestClient(TestServer(create_app(sharded))) as client:
+        assert (await client.post("/ingest/ticks", data=body(first), headers=AUTH)).status == 200
+        broken = sharded.shard_map.shards[2].stream
+        faults = BreakShardAfterCommit(redis, broken)
+        async with flusher_running(sharded, "f", faults) as (flusher, task):
+            # The first batch held entries of every shard; all of them are written.
+            await until(task, lambda: _equals(table(pg), {t.key: t.price for t in first}))
+            assert faults.broken
+            others = [s.stream for s in sharded.shard_map.shards if s.stream != broken]
+            await until(task, lambda: _all_zero(redis, others))
+            assert await pending(redis, f"{broken}:aside") > 0  # its ack waits
+            # The other shards keep flowing meanwhile.
+            later = [
+                t
+                for t in generate_ticks(120, SYMBOLS, seed=11, start_us=1_710_000_000_000_000)
+                if shard_of(t.symbol, 4) != 2
+            ]
+            assert (
+                await client.post("/ingest/ticks", data=body(later), headers=AUTH)
+            ).status == 200
+            expected = {t.key: t.price for t in first + later}
+            await until(task, lambda: _equals(table(pg), expected))
+            await mend_stream(redis, broken)
+            await until(task, lambda: _all_zero(redis, [broken]))
+        assert flusher.entries_acked == len(first) + len(later)
+
+
+async def _equals(found: Awaitable[dict[Any, Any]], expected: dict[Any, Any]) -> bool:
+    return await found == expected
+
+
+async def _all_zero(redis: Redis, streams: list[str]) -> bool:
+    return all([await pending(redis, stream) == 0 for stream in streams])
+
+
+async def test_a_read_takes_flush_batch_size_entries_in_all_not_per_shard(
+    sharded: Settings, redis: Redis
+) -> None:
+    sent = generate_ticks(400, SYMBOLS, seed=12, start_us=1_700_000_000_000_000)
+    async with TestClient(TestServer(create_app(sharded))) as client:
+        assert (await client.post("/ingest/ticks", data=body(sent), headers=AUTH)).status == 200
+    streams = ShardedStream.for_consumer(redis, sharded, "counted")
+    for stream in streams.shards:
+        await stream.ensure_group()
+    entries, failures = await streams.read_new(20, None)
+    assert not failures
+    assert len(entries) == 20  # 5 from each of the 4 shards, not 20 from each
+    assert sorted(Counter(entry.shard for entry in entries).values()) == [5, 5, 5, 5]
+    entries, _ = await streams.read_new(10, None, shards={1, 3})
+    assert Counter(entry.shard for entry in entries) == {1: 5, 3: 5}
+    entries, _ = await streams.read_new(3, None)
+    assert len(entries) == 4  # at least one per shard: the total exceeds COUNT by < shards

@@ -29,6 +29,7 @@ from redis.cluster import PRIMARY
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flusher.run import run_flusher
+from flusher.stream import ShardedStream
 from ingest.app import create_app
 from tickpipe import redis_conn
 from tickpipe.cluster_stack import LocalCluster
@@ -511,3 +512,19 @@ async def test_the_cluster_client_never_resends_a_command_whose_reply_was_lost(
         await client.aclose()
         await lossy.close()
     assert await cluster_client.xlen(key) == 1  # it ran once, and only once
+
+
+async def test_a_read_on_a_cluster_takes_flush_batch_size_entries_in_all(
+    stack: LocalStack, redis_cluster: LocalCluster, cluster_client: RedisCluster
+) -> None:
+    settings = Settings.from_env(cluster_env(stack, redis_cluster, REDIS_CLUSTER="1"))
+    sent = generate_ticks(200, SYMBOLS, seed=14, start_us=1_770_000_000_000_000, source="cnt")
+    for tick in sent:
+        shard = settings.shard_map.for_symbol(tick.symbol)
+        await cluster_client.xadd(shard.stream, to_fields(tick))  # type: ignore[arg-type]
+    streams = ShardedStream.for_consumer(cluster_client, settings, "counted")
+    for stream in streams.shards:
+        await stream.ensure_group()
+    entries, failures = await streams.read_new(40, None)
+    assert not failures
+    assert sorted(Counter(entry.shard for entry in entries).values()) == [10, 10, 10, 10]
