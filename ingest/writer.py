@@ -25,6 +25,7 @@ from redis.exceptions import (
     MovedError,
     NoScriptError,
     ResponseError,
+    TimeoutError,
     TryAgainError,
 )
 
@@ -124,6 +125,10 @@ class TickWriter:
             shards, stream=stream, latest=latest_key, tagged=isinstance(redis, RedisCluster)
         )
         self._script = redis.register_script(APPEND_LUA)
+        self._slot_maps = 0
+        """Slot maps this writer had the cluster client read (see _refresh_slots)."""
+        self._slots_stale = False
+        self._refreshing = asyncio.Lock()
         self._durability = durability
         self._wait_timeout_ms = wait_timeout_ms
         self._wait_replicas = wait_replicas
@@ -250,9 +255,15 @@ class TickWriter:
 
         Each command is sent to the node that owns the shard's slot; a MOVED,
         ASK or TRYAGAIN reply means the script did not run there, so it is sent
-        again where the cluster says, for a few rounds.
+        again where the cluster says, for a few rounds. The slot map is read
+        again at most once per round after a MOVED, and before the next write
+        after this writer's own pipeline lost its connection (a node gone).
         """
-        await redis.initialize()  # a no-op unless a failure asked for a new slot map
+        # The client reads its slot map on first use, and again after one of its
+        # own commands (not this pipeline, which it leaves alone) lost a node.
+        await redis.initialize()
+        if self._slots_stale:
+            await self._refresh_slots(redis, self._slot_maps)
         wait = self._wait_command()
         targets: dict[int, tuple[ClusterNode, bool]] = {}  # shard -> (node, send ASKING)
         todo = groups
@@ -285,10 +296,17 @@ class TickWriter:
                 if wait is not None:
                     pipe.execute_command(*wait, target_nodes=nodes[name])
                     layout.append((name, None))
-            replies = await pipe.execute(raise_on_error=False, allow_redirections=False)
+            seen = self._slot_maps
+            try:
+                replies = await pipe.execute(raise_on_error=False, allow_redirections=False)
+            except (ConnectionError, TimeoutError):
+                # The node may be gone (a failover): a fresh slot map before the next write.
+                self._slots_stale = True
+                raise
             retry: list[_Group] = []
             reload = False
             pause = False
+            moved = False
             wait_replies: dict[str, Any] = {}
             for (kind, sent), reply in zip(layout, replies, strict=True):
                 if sent is None:
@@ -301,7 +319,7 @@ class TickWriter:
                     targets[group.shard] = (await _node_at(redis, reply), True)
                     retry.append(group)
                 elif isinstance(reply, MovedError):
-                    await redis.nodes_manager.initialize()
+                    moved = True
                     retry.append(group)
                 elif isinstance(reply, TryAgainError):
                     pause = True
@@ -318,6 +336,8 @@ class TickWriter:
                     self._check_wait(reply)
             if not retry:
                 return
+            if moved:
+                await self._refresh_slots(redis, seen)
             if reload:
                 await redis.script_load(APPEND_LUA)  # on every primary
             if pause:
@@ -325,6 +345,19 @@ class TickWriter:
             todo = retry
         for group in todo:
             group.error = ResponseError("the cluster kept redirecting the write; retry later")
+
+    async def _refresh_slots(self, redis: RedisCluster, seen: int) -> None:
+        """Have the client read the slot map again, unless it did since map ``seen``.
+
+        Concurrent requests that met the same MOVED (a slot handed over) or the
+        same dead node share one CLUSTER SLOTS instead of one each.
+        """
+        async with self._refreshing:
+            if self._slot_maps != seen:
+                return  # another request refreshed it while this one waited
+            await redis.nodes_manager.initialize()
+            self._slot_maps += 1
+            self._slots_stale = False
 
     @staticmethod
     def _take(groups: list[_Group], replies: list[Any]) -> list[_Group]:

@@ -26,11 +26,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.cluster import PRIMARY
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flusher.run import run_flusher
 from flusher.stream import ShardedStream
 from ingest.app import create_app
+from ingest.writer import TickWriter
 from tickpipe import redis_conn
 from tickpipe.cluster_stack import LocalCluster
 from tickpipe.feeder import generate_ticks, tick_json, wait_ready
@@ -528,3 +530,70 @@ async def test_a_read_on_a_cluster_takes_flush_batch_size_entries_in_all(
     entries, failures = await streams.read_new(40, None)
     assert not failures
     assert sorted(Counter(entry.shard for entry in entries).values()) == [10, 10, 10, 10]
+
+
+def cluster_slots_calls(cluster: LocalCluster) -> int:
+    """CLUSTER SLOTS answered by every node since the last CONFIG RESETSTAT."""
+    calls = 0
+    for node in cluster.nodes:
+        with node.client() as client:
+            stats: dict[str, Any] = client.info("commandstats")
+            calls += int(stats.get("cmdstat_cluster|slots", {}).get("calls", 0))
+    return calls
+
+
+def reset_stats(cluster: LocalCluster) -> None:
+    for node in cluster.nodes:
+        with node.client() as client:
+            client.config_resetstat()
+
+
+async def test_the_writer_reads_the_slot_map_once_per_round_of_moved_replies(
+    stack: LocalStack, redis_cluster: LocalCluster, cluster_client: RedisCluster
+) -> None:
+    settings = Settings.from_env(cluster_env(stack, redis_cluster, REDIS_CLUSTER="1"))
+    client = redis_conn.connect_cluster(redis_cluster.url, client_name="tickpipe-tests")
+    writer = TickWriter.from_settings(client, settings)
+    sent = generate_ticks(40, SYMBOLS, seed=15, start_us=1_780_000_000_000_000, source="mv")
+    moved = {
+        shard.index: redis_cluster.keyslot(shard.stream) for shard in settings.shard_map.shards[1:3]
+    }
+    owners = {slot: redis_cluster.owner_of(slot) for slot in moved.values()}
+    try:
+        await writer.append(sent[:1])  # the writer's client has its slot map
+        for slot, owner in owners.items():
+            target = next(p for p in redis_cluster.primaries() if p != owner)
+            await asyncio.to_thread(redis_cluster.move_slot, slot, target)
+        await asyncio.to_thread(reset_stats, redis_cluster)
+        # Ticks of both moved shards: two MOVED replies in the first round.
+        assert {shard_of(t.symbol, SHARDS) for t in sent[1:]} >= set(moved)
+        ids = await writer.append(sent[1:])
+        assert len(ids) == len(sent) - 1
+        assert await asyncio.to_thread(cluster_slots_calls, redis_cluster) == 1
+    finally:
+        await client.aclose()
+        for slot, owner in owners.items():
+            await asyncio.to_thread(redis_cluster.move_slot, slot, owner)
+
+
+async def test_the_writer_reads_the_slot_map_again_after_losing_a_node(
+    stack: LocalStack, redis_cluster: LocalCluster, cluster_client: RedisCluster
+) -> None:
+    settings = Settings.from_env(cluster_env(stack, redis_cluster, REDIS_CLUSTER="1"))
+    client = redis_conn.connect_cluster(redis_cluster.url, client_name="tickpipe-tests")
+    writer = TickWriter.from_settings(client, settings)
+    tick = generate_ticks(1, SYMBOLS, seed=16, start_us=1_790_000_000_000_000, source="gone")[0]
+    stream = settings.shard_map.for_symbol(tick.symbol).stream
+    try:
+        await client.initialize()
+        # What a failover leaves in a client's map: the slot's master no longer answers.
+        manager = client.nodes_manager
+        gone = ClusterNode("127.0.0.1", free_port(), PRIMARY, **manager.connection_kwargs)
+        manager.slots_cache[redis_cluster.keyslot(stream)] = [gone]
+        with pytest.raises(RedisConnectionError):
+            await writer.append([tick])  # 503: nothing stored
+        assert await writer.append([tick])  # a fresh map: the slot's real master
+    finally:
+        await gone.disconnect()
+        await client.aclose()
+    assert await cluster_client.xlen(stream) == 1
