@@ -420,7 +420,15 @@ def _shard_list(raw: str) -> tuple[int, ...]:
         first, sep, last = item.strip().partition("-")
         if not first.isdigit() or (sep and not last.isdigit()):
             raise SettingsError(f"expected shard numbers like 0,2,5-7, got {raw!r}")
-        chosen.update(range(int(first), int(last if sep else first) + 1))
+        low, high = int(first), int(last if sep else first)
+        if low > high:
+            raise SettingsError(f"{item.strip()!r} is an empty range: write it {high}-{low}")
+        # Checked before expanding: a range is never larger than the limit.
+        if high >= MAX_SHARDS:
+            raise SettingsError(
+                f"shard {high} is beyond the limit of {MAX_SHARDS} shards (0 to {MAX_SHARDS - 1})"
+            )
+        chosen.update(range(low, high + 1))
     return tuple(sorted(chosen))
 
 

@@ -85,6 +85,10 @@ def test_settings_shards_and_flusher_subset() -> None:
         ({"STREAM_SHARDS": "0"}, "STREAM_SHARDS: must be 1 to 1024"),
         ({"STREAM_SHARDS": "2", "FLUSHER_SHARDS": "2"}, "FLUSHER_SHARDS: no shard 2"),
         ({"FLUSHER_SHARDS": "a"}, "FLUSHER_SHARDS: expected shard numbers"),
+        # Not an empty set, which would mean "every shard".
+        ({"STREAM_SHARDS": "8", "FLUSHER_SHARDS": "5-2"}, "'5-2' is an empty range: write it 2-5"),
+        # Refused before four billion numbers are ever built.
+        ({"FLUSHER_SHARDS": "0-4000000000"}, "shard 4000000000 is beyond the limit of 1024"),
         ({"STREAM_SHARDS": "2", "STREAM_NAME": "t{x}"}, "holds a brace"),
     ],
 )
