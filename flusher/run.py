@@ -8,7 +8,6 @@ import signal
 
 import asyncpg
 from prometheus_client import start_http_server
-from redis.asyncio import RedisCluster
 
 from flusher.db import TickStore
 from flusher.errors import FatalError
@@ -39,7 +38,11 @@ async def run_flusher(settings: Settings, *, burst: bool = False) -> Flusher | N
     if redis is None:
         log.info("flusher %s stopped before Redis answered: nothing was read", consumer)
         return None
-    settings = settings.replace(redis_cluster=isinstance(redis, RedisCluster))
+    try:
+        settings = redis_conn.settings_for(settings, redis)
+    except redis_conn.RedisConfigError as exc:
+        await redis.aclose()
+        raise FlusherError(str(exc)) from None
     store = await TickStore.open(settings.database_url)
     streams = ShardedStream.for_consumer(redis, settings, consumer)
     flusher = Flusher(streams, store, settings, burst=burst, faults=faults)
@@ -133,8 +136,8 @@ async def check(settings: Settings) -> list[str]:
         redis = await redis_conn.open_client(
             settings.redis_url, settings.redis_cluster, client_name="tickpipe-flusher-check"
         )
-        settings = settings.replace(redis_cluster=isinstance(redis, RedisCluster))
         try:
+            settings = redis_conn.settings_for(settings, redis)
             deployed = await shape.recorded(redis, settings.stream_name)
             if deployed is not None and deployed != shape.Shape.of(settings):
                 problems.append(

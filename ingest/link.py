@@ -17,8 +17,6 @@ import contextlib
 import dataclasses
 import logging
 
-from redis.asyncio import RedisCluster
-
 from ingest.backpressure import BacklogMonitor
 from ingest.errors import ApiError
 from ingest.sse import StreamHubs
@@ -114,7 +112,7 @@ class RedisLink:
 
     async def _link(self, redis: RedisClient) -> None:
         # Now known: a cluster's key names are hash-tagged even with one shard.
-        settings = self._settings.replace(redis_cluster=isinstance(redis, RedisCluster))
+        settings = redis_conn.settings_for(self._settings, redis)
         await shape.claim(redis, settings)
         streams = [shard.stream for shard in settings.shard_map.shards]
         monitor = BacklogMonitor(

@@ -7,7 +7,6 @@ from typing import Any
 
 import asyncpg
 import msgspec
-from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -36,7 +35,11 @@ async def _open(settings: Settings, client_name: str) -> tuple[redis_conn.RedisC
     except BaseException:
         await redis.aclose()
         raise
-    return redis, settings.replace(redis_cluster=isinstance(redis, RedisCluster))
+    try:
+        return redis, redis_conn.settings_for(settings, redis)
+    except BaseException:
+        await redis.aclose()
+        raise
 
 
 def _say(message: str) -> None:

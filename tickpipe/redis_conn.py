@@ -32,6 +32,7 @@ from redis.exceptions import (
 )
 
 from tickpipe.backoff import Backoff
+from tickpipe.settings import Settings, SettingsError
 
 log = logging.getLogger("tickpipe")
 
@@ -209,6 +210,18 @@ async def open_client_when_ready(
         waiting.cancel()
         if stop.is_set():
             return None
+
+
+def settings_for(settings: Settings, redis: RedisClient) -> Settings:
+    """``settings`` with ``redis_cluster`` as ``redis`` found it (it decides the key names).
+
+    Raises :class:`RedisConfigError` when the settings do not fit that kind of
+    Redis (a key name with a brace of its own, on a cluster).
+    """
+    try:
+        return settings.replace(redis_cluster=isinstance(redis, RedisCluster))
+    except SettingsError as exc:
+        raise RedisConfigError(f"{exc} (the Redis at REDIS_URL is a cluster)") from None
 
 
 def closed_transport(exc: BaseException) -> bool:

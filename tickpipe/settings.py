@@ -225,12 +225,14 @@ class Settings:
         )
 
     def __post_init__(self) -> None:
-        if self.stream_shards > 1:
+        # The names are hash-tagged with several shards, and on a cluster even with
+        # one: a brace of the name's own would make the tag (and so the slot).
+        if self.stream_shards > 1 or self.redis_cluster:
             for name in (self.stream_name, self.latest_key, self.dead_stream_name, self.lost_key):
                 if "{" in name or "}" in name:
                     raise SettingsError(
-                        f"key name {name!r} holds a brace: with STREAM_SHARDS > 1 tickpipe adds"
-                        " the hash tag {shard} itself"
+                        f"key name {name!r} holds a brace: with STREAM_SHARDS > 1 or on a Redis"
+                        " Cluster tickpipe adds the hash tag {shard} itself"
                     )
         try:
             self.shard_map.select(self.flusher_shards)

@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode
@@ -29,7 +30,7 @@ from redis.cluster import PRIMARY
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from flusher.run import run_flusher
+from flusher.run import FlusherError, run_flusher
 from flusher.stream import ShardedStream
 from ingest.app import create_app
 from ingest.writer import TickWriter
@@ -597,3 +598,18 @@ async def test_the_writer_reads_the_slot_map_again_after_losing_a_node(
         await gone.disconnect()
         await client.aclose()
     assert await cluster_client.xlen(stream) == 1
+
+
+async def test_a_name_with_braces_is_refused_once_the_server_says_it_is_a_cluster(
+    stack: LocalStack, redis_cluster: LocalCluster, cluster_client: RedisCluster
+) -> None:
+    # REDIS_CLUSTER=auto: the settings cannot tell, the server can.
+    env = cluster_env(stack, redis_cluster, STREAM_SHARDS="1", STREAM_NAME="ticks{x}")
+    settings = Settings.from_env(env)
+    with pytest.raises(FlusherError, match="holds a brace"):
+        await run_flusher(settings.replace(flusher_consumer="brace"), burst=True)
+    runner = web.AppRunner(create_app(settings))
+    with pytest.raises(redis_conn.RedisConfigError, match="holds a brace"):
+        await runner.setup()  # ingest does not start
+    await runner.cleanup()
+    assert not [key async for key in cluster_client.scan_iter(match="ticks{x}*")]

@@ -90,6 +90,9 @@ def test_settings_shards_and_flusher_subset() -> None:
         # Refused before four billion numbers are ever built.
         ({"FLUSHER_SHARDS": "0-4000000000"}, "shard 4000000000 is beyond the limit of 1024"),
         ({"STREAM_SHARDS": "2", "STREAM_NAME": "t{x}"}, "holds a brace"),
+        # On a cluster even one shard's names are tagged.
+        ({"REDIS_CLUSTER": "1", "STREAM_NAME": "t{x}"}, "holds a brace"),
+        ({"REDIS_CLUSTER": "1", "LATEST_KEY": "latest}"}, "holds a brace"),
     ],
 )
 def test_bad_shard_settings_are_refused(env: dict[str, str], message: str) -> None:
