@@ -445,3 +445,32 @@ async def test_a_read_takes_flush_batch_size_entries_in_all_not_per_shard(
     assert Counter(entry.shard for entry in entries) == {1: 5, 3: 5}
     entries, _ = await streams.read_new(3, None)
     assert len(entries) == 4  # at least one per shard: the total exceeds COUNT by < shards
+
+
+async def test_a_bare_dead_letter_id_held_by_several_shards_is_refused(
+    sharded: Settings, redis: Redis, subprocess_env: dict[str, str]
+) -> None:
+    shards = sharded.shard_map.shards
+
+    async def dead_letter(shard: int, dead_id: str) -> None:
+        fields = {"original_id": "1-0", "stream": shards[shard].stream, "reason": "test",
+                  "deliveries": "5", "field:symbol": "X", "field:ts": "1", "field:price": "1",
+                  "field:volume": "1", "field:source": "t"}  # fmt: skip
+        await redis.xadd(shards[shard].dead_stream, fields, id=dead_id)
+
+    await dead_letter(0, "5-0")
+    await dead_letter(2, "5-0")
+    await dead_letter(1, "6-0")
+    for action in ("drop", "replay"):
+        refused = await tickpipe(subprocess_env, "dlq", action, "6-0", "5-0")
+        assert refused.returncode == 1
+        assert "dead letter 5-0 is in several shards: 0/5-0, 2/5-0" in refused.stderr
+        assert "nothing was changed" in refused.stderr
+        assert [await redis.xlen(s.dead_stream) for s in shards] == [1, 1, 1, 0]
+    replayed = await tickpipe(subprocess_env, "dlq", "replay", "6-0", "2/5-0")
+    assert replayed.returncode == 0, replayed.stderr
+    assert [await redis.xlen(s.dead_stream) for s in shards] == [1, 0, 0, 0]
+    assert [await redis.xlen(s.stream) for s in shards] == [0, 1, 1, 0]
+    dropped = await tickpipe(subprocess_env, "dlq", "drop", "5-0")  # only shard 0 holds it now
+    assert dropped.returncode == 0, dropped.stderr
+    assert await redis.xlen(shards[0].dead_stream) == 0

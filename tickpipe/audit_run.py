@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tickpipe import redis_conn, shape
 from tickpipe.audit import Thresholds, problems, stream_report, verify
 from tickpipe.audit_view import render
-from tickpipe.dlq import DeadLetters
+from tickpipe.dlq import AmbiguousDeadLetter, DeadLetters
 from tickpipe.settings import Settings
 
 OK, NOT_OK, UNREACHABLE = 0, 1, 2
@@ -149,6 +149,9 @@ async def dlq_command(
         dropped = await letters.drop(targets)
         print(f"dropped {dropped} dead letters")
         return OK if dropped == len(targets) else NOT_OK
+    except AmbiguousDeadLetter as exc:
+        _say(f"{exc}; nothing was changed")
+        return NOT_OK
     except _UNREACHABLE as exc:
         _say(f"cannot reach Redis at REDIS_URL: {exc}")
         return UNREACHABLE

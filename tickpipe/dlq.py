@@ -29,12 +29,24 @@ return id
 """
 
 
+class AmbiguousDeadLetter(ValueError):
+    """A bare id that names a dead letter in several shards."""
+
+    def __init__(self, name: str, candidates: list[str]) -> None:
+        super().__init__(
+            f"dead letter {name} is in several shards: {', '.join(candidates)};"
+            " name the one you mean"
+        )
+        self.candidates = candidates
+
+
 class DeadLetters:
     """The dead letters of every shard.
 
     With one shard a dead letter is named by its id; with several, by
     ``shard/id`` (ids are unique within one dead-letter stream only). A bare id
-    given with several shards is looked up in each.
+    given with several shards is looked up in each, and refused when more than
+    one holds it.
     """
 
     def __init__(self, redis: RedisClient, shards: Sequence[Shard]) -> None:
@@ -81,24 +93,53 @@ class DeadLetters:
         ]
 
     async def replay(self, names: Sequence[str]) -> dict[str, str | None]:
-        """Dead letter -> new stream id (None when no such dead letter)."""
+        """Dead letter -> new stream id (None when no such dead letter).
+
+        Raises :class:`AmbiguousDeadLetter`, before any change, for a bare id
+        held by several shards.
+        """
+        found = await self._resolve(names)
         replayed: dict[str, str | None] = {}
         for name in names:
             replayed[name] = None
-            for shard, dead_id in self._candidates(name):
-                # The shard's dead letters and stream share a slot: one script may touch both.
-                new_id = await self._replay(keys=[shard.dead_stream, shard.stream], args=[dead_id])
-                if new_id:
-                    replayed[name] = text(new_id)
-                    break
+            if (target := found[name]) is None:
+                continue
+            shard, dead_id = target
+            # The shard's dead letters and stream share a slot: one script may touch both.
+            new_id = await self._replay(keys=[shard.dead_stream, shard.stream], args=[dead_id])
+            if new_id:
+                replayed[name] = text(new_id)
         return replayed
 
     async def drop(self, names: Sequence[str]) -> int:
+        """Delete dead letters; returns how many there were (see :meth:`replay` for ids)."""
+        found = await self._resolve(names)
         dropped = 0
-        for name in names:
-            for shard, dead_id in self._candidates(name):
+        for target in found.values():
+            if target is not None:
+                shard, dead_id = target
                 dropped += int(await self.redis.xdel(shard.dead_stream, dead_id))
         return dropped
+
+    async def _resolve(self, names: Sequence[str]) -> dict[str, tuple[Shard, str] | None]:
+        """The one dead letter each name means (None: none); ambiguous names are refused."""
+        found: dict[str, tuple[Shard, str] | None] = {}
+        for name in names:
+            holders = [
+                (shard, dead_id)
+                for shard, dead_id in self._candidates(name)
+                if _is_id(dead_id) and await self.redis.xrange(shard.dead_stream, dead_id, dead_id)
+            ]
+            if len(holders) > 1:
+                raise AmbiguousDeadLetter(name, [self._name(s, i) for s, i in holders])
+            found[name] = holders[0] if holders else None
+        return found
+
+
+def _is_id(entry_id: str) -> bool:
+    """A complete stream id, ``<ms>-<seq>`` (a bare ``<ms>`` would name a range)."""
+    ms, _, seq = entry_id.partition("-")
+    return ms.isdigit() and seq.isdigit()
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
