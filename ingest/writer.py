@@ -239,13 +239,11 @@ class TickWriter:
                 if wait is not None:
                     pipe.execute_command(*wait)
                 replies = await pipe.execute(raise_on_error=False)
-            missing = self._take(todo, replies[: len(todo)])
+            missing = self._take(todo, replies[: len(todo)], last=attempt == 2)
             if wait is not None:
                 self._check_wait(replies[-1])
             if not missing:
                 return
-            if attempt == 2:
-                break
             # The script did not run (a restarted Redis): load it and run those once more.
             await redis.script_load(APPEND_LUA)
             todo = missing
@@ -360,11 +358,14 @@ class TickWriter:
             self._slots_stale = False
 
     @staticmethod
-    def _take(groups: list[_Group], replies: list[Any]) -> list[_Group]:
-        """Record each group's ids or error; returns the groups whose script was not loaded."""
+    def _take(groups: list[_Group], replies: list[Any], *, last: bool) -> list[_Group]:
+        """Record each group's ids or error; returns the groups whose script was not loaded.
+
+        On the ``last`` attempt a missing script is an error like any other (503).
+        """
         missing = []
         for group, reply in zip(groups, replies, strict=True):
-            if isinstance(reply, NoScriptError):
+            if isinstance(reply, NoScriptError) and not last:
                 missing.append(group)
             elif isinstance(reply, Exception):
                 group.error = reply

@@ -474,3 +474,28 @@ async def test_a_bare_dead_letter_id_held_by_several_shards_is_refused(
     dropped = await tickpipe(subprocess_env, "dlq", "drop", "5-0")  # only shard 0 holds it now
     assert dropped.returncode == 0, dropped.stderr
     assert await redis.xlen(shards[0].dead_stream) == 0
+
+
+async def test_a_script_missing_twice_is_a_503_not_a_500(sharded: Settings, redis: Redis) -> None:
+    client = redis_conn.connect(sharded.redis_url, client_name="tickpipe-tests")
+    load = client.script_load
+
+    async def load_then_lose(script: str) -> Any:
+        sha = await load(script)
+        await client.script_flush()  # as if Redis restarted again right after the load
+        return sha
+
+    client.script_load = load_then_lose  # type: ignore[method-assign]
+    await client.script_flush()
+    sent = generate_ticks(40, SYMBOLS, seed=13, start_us=1_700_000_000_000_000)
+    try:
+        async with TestClient(TestServer(create_app(sharded, redis=client))) as http:
+            response = await http.post("/ingest/ticks", data=body(sent), headers=AUTH)
+            assert response.status == 503
+            answer = await response.json()
+            assert answer["error"] == "redis_unavailable"
+            assert "No matching script" in answer["detail"]
+            assert response.headers["Retry-After"] == "1"
+    finally:
+        await client.aclose()
+    assert sum([await redis.xlen(s.stream) for s in sharded.shard_map.shards]) == 0
