@@ -181,41 +181,19 @@ class TickStream:
     Every call names keys of that shard only: one cluster slot.
     """
 
-    def __init__(
-        self,
-        redis: RedisClient,
-        stream: str,
-        group: str,
-        consumer: str,
-        *,
-        dead_stream: str,
-        lost_key: str,
-        shard: int = 0,
-    ) -> None:
+    def __init__(self, redis: RedisClient, keys: Shard, group: str, consumer: str) -> None:
         self.redis = redis
-        self.stream = stream
+        self.keys = keys
+        """The shard's stream, dead-letter stream and lost counter (tickpipe/shards.py)."""
+        self.stream = keys.stream
+        self.dead_stream = keys.dead_stream
+        self.shard = keys.index
         self.group = group
         self.consumer = consumer
-        self.dead_stream = dead_stream
-        self.lost_key = lost_key
-        self.shard = shard
         self._trim = redis.register_script(TRIM_LUA)
         self._delete_idle_consumer = redis.register_script(DELETE_IDLE_CONSUMER_LUA)
         self._dead_letter = redis.register_script(DEAD_LETTER_LUA)
         self._count_lost = redis.register_script(COUNT_LOST_LUA)
-
-    @classmethod
-    def for_shard(cls, redis: RedisClient, shard: Shard, group: str, consumer: str) -> TickStream:
-        """The stream, dead-letter stream and lost counter of ``shard``."""
-        return cls(
-            redis,
-            shard.stream,
-            group,
-            consumer,
-            dead_stream=shard.dead_stream,
-            lost_key=shard.lost,
-            shard=shard.index,
-        )
 
     @_transient
     async def ensure_group(self) -> None:
@@ -297,7 +275,7 @@ class TickStream:
     @_transient
     async def count_lost(self, ids: Sequence[str]) -> int:
         """Add to the shared lost counter (read by `tickpipe audit`); returns the total."""
-        total = await self._count_lost(keys=[self.lost_key, f"{self.lost_key}:ids"], args=list(ids))
+        total = await self._count_lost(keys=[self.keys.lost, self.keys.lost_ids], args=list(ids))
         return int(total)
 
     @_transient
@@ -372,7 +350,7 @@ class ShardedStream:
         return cls(
             redis,
             [
-                TickStream.for_shard(redis, shard, settings.group_name, consumer)
+                TickStream(redis, shard, settings.group_name, consumer)
                 for shard in settings.flusher_shard_set
             ],
         )

@@ -306,15 +306,9 @@ def choose_shard(shards: ShardMap, symbols: frozenset[str] | None, raw_shard: st
             f" name symbols of one shard, or shard=0 to {shards.count - 1}",
             field="symbols",
         )
-    elsewhere = {
-        symbol: shards.for_symbol(symbol).index
-        for symbol in sorted(symbols or ())
-        if shards.for_symbol(symbol).index != chosen
-    }
-    if elsewhere:
-        where = ", ".join(
-            f"{symbol}: shard {shards.for_symbol(symbol).index}" for symbol in sorted(symbols or ())
-        )
+    placed = {symbol: shards.for_symbol(symbol).index for symbol in sorted(symbols or ())}
+    if any(index != chosen for index in placed.values()):
+        where = ", ".join(f"{symbol}: shard {index}" for symbol, index in placed.items())
         raise ApiError(
             422,
             "invalid_parameter",

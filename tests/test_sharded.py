@@ -499,3 +499,20 @@ async def test_a_script_missing_twice_is_a_503_not_a_500(sharded: Settings, redi
     finally:
         await client.aclose()
     assert sum([await redis.xlen(s.stream) for s in sharded.shard_map.shards]) == 0
+
+
+async def test_verify_names_entries_shard_slash_id_like_the_dead_letters(
+    sharded: Settings, redis: Redis, pg: asyncpg.Connection, subprocess_env: dict[str, str]
+) -> None:
+    sent = generate_ticks(80, SYMBOLS, seed=15, start_us=1_700_000_000_000_000)
+    async with TestClient(TestServer(create_app(sharded))) as client:
+        response = await client.post("/ingest/ticks", data=body(sent), headers=AUTH)
+        ids = (await response.json())["ids"]
+    await run_flusher(sharded.replace(flusher_consumer="v"), burst=True)
+    gone = sent[7]
+    await pg.execute("DELETE FROM md_ticks WHERE symbol = $1 AND ts = $2", gone.symbol, gone.ts)
+    result = await tickpipe(subprocess_env, "audit", "--json", "--verify")
+    report = json.loads(result.stdout)
+    assert result.returncode == 1
+    assert report["verify"]["missing_ids"] == [f"{shard_of(gone.symbol, 4)}/{ids[7]}"]
+    assert [s["pending"] for s in report["shards"]] == [0, 0, 0, 0]

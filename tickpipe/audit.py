@@ -62,9 +62,10 @@ async def stream_report(
     """
     shards = [await shard_report(redis, shard, limits) for shard in settings.shard_map.shards]
     if len(shards) == 1:
+        # The report is the shard's: its item only sums it up, not repeats it.
         report = {**shards[0], "shards": [_shard_summary(shards[0], 0)]}
     else:
-        report = {**_totals(shards), "shards": [_shard_summary(r, i) for i, r in enumerate(shards)]}
+        report = {**_totals(shards), "shards": [_shard_item(r, i) for i, r in enumerate(shards)]}
     deployed = await shape.recorded(redis, settings.stream_name)
     report["shape"] = {
         "recorded": None if deployed is None else str(deployed),
@@ -191,8 +192,30 @@ async def shard_report(redis: RedisClient, shard: Shard, limits: Thresholds) -> 
     return report
 
 
+def _shard_figures(report: dict[str, Any]) -> dict[str, Any]:
+    lags = [group["lag"] for group in report["groups"]]
+    return {
+        "pending": sum(group["pending"] for group in report["groups"]),
+        "lag": None if None in lags else sum(lags),
+    }
+
+
+def _shard_item(report: dict[str, Any], index: int) -> dict[str, Any]:
+    """One shard's whole report, with its index and its pending and lag summed."""
+    return {"index": index, **report, **_shard_figures(report)}
+
+
 def _shard_summary(report: dict[str, Any], index: int) -> dict[str, Any]:
-    return {"index": index, **report}
+    """The figures of :func:`_shard_item` under the same keys, without the lists."""
+    stream = report["stream"]
+    return {
+        "index": index,
+        "stream": {"name": stream["name"], "length": stream["length"]},
+        **_shard_figures(report),
+        "stuck": {"count": report["stuck"]["count"]},
+        "dead_letters": {"length": report["dead_letters"]["length"]},
+        "lost": report["lost"],
+    }
 
 
 def _totals(shards: list[dict[str, Any]]) -> dict[str, Any]:
@@ -311,7 +334,7 @@ async def verify(
     """Every acknowledged entry still in the streams has its row, with its key's last value.
 
     Shard by shard: a key (its symbol) lives on one shard, so "last" is by that
-    stream's order. With several shards, listed ids read ``stream/id``.
+    stream's order. With several shards, listed ids read ``shard/id``.
     """
     shards = settings.shard_map.shards
     results = [
@@ -320,9 +343,10 @@ async def verify(
     if len(results) == 1:
         return results[0]
     for shard, result in zip(shards, results, strict=True):
-        result["missing_ids"] = [f"{shard.stream}/{i}" for i in result["missing_ids"]]
+        # shard/id, as `tickpipe dlq` names dead letters.
+        result["missing_ids"] = [f"{shard.index}/{i}" for i in result["missing_ids"]]
         for mismatch in result["mismatches"]:
-            mismatch["id"] = f"{shard.stream}/{mismatch['id']}"
+            mismatch["id"] = f"{shard.index}/{mismatch['id']}"
     total: dict[str, Any] = {
         key: sum(r[key] for r in results)
         for key in ("checked", "missing", "mismatched", "skipped_unacknowledged",

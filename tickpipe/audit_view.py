@@ -134,16 +134,14 @@ def _render_shards(shards: list[dict[str, Any]], console: Console) -> None:
         table.add_column(column)
     for shard in shards:
         stream = shard["stream"]
-        groups = shard["groups"]
-        lags = [g["lag"] for g in groups]
         table.add_row(
             str(shard["index"]),
             stream["name"],
             str(stream["length"]),
             stream["first_id"] or "-",
             stream["last_id"] or "-",
-            str(sum(g["pending"] for g in groups)),
-            "unknown" if None in lags else str(sum(lags)),
+            str(shard["pending"]),
+            "unknown" if shard["lag"] is None else str(shard["lag"]),
             str(shard["stuck"]["count"]),
             str(shard["dead_letters"]["length"]),
             str(shard["lost"]),

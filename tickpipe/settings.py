@@ -7,6 +7,7 @@ No other module reads ``os.environ``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -246,13 +247,13 @@ class Settings:
         On a Redis Cluster (``redis_cluster`` True: set, or found when connecting)
         every key name carries its shard's hash tag, even with one shard.
         """
-        return ShardMap.build(
+        return _shard_map(
             self.stream_shards,
-            tagged=self.redis_cluster is True,
-            stream=self.stream_name,
-            latest=self.latest_key,
-            dead_stream=self.dead_stream_name,
-            lost=self.lost_key,
+            self.redis_cluster is True,
+            self.stream_name,
+            self.latest_key,
+            self.dead_stream_name,
+            self.lost_key,
         )
 
     @property
@@ -263,6 +264,16 @@ class Settings:
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed (command-line flags override the environment)."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=64)
+def _shard_map(
+    count: int, tagged: bool, stream: str, latest: str, dead_stream: str, lost: str
+) -> ShardMap:
+    """Built once per set of names (up to MAX_SHARDS shards each): it is asked for per request."""
+    return ShardMap.build(
+        count, tagged=tagged, stream=stream, latest=latest, dead_stream=dead_stream, lost=lost
+    )
 
 
 def local_redis_url(port: int) -> str:

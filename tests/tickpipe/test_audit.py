@@ -72,6 +72,11 @@ async def test_clean_run_exits_0(
     assert group["pending"] == 0
     assert group["lag"] == 0
     assert report["lost"] == 0
+    # One shard: the report is the shard's; its item sums it up instead of repeating it.
+    assert report["shards"] == [
+        {"index": 0, "stream": {"name": "ticks.received", "length": 300}, "pending": 0,
+         "lag": 0, "stuck": {"count": 0}, "dead_letters": {"length": 0}, "lost": 0}
+    ]  # fmt: skip
 
     table = await tickpipe(subprocess_env, "audit", "--verify")
     assert table.returncode == 0

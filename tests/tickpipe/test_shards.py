@@ -74,6 +74,10 @@ def test_settings_shards_and_flusher_subset() -> None:
     assert settings.stream_shards == 6
     assert [s.index for s in settings.flusher_shard_set] == [0, 3, 4]
     assert len(Settings.from_env({"STREAM_SHARDS": "6"}).flusher_shard_set) == 6
+    # Built once, not per access (ingest asks for it on every request).
+    assert settings.shard_map is settings.shard_map
+    assert settings.shard_map is settings.replace(flusher_consumer="x").shard_map
+    assert settings.shard_map is not settings.replace(redis_cluster=True).shard_map
     assert Settings.from_env({"REDIS_CLUSTER": "auto"}).redis_cluster is None
     assert Settings.from_env({"REDIS_CLUSTER": "1"}).redis_cluster is True
     assert Settings.from_env({"INGEST_DURABILITY": "replica"}).ingest_durability == "replica"
