@@ -26,7 +26,7 @@ from ingest.errors import ApiError, error_middleware, json_response
 from ingest.inflight import InFlight
 from ingest.link import RedisLink
 from ingest.openapi import openapi_document
-from ingest.writer import NotDurable, PartialWrite
+from ingest.writer import NotDurable, OutcomeUnknown, PartialWrite
 from tickpipe import loop, redis_conn
 from tickpipe.redis_conn import RedisClient
 from tickpipe.settings import Settings
@@ -100,6 +100,15 @@ async def store(request: web.Request, token_name: str, ticks: list[Tick]) -> web
             503,
             "not_durable",
             f"{exc}; the ticks may or may not be stored: resend them (resending is idempotent)",
+            headers={"Retry-After": "1"},
+        ) from None
+    except OutcomeUnknown as exc:
+        log.warning("redis connection lost during a write of several shards: %s", exc)
+        raise ApiError(
+            503,
+            "redis_unavailable",
+            f"the connection to the tick store (Redis) broke during the write ({exc}); some"
+            " of the ticks may be stored: resend the whole request (resending is idempotent)",
             headers={"Retry-After": "1"},
         ) from None
     except PartialWrite as exc:

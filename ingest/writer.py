@@ -75,6 +75,10 @@ class NotDurable(Exception):
     """WAITAOF or WAIT did not confirm the write in time (INGEST_DURABILITY=fsync/replica)."""
 
 
+class OutcomeUnknown(Exception):
+    """The connection broke with the write under way: some or all shards may have stored."""
+
+
 class PartialWrite(Exception):
     """Some shards of a request were appended and others were not."""
 
@@ -154,8 +158,9 @@ class TickWriter:
         """Append every tick; returns their stream ids in the order of ``ticks``.
 
         Raises the Redis error when nothing was stored, :class:`PartialWrite`
-        when some shards were, :class:`NotDurable` when the durability wait
-        fell short.
+        when some shards were, :class:`OutcomeUnknown` when the connection
+        broke during a write of several shards (any of them may have stored),
+        :class:`NotDurable` when the durability wait fell short.
         """
         try:
             return await self._append(ticks)
@@ -171,10 +176,16 @@ class TickWriter:
             [group] = groups
             raw = await self._script(keys=list(group.keys), args=group.argv)
             return [_text(i) for i in raw]
-        if isinstance(self._redis, RedisCluster):
-            await self._append_cluster(self._redis, groups)
-        else:
-            await self._append_single(self._redis, groups)
+        try:
+            if isinstance(self._redis, RedisCluster):
+                await self._append_cluster(self._redis, groups)
+            else:
+                await self._append_single(self._redis, groups)
+        except (ConnectionError, TimeoutError) as exc:
+            if len(groups) == 1:
+                raise
+            # Sent, maybe run in part: a cluster's other nodes, or replies lost.
+            raise OutcomeUnknown(f"{type(exc).__name__}: {exc}") from exc
         failed = [g for g in groups if g.ids is None]
         if failed:
             stored = [g.shard for g in groups if g.ids is not None]

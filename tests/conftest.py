@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from tickpipe import redis_conn
 from tickpipe.cluster_stack import LocalCluster
+from tickpipe.gate import Gate, MakeGate
 from tickpipe.settings import Settings
 from tickpipe.stack import LocalStack, free_port
 
@@ -87,3 +88,18 @@ async def pg(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
     await conn.execute("TRUNCATE md_ticks")
     yield conn
     await conn.close()
+
+
+@pytest.fixture
+async def make_gate() -> AsyncIterator[MakeGate]:
+    """Gates in front of a Redis port (tickpipe/gate.py), closed at the end of the test."""
+    gates: list[Gate] = []
+
+    def make(target: int, *, lose_replies_after: bytes | None = None) -> Gate:
+        gate = Gate(target, lose_replies_after=lose_replies_after)
+        gates.append(gate)
+        return gate
+
+    yield make
+    for gate in gates:
+        await gate.close()

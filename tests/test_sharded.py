@@ -24,11 +24,13 @@ from flusher.run import FlusherError, run_flusher
 from flusher.stream import ShardedStream
 from flusher.worker import Flusher
 from ingest.app import create_app
+from ingest.writer import APPEND_LUA
 from tickpipe import redis_conn
 from tickpipe.feeder import generate_ticks, tick_json
+from tickpipe.gate import MakeGate
 from tickpipe.settings import Settings
 from tickpipe.shards import shard_of
-from tickpipe.stack import free_port
+from tickpipe.stack import LocalStack, free_port
 from tickpipe.ticks import Tick, datetime_to_us
 
 pytestmark = pytest.mark.services
@@ -499,6 +501,28 @@ async def test_a_script_missing_twice_is_a_503_not_a_500(sharded: Settings, redi
     finally:
         await client.aclose()
     assert sum([await redis.xlen(s.stream) for s in sharded.shard_map.shards]) == 0
+
+
+async def test_a_connection_lost_during_a_write_of_several_shards_says_some_may_be_stored(
+    sharded: Settings, redis: Redis, stack: LocalStack, make_gate: MakeGate
+) -> None:
+    # The scripts reach Redis and run; their replies are lost on the way back.
+    await redis.script_load(APPEND_LUA)
+    lossy = make_gate(stack.redis_port, lose_replies_after=b"EVALSHA")
+    await lossy.open()
+    client = redis_conn.connect(lossy.url, client_name="tickpipe-tests", socket_timeout_s=1.0)
+    sent = generate_ticks(40, SYMBOLS, seed=14, start_us=1_700_000_000_000_000)
+    try:
+        async with TestClient(TestServer(create_app(sharded, redis=client))) as http:
+            response = await http.post("/ingest/ticks", data=body(sent), headers=AUTH)
+            assert response.status == 503
+            answer = await response.json()
+    finally:
+        await client.aclose()
+    assert answer["error"] == "redis_unavailable"
+    assert "some of the ticks may be stored" in answer["detail"]
+    assert "nothing was stored" not in answer["detail"]
+    assert sum([await redis.xlen(s.stream) for s in sharded.shard_map.shards]) == len(sent)
 
 
 async def test_verify_names_entries_shard_slash_id_like_the_dead_letters(

@@ -37,6 +37,7 @@ from ingest.writer import TickWriter
 from tickpipe import redis_conn
 from tickpipe.cluster_stack import LocalCluster
 from tickpipe.feeder import generate_ticks, tick_json, wait_ready
+from tickpipe.gate import Gate, MakeGate
 from tickpipe.settings import Settings
 from tickpipe.shards import shard_of
 from tickpipe.stack import LocalStack, free_port
@@ -352,61 +353,9 @@ async def test_one_shard_on_a_cluster_uses_tagged_names(
     assert report["stream"]["name"] == "ticks.received:{0}"
 
 
-class Gate:
-    """A port that refuses connections until :meth:`open`, then forwards them to ``target``.
-
-    A Redis that does not answer yet (still booting), then does.
-    """
-
-    def __init__(self, target: int, *, lose_replies_after: bytes | None = None) -> None:
-        self.port = free_port()
-        self.target = target
-        self.lose_replies_after = lose_replies_after
-        """Once a command holding these bytes passes, Redis's replies are lost on the way back."""
-        self._losing = False
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def open(self) -> None:
-        self._server = await asyncio.start_server(self._pipe, "127.0.0.1", self.port)
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        self._writers += [writer, upstream_writer]
-
-        async def copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            try:
-                while data := await source.read(65536):
-                    if self.lose_replies_after and self.lose_replies_after in data:
-                        self._losing = True
-                    if sink is writer and self._losing:
-                        continue
-                    sink.write(data)
-                    await sink.drain()
-            finally:
-                sink.close()
-
-        await asyncio.gather(
-            copy(reader, upstream_writer), copy(upstream_reader, writer), return_exceptions=True
-        )
-
-    async def close(self) -> None:
-        for writer in self._writers:
-            writer.close()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-
 @pytest.fixture
-async def gate(redis_cluster: LocalCluster) -> AsyncIterator[Gate]:
-    closed = Gate(redis_cluster.nodes[0].port)
-    yield closed
-    await closed.close()
+async def gate(redis_cluster: LocalCluster, make_gate: MakeGate) -> Gate:
+    return make_gate(redis_cluster.nodes[0].port)
 
 
 async def wait_ready_app(client: TestClient[Any, Any], timeout_s: float = 60.0) -> None:
@@ -488,14 +437,14 @@ async def test_audit_scans_every_master_for_streams_outside_the_shard_map(
 
 
 async def test_the_cluster_client_never_resends_a_command_whose_reply_was_lost(
-    redis_cluster: LocalCluster, cluster_client: RedisCluster
+    redis_cluster: LocalCluster, cluster_client: RedisCluster, make_gate: MakeGate
 ) -> None:
     # redis-py before 6.0 ignored retry= for the cluster client's own retries:
     # after a timeout it rebuilt its slot map and sent the XADD again, a
     # duplicate entry. The master runs the command; its reply never comes back.
     key = "ticks.received:{0}"
     master = redis_cluster.owner_of(redis_cluster.keyslot(key))
-    lossy = Gate(master, lose_replies_after=b"XADD")
+    lossy = make_gate(master, lose_replies_after=b"XADD")
     await lossy.open()
     client = redis_conn.connect_cluster(
         redis_cluster.url, client_name="tickpipe-tests", socket_timeout_s=1.0
@@ -513,7 +462,6 @@ async def test_the_cluster_client_never_resends_a_command_whose_reply_was_lost(
         await behind_lossy_link.disconnect()
         await client.initialize()  # after the timeout it wants a new slot map first
         await client.aclose()
-        await lossy.close()
     assert await cluster_client.xlen(key) == 1  # it ran once, and only once
 
 
