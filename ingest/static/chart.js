@@ -264,8 +264,13 @@
 
   function onEvent(type, data, id) {
     if (type === "tick") {
-      const tick = JSON.parse(data);
-      if (tick.symbol === symbol) addPoint(toPoint(tick));
+      let tick = null;
+      try {
+        tick = JSON.parse(data);
+      } catch (_) {
+        console.warn("skipping an event that is not JSON:", id); // resuming would not help
+      }
+      if (tick && tick.symbol === symbol) addPoint(toPoint(tick));
       scheduleDraw();
     } else if (type === "gap") {
       // The stream no longer holds every tick after our position: Postgres does.
@@ -279,7 +284,9 @@
     const current = run;
     try {
       await loadHistory(current.token, current.controller.signal);
-      if (run === current) setStatus("connected", "connected (history reloaded after a gap)");
+      if (run === current && body.dataset.state === "connected") {
+        setStatus("connected", "connected (history reloaded after a gap)");
+      }
     } catch (error) {
       if (run === current && !current.controller.signal.aborted) {
         setStatus("error", `could not reload history after a gap: ${error.message}`);

@@ -35,6 +35,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 from redis.asyncio import Redis
 
+from ingest import chart
 from ingest.app import create_app
 from ingest.writer import TickWriter
 from tickpipe.settings import Settings
@@ -527,4 +528,58 @@ async def test_without_a_token_the_page_asks_for_one(
     await devtools.wait_for("document.getElementById('chart').dataset.points === '2'")
     assert await devtools.evaluate("sessionStorage.length") == 1
     assert (await devtools.evaluate(PAGE_STATE))["latest"] == "1.25"
+    assert devtools.errors == []
+
+
+async def test_the_page_reads_every_framing_of_an_event_stream(devtools: DevTools) -> None:
+    """CRLF split across chunks, LF only, CR only, no space after the colon, a line in halves."""
+    ticks = [
+        json.dumps({"symbol": "F", "ts": stamp(s), "price": f"{s}.5", "volume": "1", "source": "x"})
+        for s in range(1, 5)
+    ]
+    pieces = [
+        ": ping\r\n\r\n",
+        "event: tick\r",
+        f"\nid: 1-0\r\ndata: {ticks[0]}\r\n\r\n",
+        f"event:tick\nid:2-0\ndata:{ticks[1]}\n\n",
+        f"event: tick\rid: 3-0\rdata: {ticks[2]}\r\r",
+        f"event: tick\r\nid: 4-0\r\ndata: {ticks[3][:20]}",
+        f"{ticks[3][20:]}\r\n\r\n",
+        "event: news\r\ndata: not a tick\r\n\r\n",
+    ]
+    seen: list[tuple[str, dict[str, str]]] = []
+
+    async def history(request: web.Request) -> web.Response:
+        seen.append((str(request.rel_url), dict(request.headers)))
+        return web.json_response({"symbol": "F", "order": "newest_first", "ticks": []})
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        seen.append((str(request.rel_url), dict(request.headers)))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for piece in pieces:
+            await response.write(piece.encode())
+            await asyncio.sleep(0.05)  # most likely a chunk of its own
+        await asyncio.Event().wait()  # open until the server stops
+        return response
+
+    app = web.Application()
+    app.router.add_get("/ticks/stream", stream)
+    app.router.add_get("/ticks/{symbol}", history)
+    chart.add_routes(app)
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    try:
+        await devtools.open(f"http://127.0.0.1:{port}/chart/F#token=opaque-token-value")
+        await devtools.wait_for("document.getElementById('chart').dataset.points === '4'")
+        assert (await devtools.evaluate(PAGE_STATE))["latest"] == "4.5"
+    finally:
+        await runner.cleanup()
+    assert [url.split("?")[0] for url, _ in seen] == ["/ticks/F", "/ticks/stream"]
+    for url, headers in seen:
+        assert headers["Authorization"] == "Bearer opaque-token-value"
+        assert "opaque-token-value" not in url
+    assert re.fullmatch(r"\d+-0", seen[1][1]["Last-Event-ID"])  # the replay before history
     assert devtools.errors == []
