@@ -4,11 +4,14 @@ Each worker binds the port with SO_REUSEPORT and the kernel spreads new
 connections over them. This supervisor starts the workers, restarts one that
 dies (with backoff), and on SIGTERM/SIGINT passes the signal on and waits for
 the workers to finish their in-flight requests. Metrics of all workers are
-aggregated through PROMETHEUS_MULTIPROC_DIR.
+aggregated through PROMETHEUS_MULTIPROC_DIR. A supervisor killed outright
+(SIGKILL, OOM killer) takes its workers with it on Linux: they get SIGTERM,
+finish their requests and free the port, rather than serve on unsupervised.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -17,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -78,7 +82,9 @@ class Supervisor:
             "--port",
             str(self.settings.ingest_port),
         ]
-        self._procs[slot] = subprocess.Popen(command, env=env)
+        self._procs[slot] = subprocess.Popen(
+            command, env=env, preexec_fn=_die_with_parent(os.getpid())
+        )
 
     def _watch(self, env: dict[str, str]) -> None:
         backoff = Backoff(base_s=0.5, cap_s=30.0)
@@ -119,6 +125,23 @@ class Supervisor:
                 log.error("ingest worker pid %d did not stop in time; killing it", proc.pid)
                 proc.kill()
                 proc.wait()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """For Popen(preexec_fn=): the child gets SIGTERM when ``parent`` dies (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def in_child() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return in_child
 
 
 def _wipe(directory: Path) -> None:

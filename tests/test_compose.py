@@ -44,6 +44,11 @@ def test_services_and_their_wiring() -> None:
     assert services["flusher-1"]["command"] == ["tickpipe", "flusher", "run"]
     assert "INGEST_TOKENS" in services["ingest"]["environment"]
 
+    rollup = services["rollup"]
+    assert rollup["profiles"] == ["rollups"]  # opt-in: it adds a trigger to md_ticks
+    assert "tickpipe schema apply --rollups" in rollup["command"][-1]
+    assert rollup["environment"]["ROLLUP_METRICS_PORT"] in rollup["healthcheck"]["test"][-1]
+
 
 def test_dockerfile_installs_the_package() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()

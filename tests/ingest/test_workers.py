@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -34,8 +35,12 @@ def server(
     )
     yield f"http://127.0.0.1:{port}", proc
     if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 async def ready(base: str) -> None:
@@ -102,3 +107,30 @@ async def test_sigterm_lets_in_flight_requests_finish(
         response.release()
     assert await asyncio.to_thread(proc.wait, 30) == 0
     assert [i.decode() for i, _ in await redis.xrange("ticks.received")] == [entry_id]
+
+
+def children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(child) for child in text.split()]
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie may wait for a reaper)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(
+    server: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    base, proc = server
+    await ready(base)
+    workers = children(proc.pid)
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait()
+    async with asyncio.timeout(30):
+        while any(running(pid) for pid in workers):  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
