@@ -40,8 +40,13 @@ PAGE_HEADERS = {
     "Cache-Control": "no-cache",
 }
 
-ASSETS = frozenset({"chart.js", "chart.css", "favicon.svg"})
-"""What /static/ serves: an allow-list, so nothing else in the package is reachable."""
+ASSETS = {
+    "chart.js": "text/javascript; charset=utf-8",
+    "chart.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
+}
+"""What /static/ serves, with its type: an allow-list, so nothing else in the package is
+reachable, and types that do not depend on the host's mime.types."""
 ASSET_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     # Revalidated each time (a 304 when unchanged): a new release's script is used at once.
@@ -76,7 +81,9 @@ async def get_asset(request: web.Request) -> web.FileResponse:
     name = request.match_info["name"]
     if name not in ASSETS:
         raise ApiError(404, "not_found", f"no static file {name!r}")
-    return web.FileResponse(STATIC_DIR / name, headers=ASSET_HEADERS)
+    return web.FileResponse(
+        STATIC_DIR / name, headers={**ASSET_HEADERS, "Content-Type": ASSETS[name]}
+    )
 
 
 def add_routes(app: web.Application) -> None:
