@@ -20,7 +20,7 @@ from aiohttp import web
 from redis.asyncio import RedisCluster
 from redis.exceptions import ResponseError
 
-from ingest import metrics, queries, ranges, sse
+from ingest import chart, metrics, queries, ranges, sse
 from ingest.appkeys import AUTH, BACKLOG, INFLIGHT, READ_AUTH, REDIS, SETTINGS, WRITER
 from ingest.auth import TokenAuth
 from ingest.backpressure import BacklogMonitor
@@ -291,6 +291,7 @@ def create_app(settings: Settings, *, redis: RedisClient | None = None) -> web.A
     app.router.add_get("/ticks/{symbol}/latest", queries.get_latest)
     app.router.add_get("/ticks/{symbol}", queries.get_ticks)
     app.router.add_get("/ranges/{symbol}", ranges.get_ranges)
+    chart.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
