@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from redis.exceptions import ResponseError
 
-from ingest import metrics, queries, ranges, sse
+from ingest import chart, metrics, queries, ranges, sse
 from ingest.appkeys import AUTH, INFLIGHT, LINK, READ_AUTH, SETTINGS
 from ingest.auth import TokenAuth
 from ingest.decode import decode_json_array, decode_ndjson, decode_tick
@@ -278,6 +278,7 @@ def create_app(settings: Settings, *, redis: RedisClient | None = None) -> web.A
     app.router.add_get("/ticks/{symbol}/latest", queries.get_latest)
     app.router.add_get("/ticks/{symbol}", queries.get_ticks)
     app.router.add_get("/ranges/{symbol}", ranges.get_ranges)
+    chart.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)

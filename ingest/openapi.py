@@ -425,6 +425,54 @@ def _operations_paths() -> dict[str, Any]:
                 },
             }
         },
+        "/chart/{symbol}": {
+            "get": {
+                "summary": "The live chart page of one symbol (HTML; needs no token).",
+                "description": "A static page whose script reads `GET /ticks/{symbol}` and"
+                " follows `GET /ticks/stream` with the read token given in the URL fragment"
+                " (`/chart/AAPL#token=...`), which browsers never send to the server. Served"
+                " with a strict Content-Security-Policy. A `token` query parameter is refused:"
+                " query strings end up in logs.",
+                "parameters": [
+                    {
+                        "name": "symbol",
+                        "in": "path",
+                        "required": True,
+                        "schema": SYMBOL,
+                    }
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The page.",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                    "422": _error(
+                        "`invalid_parameter`: a bad symbol, or any query parameter.",
+                        "invalid_parameter",
+                        field=True,
+                    ),
+                },
+            }
+        },
+        "/static/{name}": {
+            "get": {
+                "summary": "The chart page's own files (chart.js, chart.css, favicon.svg).",
+                "parameters": [
+                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The file, with ETag and conditional requests.",
+                        "content": {
+                            "text/javascript": {"schema": {"type": "string"}},
+                            "text/css": {"schema": {"type": "string"}},
+                            "image/svg+xml": {"schema": {"type": "string"}},
+                        },
+                    },
+                    "404": _error("`not_found`: not one of the page's files.", "not_found"),
+                },
+            }
+        },
         "/openapi.json": {
             "get": {
                 "summary": "This document.",

@@ -62,11 +62,9 @@ def check_known(query: MultiMapping[str], *known: str) -> None:
     """Refuse unknown or repeated parameters: a typo must not silently mean 'all'."""
     for name in query:
         if name not in known:
+            expected = f"known: {', '.join(known)}" if known else "it takes none"
             raise ApiError(
-                422,
-                "invalid_parameter",
-                f"unknown parameter {name!r} (known: {', '.join(known)})",
-                field=name,
+                422, "invalid_parameter", f"unknown parameter {name!r} ({expected})", field=name
             )
         if len(query.getall(name)) > 1:
             raise ApiError(422, "invalid_parameter", f"{name} is given twice", field=name)

@@ -40,6 +40,13 @@ def test_bench_produces_its_report(tmp_path: Path) -> None:
     assert set(results["ratios"]) >= {"batch_e2e_vs_direct", "drain_vs_copy_ceiling"}
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
     assert "ratios (same run)" in run.stdout
+    assert "CPU per tick" in run.stdout
+    drain = results["cpu_budget"]["drain"]
+    assert set(drain["cpu_us_per_tick"]) == {"flushers", "redis", "postgres"}
+    assert drain["cpu_us_per_tick"]["flushers"] > 0
+    assert set(results["cpu_budget"]["tickpipe_batch"]["cpu_us_per_tick"]) == {
+        "ingest", "flushers", "redis", "postgres", "load"
+    }  # fmt: skip
 
 
 def test_bench_shards_reports_each_shape(tmp_path: Path) -> None:

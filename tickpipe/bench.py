@@ -53,12 +53,12 @@ class BenchConfig:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a live process, in seconds."""
+    """CPU seconds of a live process and of the children it has reaped (Postgres backends)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return sum(int(f) for f in fields[11:15]) / CLOCK_TICKS
 
 
 def descendants(pid: int) -> list[int]:
@@ -317,6 +317,10 @@ class Bench:
                 await pipe.execute()
         await redis.aclose()
         conn = await asyncpg.connect(self.stack.database_url)
+        servers = Components()
+        self.servers(servers)
+        before = servers.snapshot()
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         flushers = [
             self.spawn(
@@ -342,9 +346,21 @@ class Bench:
         for flusher in flushers:
             await asyncio.to_thread(flusher.wait, 60)
         elapsed = done_at - started
+        # The flushers are this process's children: their CPU is known once reaped.
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        after = servers.snapshot()
+        cpu = {
+            "flushers": round(
+                children.ru_utime + children.ru_stime
+                - children_before.ru_utime - children_before.ru_stime, 2
+            ),
+            **{name: round(after[name] - before[name], 2) for name in after},
+        }  # fmt: skip
         return {
             "rows_per_s": round(self.config.drain_entries / elapsed, 1),
             "elapsed_s": round(elapsed, 2),
+            "ticks": self.config.drain_entries,
+            "component_cpu_s": cpu,
         }
 
 
@@ -437,6 +453,7 @@ async def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:
             progress.advance(task)
     finally:
         await bench.teardown()
+    results["cpu_budget"] = cpu_budget(results)
     results["ratios"] = {
         "batch_e2e_vs_direct": ratio(
             results["tickpipe_batch"]["committed_rows_per_s"],
@@ -508,6 +525,7 @@ def render(results: dict[str, Any], console: Console) -> None:
         f" commit lag p50 {half['commit_lag_s']['p50']} s, p99 {half['commit_lag_s']['p99']} s"
         " (FLUSH_INTERVAL_S=0.1)"
     )
+    console.print(cpu_budget_table(results))
     ratios = Table(title="ratios (same run)", title_justify="left")
     ratios.add_column("measure")
     ratios.add_column("ratio", justify="right")
@@ -517,6 +535,56 @@ def render(results: dict[str, Any], console: Console) -> None:
         target = targets.get(name)
         ratios.add_row(name, str(value), f">= {target}" if target else "")
     console.print(ratios)
+
+
+def cpu_per_tick(run: dict[str, Any]) -> dict[str, float]:
+    """Microseconds of CPU per tick, by component (the load generator as 'load')."""
+    ticks = run.get("accepted_ticks") or run["ticks"]
+    spent = dict(run.get("component_cpu_s", {}))
+    if "cpu_s" in run:
+        spent["load"] = run["cpu_s"]
+    return {name: round(seconds / ticks * 1e6, 1) for name, seconds in spent.items()}
+
+
+def cpu_budget(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What each run costs per tick, and the rate this machine's cores could carry at that cost.
+
+    ``ceiling_ticks_per_s`` counts every core busy with nothing but tickpipe's own
+    processes and servers (no load generator): an upper bound for this design on
+    this machine, whatever the scheduling.
+    """
+    cores = os.cpu_count() or 1
+    direct = results["direct_single"]["ticks_per_s"]
+    budget: dict[str, dict[str, Any]] = {}
+    for key in ("tickpipe_single", "tickpipe_batch", "drain"):
+        per_tick = cpu_per_tick(results[key])
+        system = sum(v for name, v in per_tick.items() if name != "load")
+        ceiling = cores * 1e6 / system if system else None
+        budget[key] = {
+            "cpu_us_per_tick": per_tick,
+            "system_us_per_tick": round(system, 1),
+            "ceiling_ticks_per_s": round(ceiling) if ceiling else None,
+            "ceiling_vs_direct": ratio(ceiling, direct),
+        }
+    return budget
+
+
+def cpu_budget_table(results: dict[str, Any]) -> Table:
+    table = Table(
+        title=f"CPU per tick (us) and what {os.cpu_count()} cores allow at that cost",
+        title_justify="left",
+    )
+    for column in ("run", "by component", "without load", "ceiling ticks/s", "vs direct"):
+        table.add_column(column, justify="left" if column in ("run", "by component") else "right")
+    for key, row in results["cpu_budget"].items():
+        table.add_row(
+            key,
+            ", ".join(f"{name} {us}" for name, us in row["cpu_us_per_tick"].items()),
+            str(row["system_us_per_tick"]),
+            str(row["ceiling_ticks_per_s"]),
+            str(row["ceiling_vs_direct"]),
+        )
+    return table
 
 
 def chart(results: dict[str, Any], path: Path) -> None:

@@ -22,6 +22,8 @@ DEFAULT_REDIS_PORT = 16379
 DEFAULT_PG_PORT = 15432
 DEFAULT_DATABASE = "tickpipe"
 DEFAULT_PG_USER = "postgres"
+ROLLUP_MAX_SYMBOLS_PER_PASS = 64
+"""Advisory locks a rollup pass may hold: they share Postgres's lock table (docs/rollups.md)."""
 
 
 class SettingsError(ValueError):
@@ -95,6 +97,7 @@ class Settings:
     rollup_widths_s: tuple[int, ...] = (1, 60)
     """ROLLUP_WIDTHS, e.g. ``1s,1m``: window widths in whole seconds, ascending."""
     rollup_batch_size: int = 2000
+    rollup_max_symbols_per_pass: int = ROLLUP_MAX_SYMBOLS_PER_PASS
     rollup_poll_s: float = 1.0
     rollup_metrics_port: int | None = None
     rollup_metrics_host: str = "127.0.0.1"
@@ -208,6 +211,9 @@ class Settings:
             fault=r.get("TICKPIPE_FAULT", str, None),
             rollup_widths_s=r.get("ROLLUP_WIDTHS", parse_widths, defaults.rollup_widths_s),
             rollup_batch_size=r.get("ROLLUP_BATCH_SIZE", _positive_int, defaults.rollup_batch_size),
+            rollup_max_symbols_per_pass=r.get(
+                "ROLLUP_MAX_SYMBOLS_PER_PASS", _positive_int, defaults.rollup_max_symbols_per_pass
+            ),
             rollup_poll_s=r.get("ROLLUP_POLL_S", _positive_float, defaults.rollup_poll_s),
             rollup_metrics_port=r.get("ROLLUP_METRICS_PORT", _port, None),
             rollup_metrics_host=r.get("ROLLUP_METRICS_HOST", str, defaults.rollup_metrics_host),

@@ -439,3 +439,15 @@ async def test_every_operations_answer_is_documented_and_produced(
         await contract.check("/readyz", "get", await client.get("/readyz"))
 
     assert contract.seen == documented(contract.document, *paths)
+
+
+async def test_every_chart_page_answer_is_documented_and_produced(
+    serve: Serve, contract: Contract
+) -> None:
+    async with serve() as client:
+        await contract.check("/chart/{symbol}", "get", await client.get("/chart/AAPL"))
+        await contract.check("/chart/{symbol}", "get", await client.get("/chart/AAPL?token=x"))
+        for name in ("chart.js", "chart.css", "favicon.svg", "chart.html"):
+            await contract.check("/static/{name}", "get", await client.get(f"/static/{name}"))
+
+    assert contract.seen == documented(contract.document, "/chart/{symbol}", "/static/{name}")

@@ -7,6 +7,7 @@ md_ticks never touch the database the other tests share.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import itertools
 import random
@@ -29,6 +30,7 @@ from tickpipe.cli import main
 from tickpipe.rollup.ranges import covering
 from tickpipe.rollup.store import RollupStore
 from tickpipe.schema import apply_schema, ensure_database
+from tickpipe.settings import Settings
 from tickpipe.stack import LocalStack, free_port
 from tickpipe.ticks import EPOCH, Tick
 
@@ -269,34 +271,121 @@ async def test_moving_a_tick_out_empties_its_old_window(
     assert not [key for key in ranges if key[1] < at(60_000)]
 
 
+@contextlib.asynccontextmanager
+async def held_window(
+    url: str, symbol: str, lo: dt.datetime, hi: dt.datetime
+) -> AsyncIterator[None]:
+    """Make a pass that upserts this window wait inside its recompute statement.
+
+    An uncommitted md_ranges row with the window's key, in a connection of its
+    own: the pass, its locks taken and its marks claimed, waits for it until the
+    block exits and rolls it back.
+    """
+    conn = await asyncpg.connect(url)
+    transaction = conn.transaction()
+    try:
+        await transaction.start()
+        await conn.execute(
+            """INSERT INTO md_ranges (symbol, "window", agg)
+               VALUES ($1, tstzrange($2, $3, '[)'), '{}')""",
+            symbol,
+            lo,
+            hi,
+        )
+        yield
+        await transaction.rollback()
+    finally:
+        await conn.close()
+
+
+async def waiting_backend(conn: asyncpg.Connection, timeout_s: float = 60.0) -> int:
+    """The pid of the backend of this database that waits for a lock (polls until one does)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pid: int | None = await conn.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+        )
+        if pid is not None:
+            return pid
+        if time.monotonic() > deadline:
+            raise AssertionError("no pass waits for the held window")
+        await asyncio.sleep(0.05)
+
+
+async def advisory_locks(conn: asyncpg.Connection, pid: int) -> int:
+    held: int = await conn.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE pid = $1 AND locktype = 'advisory' AND granted", pid
+    )
+    return held
+
+
 async def test_a_tick_committed_during_a_pass_is_not_lost(
-    db: asyncpg.Connection, ticks: TickStore, rollups: RollupStore
+    rollup_url: str, db: asyncpg.Connection, ticks: TickStore, rollups: RollupStore
 ) -> None:
     await write(ticks, "1-0", tick("AAPL", 100, "10"))
-    # Hold the symbol's lock: the pass claims the mark, then waits for it.
-    async with db.transaction():
-        await db.execute("SELECT pg_advisory_xact_lock(hashtext('AAPL'))")
+    async with held_window(rollup_url, "AAPL", at(0), at(1000)):
         running = asyncio.create_task(rollups.merge_pass(1000, WIDTHS))
-        await eventually(lambda: lock_waiters(db, "AAPL"))
-        await write(ticks, "2-0", tick("AAPL", 200, "20"))  # committed mid-pass
+        await waiting_backend(db)  # the pass claimed the mark and is recomputing
+        await write(ticks, "2-0", tick("AAPL", 200, "20"))  # committed mid-pass, same second
     result = await running
     assert result.marks == 1
-    # The pass computed after taking the lock, so it saw the new tick; and the new
-    # tick's own mark, which it never claimed, is still queued.
+    # The recompute's snapshot predates the new tick, so the pass wrote close 10;
+    # the new tick's own mark, which it never claimed, is still queued.
+    assert (await stored(db))[("AAPL", at(0), at(1000))][3] == 10
     assert await marks(db) == [("AAPL", at(0))]
-    assert (await stored(db))[("AAPL", at(0), at(1000))][3] == 20
     await drain(rollups)
     assert await marks(db) == []
+    assert (await stored(db))[("AAPL", at(0), at(1000))][3] == 20
     assert await stored(db) == await expected(db)
 
 
-async def lock_waiters(conn: asyncpg.Connection, symbol: str) -> bool:
-    waiting: int = await conn.fetchval(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-        " AND objid = (hashtext($1)::bigint & 4294967295)::oid",
-        symbol,
-    )
-    return waiting > 0
+async def test_a_pass_holds_at_most_max_symbols_advisory_locks(
+    rollup_url: str, db: asyncpg.Connection, ticks: TickStore, rollups: RollupStore
+) -> None:
+    cap = Settings.from_env({}).rollup_max_symbols_per_pass
+    symbols = cap * 3
+    await write(ticks, "1-0", tick("S000", 0, "1"))  # the oldest mark: the pass takes S000
+    await write(ticks, "2-0", *(tick(f"S{i:03d}", i, f"{i}.5") for i in range(1, symbols)))
+    async with held_window(rollup_url, "S000", at(0), at(1000)):
+        running = asyncio.create_task(rollups.merge_pass(1000, WIDTHS))
+        held = await advisory_locks(db, await waiting_backend(db))
+    result = await running
+    assert held == cap
+    assert (result.symbols, result.marks, result.busy) == (cap, cap, 0)
+    assert len(await marks(db)) == symbols - cap
+    passes = 1
+    while (await rollups.merge_pass(1000, WIDTHS)).marks:
+        passes += 1
+    assert passes == 3
+    assert await stored(db) == await expected(db)
+
+
+async def test_a_worker_rolls_up_other_symbols_while_one_is_held(
+    rollup_url: str, db: asyncpg.Connection, ticks: TickStore, rollups: RollupStore
+) -> None:
+    """Worker A is mid-pass on AAPL; worker B, with marks of AAPL and MSFT queued, rolls
+    up MSFT and leaves AAPL's marks for later, instead of waiting for A to commit."""
+    other = await RollupStore.open(rollup_url)
+    try:
+        await write(ticks, "1-0", tick("AAPL", 100, "10"))
+        async with held_window(rollup_url, "AAPL", at(0), at(1000)):
+            running_a = asyncio.create_task(rollups.merge_pass(1000, WIDTHS))
+            worker_a = await waiting_backend(db)
+            assert await advisory_locks(db, worker_a) == 1
+            # Queued after A's claim: a new AAPL second and a MSFT one.
+            await write(ticks, "2-0", tick("AAPL", 1500, "11"), tick("MSFT", 100, "20"))
+            result_b = await other.merge_pass(1000, WIDTHS)
+            assert (result_b.symbols, result_b.marks, result_b.busy) == (1, 1, 1)
+            assert {key[0] for key in await stored(db)} == {"MSFT"}
+            assert await marks(db) == [("AAPL", at(0)), ("AAPL", at(1000))]
+        result_a = await running_a
+        assert (result_a.symbols, result_a.marks) == (1, 1)
+        await drain(rollups)
+        assert await marks(db) == []
+        assert await stored(db) == await expected(db)
+    finally:
+        await other.close()
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 60.0) -> None:
@@ -408,7 +497,9 @@ async def test_burst_drains_the_queue_and_exits(
         )
     assert len(await marks(db)) > 30
     done = await asyncio.to_thread(
-        tickpipe_rollup, rollup_env(rollup_url, ROLLUP_BATCH_SIZE="7"), "--burst"
+        tickpipe_rollup,
+        rollup_env(rollup_url, ROLLUP_BATCH_SIZE="7", ROLLUP_MAX_SYMBOLS_PER_PASS="2"),
+        "--burst",
     )
     assert done.returncode == 0, done.stderr
     assert "burst: queue drained" in done.stderr
@@ -515,7 +606,13 @@ async def test_competing_workers_converge_on_exact_aggregates(
     versions all along; once the queue is empty, every window of every width equals
     the aggregate computed straight from md_ticks."""
     widths = (1, 5, 60)
-    env = rollup_env(rollup_url, ROLLUP_WIDTHS="1s,5s,1m", ROLLUP_BATCH_SIZE="40")
+    # At most 2 of the 4 symbols per pass: the workers also race for symbol locks.
+    env = rollup_env(
+        rollup_url,
+        ROLLUP_WIDTHS="1s,5s,1m",
+        ROLLUP_BATCH_SIZE="40",
+        ROLLUP_MAX_SYMBOLS_PER_PASS="2",
+    )
     logs = [tmp_path / f"worker-{n}.log" for n in (1, 2)]
     files = [path.open("wb") for path in logs]
     workers = [start_worker(env, file) for file in files]

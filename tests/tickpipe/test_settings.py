@@ -118,6 +118,14 @@ def test_settings_are_frozen() -> None:
     assert settings.replace(flush_batch_size=7).flush_batch_size == 7
 
 
+def test_rollup_max_symbols_per_pass() -> None:
+    assert Settings.from_env({}).rollup_max_symbols_per_pass == 64
+    settings = Settings.from_env({"ROLLUP_MAX_SYMBOLS_PER_PASS": "256"})
+    assert settings.rollup_max_symbols_per_pass == 256
+    with pytest.raises(SettingsError, match="ROLLUP_MAX_SYMBOLS_PER_PASS"):
+        Settings.from_env({"ROLLUP_MAX_SYMBOLS_PER_PASS": "0"})
+
+
 def test_rollup_widths() -> None:
     assert Settings.from_env({}).rollup_widths_s == (1, 60)
     assert Settings.from_env({"ROLLUP_WIDTHS": " 1h, 5s ,1m,1d"}).rollup_widths_s == (

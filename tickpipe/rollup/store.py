@@ -1,10 +1,13 @@
-"""The rollup worker's Postgres side: claim marks, recompute their windows, upsert md_ranges.
+"""The rollup worker's Postgres side: lock symbols, claim their marks, recompute, upsert.
 
-One pass is one transaction (READ COMMITTED): claim up to N marks with
-``FOR UPDATE SKIP LOCKED``, take ``pg_advisory_xact_lock(hashtext(symbol))``
-for each of their symbols in one global order, recompute every window of every
-width that holds a marked second, exactly, from md_ticks, upsert md_ranges,
-delete the claimed marks, COMMIT. Why no tick can be missed: docs/rollups.md.
+One pass is one transaction (READ COMMITTED): try
+``pg_try_advisory_xact_lock(hashtext(symbol))`` on up to N symbols with queued
+marks, oldest marks first, skipping symbols another worker holds; claim up to M
+marks of the locked symbols with ``FOR UPDATE SKIP LOCKED``; recompute every
+window of every width that holds a marked second, exactly, from md_ticks;
+upsert md_ranges; delete the claimed marks; COMMIT. A pass never waits for a
+symbol and never holds more than N advisory locks. Why no tick can be missed:
+docs/rollups.md.
 """
 
 from __future__ import annotations
@@ -15,18 +18,39 @@ import datetime as dt
 from collections.abc import Sequence
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from tickpipe.pgerrors import is_transient
+from tickpipe.settings import ROLLUP_MAX_SYMBOLS_PER_PASS
 
-CLAIM_SQL = """
-SELECT id, symbol, second_ts, hashtext(symbol) AS lock_key
-FROM md_ranges_dirty ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+# Up to $3 symbols among the oldest $2 marks of symbols not tried yet ($1), oldest
+# first, and a try of each one's lock: never a wait, so passes never queue behind
+# each other or deadlock. The LIMITs sit in the subquery on purpose: the outer
+# select list (the lock function) runs once per row the subquery returns and on
+# no other, so a pass holds at most the locks it asked for.
+LOCK_SYMBOLS_SQL = """
+SELECT symbol, pg_try_advisory_xact_lock(hashtext(symbol)) AS locked
+FROM (
+    SELECT symbol
+    FROM (
+        SELECT id, symbol FROM md_ranges_dirty
+        WHERE symbol <> ALL($1::text[]) ORDER BY id LIMIT $2
+    ) AS oldest
+    GROUP BY symbol ORDER BY min(id) LIMIT $3
+) AS candidates
 """
 
-LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext($1))"
+# After the locks: nobody else processes these symbols now, and every mark an
+# earlier holder deleted is gone from this statement's snapshot. SKIP LOCKED
+# only matters for marks another transaction holds (an operator's, or a worker
+# of an earlier version mid-upgrade).
+CLAIM_SQL = """
+SELECT id, symbol, second_ts FROM md_ranges_dirty
+WHERE symbol = ANY($1::text[]) ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED
+"""
 
-# Runs after every symbol lock is held: its snapshot contains every tick whose
-# mark was claimed, and every write of an earlier holder of those locks. One
+# Runs after the claim, under the symbol locks: its snapshot contains every tick
+# whose mark was claimed, and every write of an earlier holder of those locks. One
 # statement, one snapshot: the upsert and the delete of emptied windows agree.
 # Windows are aligned on the Unix epoch; a window with no ticks left (an UPDATE
 # moved them) loses its row. LATERAL makes each window one range scan of the
@@ -117,6 +141,9 @@ class PassResult:
 
     marks: int = 0
     symbols: int = 0
+    """Symbols locked (at most the pass's max_symbols): one advisory lock each."""
+    busy: int = 0
+    """Symbols with queued marks skipped because another worker held their lock."""
     windows: int = 0
     """Windows recomputed (every width of every marked second)."""
     changed: int = 0
@@ -152,17 +179,25 @@ class RollupStore:
         except TimeoutError:
             self._pool.terminate()
 
-    async def merge_pass(self, limit: int, widths_s: Sequence[int]) -> PassResult:
-        """Claim up to ``limit`` marks and bring their windows up to date, in one transaction."""
+    async def merge_pass(
+        self,
+        limit: int,
+        widths_s: Sequence[int],
+        *,
+        max_symbols: int = ROLLUP_MAX_SYMBOLS_PER_PASS,
+    ) -> PassResult:
+        """Roll up at most ``limit`` marks of at most ``max_symbols`` symbols, in one transaction.
+
+        Symbols another worker holds are skipped, never waited for; their marks stay queued.
+        """
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                marks = await conn.fetch(CLAIM_SQL, limit)
-                if not marks:
-                    return PassResult()
-                # One global order (the lock key) for every worker: no deadlocks.
-                symbols = sorted({(m["lock_key"], m["symbol"]) for m in marks})
-                for _key, symbol in symbols:
-                    await conn.execute(LOCK_SQL, symbol)
+                symbols, busy = await _lock_symbols(conn, limit, max_symbols)
+                if not symbols:
+                    return PassResult(busy=busy)
+                marks = await conn.fetch(CLAIM_SQL, symbols, limit)
+                if not marks:  # another worker took them between our look and our lock
+                    return PassResult(symbols=len(symbols), busy=busy)
                 seconds = sorted({(m["symbol"], m["second_ts"]) for m in marks})
                 counts = await conn.fetchrow(
                     RECOMPUTE_SQL,
@@ -177,6 +212,7 @@ class RollupStore:
         return PassResult(
             marks=len(marks),
             symbols=len(symbols),
+            busy=busy,
             windows=counts["windows"],
             changed=counts["changed"],
             emptied=counts["emptied"],
@@ -198,6 +234,23 @@ class RollupStore:
         except Exception as exc:
             raise classify(exc) from exc
         return int(status.split()[-1])  # "INSERT 0 <rows>"
+
+
+async def _lock_symbols(
+    conn: PoolConnectionProxy[asyncpg.Record], limit: int, max_symbols: int
+) -> tuple[list[str], int]:
+    """Lock up to ``max_symbols`` symbols with queued marks; returns them and how many were busy."""
+    locked: list[str] = []
+    busy: list[str] = []
+    # Each round asks only for the locks still allowed, so at most max_symbols are
+    # taken; it excludes every symbol tried, so it adds one or the loop ends.
+    while len(locked) < max_symbols:
+        rows = await conn.fetch(LOCK_SYMBOLS_SQL, locked + busy, limit, max_symbols - len(locked))
+        if not rows:
+            break
+        for row in rows:
+            (locked if row["locked"] else busy).append(row["symbol"])
+    return locked, len(busy)
 
 
 def classify(exc: Exception) -> Exception:

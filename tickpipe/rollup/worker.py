@@ -58,22 +58,25 @@ class RollupWorker:
         """Roll up queued marks until stopped (with ``burst``, until the queue is empty)."""
         widths = self.settings.rollup_widths_s
         limit = self.settings.rollup_batch_size
+        max_symbols = self.settings.rollup_max_symbols_per_pass
         log.info(
-            "rollup worker: widths %s, up to %d marks per pass%s",
+            "rollup worker: widths %s, up to %d marks of %d symbols per pass%s",
             ",".join(format_width(w) for w in widths),
             limit,
+            max_symbols,
             " (burst)" if self.burst else "",
         )
         try:
             while not self.stopping:
-                result = await self._pass(limit, widths)
+                result = await self._pass(limit, widths, max_symbols)
                 if self.burst:
-                    if result.marks == 0:
+                    if result.symbols == 0:
                         log.info("burst: queue drained, exiting")
                         return
-                elif result.marks < limit:
-                    # The queue is (nearly) empty: let marks gather for a while, so a
-                    # busy window is recomputed once per poll rather than per flush.
+                elif result.marks < limit and result.symbols < max_symbols:
+                    # Neither cap was reached, so no free symbol has marks left: let
+                    # marks gather for a while, so a busy window is recomputed once
+                    # per poll rather than per flush.
                     await self._sleep_unless_stopped(self.settings.rollup_poll_s)
         except Stopping:
             log.warning("stopped while Postgres was unavailable; queued marks wait for a worker")
@@ -94,10 +97,11 @@ class RollupWorker:
         log.info("backfill: queued %d seconds of %d symbols", total, len(symbols))
         return total
 
-    async def _pass(self, limit: int, widths: tuple[int, ...]) -> PassResult:
+    async def _pass(self, limit: int, widths: tuple[int, ...], max_symbols: int) -> PassResult:
         started = time.perf_counter()
         result = await self._retry(
-            "roll up queued marks", functools.partial(self.store.merge_pass, limit, widths)
+            "roll up queued marks",
+            functools.partial(self.store.merge_pass, limit, widths, max_symbols=max_symbols),
         )
         if result.marks:
             elapsed = time.perf_counter() - started
@@ -113,9 +117,11 @@ class RollupWorker:
             metrics.EMPTIED.inc(result.emptied)
             metrics.PASS_SECONDS.observe(elapsed)
             log.debug(
-                "rolled up %d marks of %d symbols: %d windows, %d changed, %d emptied, %.1f ms",
+                "rolled up %d marks of %d symbols (%d busy, left to other workers):"
+                " %d windows, %d changed, %d emptied, %.1f ms",
                 result.marks,
                 result.symbols,
+                result.busy,
                 result.windows,
                 result.changed,
                 result.emptied,
