@@ -29,6 +29,10 @@ from tickpipe.settings import Settings
 
 log = logging.getLogger("tickpipe.ingest")
 
+EXIT_CONFIG = 78
+"""A worker's exit status for an error no restart can fix (sysexits' EX_CONFIG):
+the port cannot be bound, Redis is not what REDIS_CLUSTER says."""
+
 
 class Supervisor:
     def __init__(self, settings: Settings, workers: int) -> None:
@@ -37,6 +41,7 @@ class Supervisor:
         self._stopping = False
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._metrics_dir: Path | None = None
+        self._status = 0
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit status."""
@@ -66,7 +71,7 @@ class Supervisor:
             self._stop_all()
             if own_dir:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
-        return 0
+        return self._status
 
     def _start(self, slot: int, env: dict[str, str]) -> None:
         command = [
@@ -94,6 +99,16 @@ class Supervisor:
                 code = proc.poll()
                 if code is None or self._stopping:
                     continue
+                if code == EXIT_CONFIG:
+                    log.error(
+                        "ingest worker %d (pid %d) stopped on a configuration error (above);"
+                        " restarting it cannot help, so every worker stops",
+                        slot,
+                        proc.pid,
+                    )
+                    self._stopping = True
+                    self._status = 1
+                    break
                 delay = backoff.next_delay()
                 log.error(
                     "ingest worker %d (pid %d) exited with %d; restarting in %.1fs",

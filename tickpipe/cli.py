@@ -145,7 +145,7 @@ def _apply_schema(database_url: str, *, rollups: bool = False, brin: bool = Fals
 def ingest(host: str | None, port: int | None, workers: int | None, reuse_port: bool) -> None:
     """Serve the ingest HTTP API."""
     from ingest.app import ListenError, run
-    from ingest.workers import Supervisor
+    from ingest.workers import EXIT_CONFIG, Supervisor
     from tickpipe.redis_conn import RedisConfigError
 
     settings = load_settings(ingest_host=host, ingest_port=port, ingest_workers=workers)
@@ -157,10 +157,16 @@ def ingest(host: str | None, port: int | None, workers: int | None, reuse_port: 
         sys.exit(Supervisor(settings, settings.ingest_workers).run())
     try:
         run(settings, reuse_port=reuse_port)
-    except ListenError as exc:
-        raise click.ClickException(f"{exc}; choose another with --port or INGEST_PORT") from None
-    except RedisConfigError as exc:
-        raise click.ClickException(f"configuration: {exc}") from None
+    except (ListenError, RedisConfigError) as exc:
+        message = (
+            f"{exc}; choose another with --port or INGEST_PORT"
+            if isinstance(exc, ListenError)
+            else f"configuration: {exc}"
+        )
+        if reuse_port:  # a worker of --workers N: tell the supervisor not to restart it
+            click.echo(f"tickpipe: error: {message}", err=True)
+            sys.exit(EXIT_CONFIG)
+        raise click.ClickException(message) from None
 
 
 @main.group()

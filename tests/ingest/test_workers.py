@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -134,3 +135,24 @@ async def test_workers_stop_when_the_supervisor_is_killed(
     async with asyncio.timeout(30):
         while any(running(pid) for pid in workers):  # noqa: ASYNC110
             await asyncio.sleep(0.1)
+
+
+def test_a_port_taken_stops_the_supervisor_instead_of_restarting_forever(
+    subprocess_env: dict[str, str],
+) -> None:
+    with socket.socket() as taken:  # bound without SO_REUSEPORT: no worker can share it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run(
+            [sys.executable, "-m", "tickpipe", "ingest", "--workers", "2", "--port", str(port)],
+            env=subprocess_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert run.returncode == 1
+    assert "cannot listen" in run.stderr
+    assert "configuration error" in run.stderr
+    assert "restarting in" not in run.stderr
