@@ -7,7 +7,9 @@ temporary state directory on free ports, and stopped at the end.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import AsyncIterator, Iterator
+from types import FrameType
 
 import asyncpg
 import pytest
@@ -21,6 +23,16 @@ from tickpipe.stack import LocalStack, free_port
 
 TEST_TOKEN = "test-token-0123456789"
 TEST_TOKEN_NAME = "feeder-a"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A session stopped with SIGTERM (a CI timeout, `timeout`) tears down like
+    # one stopped with Ctrl-C, so its Redis and Postgres do not outlive it.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 @pytest.fixture(scope="session")
