@@ -407,7 +407,10 @@ async def trimmed_after(
     first_id = redis_conn.text(first[0]) if first else None
     last_id = redis_conn.text(info["last-generated-id"])
     deleted_id = redis_conn.text(info.get("max-deleted-entry-id") or "0-0")
-    trimmed = info["entries-added"] > info["length"] and parse_id(first_id or last_id) > position
+    # entries-added (Redis 7+) tells whether anything was ever removed; without it,
+    # assume so: a needless 'gap' event costs a history reload, a missed one a hole.
+    removed = info.get("entries-added", info["length"] + 1) > info["length"]
+    trimmed = removed and parse_id(first_id or last_id) > position
     if not trimmed and parse_id(deleted_id) <= position:
         return None
     return {
