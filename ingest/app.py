@@ -22,7 +22,7 @@ from ingest import chart, metrics, queries, ranges, sse
 from ingest.appkeys import AUTH, INFLIGHT, LINK, READ_AUTH, SETTINGS
 from ingest.auth import TokenAuth
 from ingest.decode import decode_json_array, decode_ndjson, decode_tick
-from ingest.errors import ApiError, error_middleware, json_response
+from ingest.errors import ApiError, error_middleware, json_response, unauthorized
 from ingest.inflight import InFlight
 from ingest.link import RedisLink
 from ingest.openapi import openapi_document
@@ -50,12 +50,7 @@ def authenticate(request: web.Request) -> str:
         request[TOKEN_NAME] = reader
         raise ApiError(403, "forbidden", f"token {reader!r} may read but not ingest")
     if name is None:
-        raise ApiError(
-            401,
-            "unauthorized",
-            "missing or invalid bearer token (Authorization: Bearer <token>)",
-            headers={"WWW-Authenticate": 'Bearer realm="tickpipe"'},
-        )
+        raise unauthorized()
     request[TOKEN_NAME] = name
     return name
 

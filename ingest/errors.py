@@ -44,6 +44,16 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+def unauthorized() -> ApiError:
+    """401: no bearer token, or one that no configured token matches."""
+    return ApiError(
+        401,
+        "unauthorized",
+        "missing or invalid bearer token (Authorization: Bearer <token>)",
+        headers={"WWW-Authenticate": 'Bearer realm="tickpipe"'},
+    )
+
+
 def json_response(
     body: object, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:

@@ -24,7 +24,7 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from ingest.appkeys import LINK, READ_AUTH, SETTINGS, STORE
-from ingest.errors import ApiError, json_response
+from ingest.errors import ApiError, json_response, unauthorized
 from ingest.tickstore import TickStore
 from tickpipe.pgerrors import is_transient
 from tickpipe.redis_conn import FAILURES, RedisClient
@@ -40,12 +40,7 @@ def authenticate_read(request: web.Request) -> str:
     """The name of a token allowed to read (401 otherwise)."""
     name = request.app[READ_AUTH].identify(request.headers.get("Authorization"))
     if name is None:
-        raise ApiError(
-            401,
-            "unauthorized",
-            "missing or invalid bearer token (Authorization: Bearer <token>)",
-            headers={"WWW-Authenticate": 'Bearer realm="tickpipe"'},
-        )
+        raise unauthorized()
     return name
 
 
