@@ -6,7 +6,7 @@ import asyncio
 import io
 import json
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import pytest
@@ -30,25 +30,6 @@ GOOD = {
 }
 Client = TestClient[Any, Any]
 MakeClient = Callable[..., AbstractAsyncContextManager[Client]]
-
-
-@pytest.fixture
-def make_client(settings: Settings, redis: Redis) -> MakeClient:
-    """An in-process ingest app on the test Redis, with settings overridden."""
-
-    @asynccontextmanager
-    async def make(**overrides: Any) -> AsyncIterator[Client]:
-        app = create_app(settings.replace(**overrides))
-        async with TestClient(TestServer(app)) as client:
-            yield client
-
-    return make
-
-
-@pytest.fixture
-async def client(make_client: MakeClient) -> AsyncIterator[Client]:
-    async with make_client() as test_client:
-        yield test_client
 
 
 def ndjson(*ticks: dict[str, Any]) -> bytes:

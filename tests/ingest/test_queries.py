@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from ingest import tickstore
-from ingest.app import create_app
-from tickpipe.settings import Settings
 from tickpipe.stack import free_port
 from tickpipe.ticks import EPOCH
 
@@ -28,23 +26,6 @@ T0 = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
 T0_MS = int((T0 - EPOCH).total_seconds()) * 1000
 Client = TestClient[Any, Any]
 MakeClient = Callable[..., AbstractAsyncContextManager[Client]]
-
-
-@pytest.fixture
-def make_client(settings: Settings, redis: Redis) -> MakeClient:
-    @asynccontextmanager
-    async def make(**overrides: Any) -> AsyncIterator[Client]:
-        changed = settings.replace(read_tokens={"dashboard": "read-token-0123456789"}, **overrides)
-        async with TestClient(TestServer(create_app(changed))) as client:
-            yield client
-
-    return make
-
-
-@pytest.fixture
-async def client(make_client: MakeClient) -> AsyncIterator[Client]:
-    async with make_client() as test_client:
-        yield test_client
 
 
 async def store_rows(pg: asyncpg.Connection, symbol: str, count: int, *, step_ms: int = 1) -> None:

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
-from redis.asyncio import Redis
+from aiohttp.test_utils import TestClient
 
 from flusher.db import Row, TickStore, last_per_key
-from ingest.app import create_app
 from tickpipe.rollup.store import RollupStore
 from tickpipe.schema import apply_schema, ensure_database
-from tickpipe.settings import Settings
 from tickpipe.stack import LocalStack, free_port
 from tickpipe.ticks import Tick, datetime_to_us
 
@@ -59,17 +56,6 @@ async def rollup_url(stack: LocalStack) -> str:
         pass
     await rollups.close()
     return url
-
-
-@pytest.fixture
-def make_client(settings: Settings, redis: Redis) -> MakeClient:
-    @asynccontextmanager
-    async def make(**overrides: Any) -> AsyncIterator[Client]:
-        changed = settings.replace(read_tokens={"dashboard": "read-token-0123456789"}, **overrides)
-        async with TestClient(TestServer(create_app(changed))) as client:
-            yield client
-
-    return make
 
 
 @pytest.fixture

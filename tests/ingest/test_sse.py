@@ -5,19 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from ingest import metrics
-from ingest.app import create_app
 from ingest.appkeys import LINK
-from tickpipe.settings import Settings
 
 pytestmark = pytest.mark.services
 
@@ -26,23 +24,6 @@ READER = {"Authorization": "Bearer read-token-0123456789"}
 Client = TestClient[Any, Any]
 MakeClient = Callable[..., AbstractAsyncContextManager[Client]]
 Event = tuple[str, str, dict[str, Any]]  # id, event type, data
-
-
-@pytest.fixture
-def make_client(settings: Settings, redis: Redis) -> MakeClient:
-    @asynccontextmanager
-    async def make(**overrides: Any) -> AsyncIterator[Client]:
-        changed = settings.replace(read_tokens={"dashboard": "read-token-0123456789"}, **overrides)
-        async with TestClient(TestServer(create_app(changed))) as client:
-            yield client
-
-    return make
-
-
-@pytest.fixture
-async def client(make_client: MakeClient) -> AsyncIterator[Client]:
-    async with make_client() as test_client:
-        yield test_client
 
 
 async def post(client: Client, symbol: str, count: int, first: int = 0) -> list[str]:
