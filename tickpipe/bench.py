@@ -305,6 +305,36 @@ class Bench:
             self.stop(flusher)
         return report
 
+    async def burst_flushers(self, names: list[tuple[str, str]]) -> float:
+        """Burst flushers, (process name, consumer) each, against the backlog of
+        ``drain_entries``: seconds from their start until every row is committed."""
+        conn = await asyncpg.connect(self.stack.database_url)
+        started = time.perf_counter()
+        flushers = [
+            self.spawn(
+                name,
+                [
+                    sys.executable,
+                    "-m",
+                    "tickpipe",
+                    "flusher",
+                    "run",
+                    "--consumer",
+                    consumer,
+                    "--burst",
+                ],
+                FLUSH_BATCH_SIZE="2000",
+            )
+            for name, consumer in names
+        ]
+        try:
+            done_at = await _wait_rows(conn, self.config.drain_entries, 300)
+        finally:
+            await conn.close()
+        for flusher in flushers:
+            await asyncio.to_thread(flusher.wait, 60)
+        return done_at - started
+
     async def drain_rate(self) -> dict[str, Any]:
         """K flushers against a backlog: committed rows/s, to compare with raw COPY."""
         await self.reset_data()
@@ -316,36 +346,13 @@ class Bench:
                     pipe.xadd("ticks.received", entry)  # type: ignore[arg-type]
                 await pipe.execute()
         await redis.aclose()
-        conn = await asyncpg.connect(self.stack.database_url)
         servers = Components()
         self.servers(servers)
         before = servers.snapshot()
         children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        started = time.perf_counter()
-        flushers = [
-            self.spawn(
-                f"drain-{n}",
-                [
-                    sys.executable,
-                    "-m",
-                    "tickpipe",
-                    "flusher",
-                    "run",
-                    "--consumer",
-                    f"drain-{n}",
-                    "--burst",
-                ],
-                FLUSH_BATCH_SIZE="2000",
-            )
-            for n in range(self.config.flushers)
-        ]
-        try:
-            done_at = await _wait_rows(conn, self.config.drain_entries, 300)
-        finally:
-            await conn.close()
-        for flusher in flushers:
-            await asyncio.to_thread(flusher.wait, 60)
-        elapsed = done_at - started
+        elapsed = await self.burst_flushers(
+            [(f"drain-{n}", f"drain-{n}") for n in range(self.config.flushers)]
+        )
         # The flushers are this process's children: their CPU is known once reaped.
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         after = servers.snapshot()

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import sys
-import time
 from typing import Any
 
 import asyncpg
@@ -23,7 +21,7 @@ from rich.table import Table
 
 from ingest.writer import TickWriter
 from tickpipe import redis_conn
-from tickpipe.bench import Bench, BenchConfig, Components, _wait_rows, ratio, sample_ticks
+from tickpipe.bench import Bench, BenchConfig, Components, ratio, sample_ticks
 from tickpipe.cluster_stack import LocalCluster
 
 
@@ -96,32 +94,9 @@ class ScaleBench(Bench):
         for start in range(0, len(ticks), 1000):
             await writer.append(ticks[start : start + 1000])
         await redis.aclose()
-        conn = await asyncpg.connect(self.stack.database_url)
-        started = time.perf_counter()
-        flushers = [
-            self.spawn(
-                f"drain-{self.shape.shards}-{n}",
-                [
-                    sys.executable,
-                    "-m",
-                    "tickpipe",
-                    "flusher",
-                    "run",
-                    "--consumer",
-                    f"d{n}",
-                    "--burst",
-                ],
-                FLUSH_BATCH_SIZE="2000",
-            )
-            for n in range(self.shape.flushers)
-        ]
-        try:
-            done_at = await _wait_rows(conn, self.config.drain_entries, 300)
-        finally:
-            await conn.close()
-        for flusher in flushers:
-            await asyncio.to_thread(flusher.wait, 60)
-        elapsed = done_at - started
+        elapsed = await self.burst_flushers(
+            [(f"drain-{self.shape.shards}-{n}", f"d{n}") for n in range(self.shape.flushers)]
+        )
         return {
             "rows_per_s": round(self.config.drain_entries / elapsed, 1),
             "elapsed_s": round(elapsed, 2),
