@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tickpipe import redis_conn
-from tickpipe.feeder import generate_ticks
+from tickpipe.feeder import generate_ticks, wait_ready
 from tickpipe.stack import LocalStack, free_port
 from tickpipe.ticks import Tick, to_fields
 
@@ -277,7 +277,9 @@ class Bench:
             )
             for n in range(self.config.flushers)
         ]
-        await wait_port(port)
+        # Ready, not just listening: ingest answers 503 until it has learnt what
+        # Redis is (a single server or a cluster) and found the consumer group.
+        await wait_ready(f"http://127.0.0.1:{port}/readyz", 60.0)
         await asyncio.sleep(1.0)  # every worker up
         components = Components()
         components.add("ingest", ingest.pid)
