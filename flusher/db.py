@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -10,6 +9,7 @@ import asyncpg
 
 from flusher.errors import FatalError, RowsRejected, TransientError
 from tickpipe.pgerrors import is_transient
+from tickpipe.pgpool import close_pool, open_pool
 from tickpipe.ticks import Tick
 
 _COLUMNS = ("symbol", "ts", "price", "volume", "source", "stream_id")
@@ -62,10 +62,6 @@ def last_per_key(rows: Iterable[Row]) -> list[Row]:
     return [latest[key] for key in sorted(latest)]
 
 
-CONNECT_TIMEOUT_S = 10.0
-COMMAND_TIMEOUT_S = 30.0
-
-
 class TickStore:
     """md_ticks, written in batches."""
 
@@ -74,26 +70,10 @@ class TickStore:
 
     @classmethod
     async def open(cls, database_url: str, *, max_size: int = 4) -> TickStore:
-        # min_size=0: no connection is made here, so a flusher starts (and
-        # retries with backoff) while Postgres is down.
-        pool = await asyncpg.create_pool(
-            database_url,
-            min_size=0,
-            max_size=max_size,
-            init=_init_connection,
-            timeout=CONNECT_TIMEOUT_S,
-            # A statement stuck (on a lock, say) fails and is retried with backoff,
-            # instead of holding the batch, and a shutdown, forever.
-            command_timeout=COMMAND_TIMEOUT_S,
-        )
-        return cls(pool)
+        return cls(await open_pool(database_url, max_size=max_size, init=_init_connection))
 
     async def close(self, timeout_s: float = 2.0) -> None:
-        """Close the pool; connections still busy after ``timeout_s`` are cut."""
-        try:
-            await asyncio.wait_for(self._pool.close(), timeout_s)
-        except TimeoutError:
-            self._pool.terminate()
+        await close_pool(self._pool, timeout_s)
 
     async def upsert(self, rows: Sequence[Row]) -> None:
         """Write ``rows`` (unique keys, sorted) in one transaction; returns after COMMIT."""

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
+from tickpipe.pgpool import close_pool, open_pool
 from tickpipe.ticks import EPOCH, Tick, datetime_to_us
 
 LATEST_SQL = """
@@ -70,12 +71,11 @@ class TickStore:
         self._pool: asyncpg.Pool | None = None
 
     async def open(self) -> None:
-        self._pool = await asyncpg.create_pool(
+        self._pool = await open_pool(
             self._database_url,
-            min_size=0,
             max_size=self._max_size,
-            command_timeout=self._timeout_s,
-            timeout=self._timeout_s,
+            command_timeout_s=self._timeout_s,
+            connect_timeout_s=self._timeout_s,
             server_settings={
                 "application_name": "tickpipe-query",
                 "default_transaction_read_only": "on",
@@ -84,7 +84,7 @@ class TickStore:
 
     async def close(self) -> None:
         if self._pool is not None:
-            await self._pool.close()
+            await close_pool(self._pool)
 
     @property
     def pool(self) -> asyncpg.Pool:

@@ -12,7 +12,6 @@ docs/rollups.md.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime as dt
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from tickpipe.pgerrors import is_transient
+from tickpipe.pgpool import close_pool, open_pool
 from tickpipe.settings import ROLLUP_MAX_SYMBOLS_PER_PASS
 
 # Up to $3 symbols among the oldest $2 marks of symbols not tried yet ($1), oldest
@@ -123,9 +123,6 @@ WHERE symbol = $1
   AND ts >= coalesce($2::timestamptz, '-infinity') AND ts < coalesce($3::timestamptz, 'infinity')
 """
 
-CONNECT_TIMEOUT_S = 10.0
-COMMAND_TIMEOUT_S = 30.0
-
 
 class TransientError(Exception):
     """Postgres is unavailable or busy: retry with backoff; nothing was committed."""
@@ -160,24 +157,10 @@ class RollupStore:
 
     @classmethod
     async def open(cls, database_url: str, *, max_size: int = 2) -> RollupStore:
-        # min_size=0: nothing connects here, so a worker starts (and retries with
-        # backoff) while Postgres is down.
-        pool = await asyncpg.create_pool(
-            database_url,
-            min_size=0,
-            max_size=max_size,
-            timeout=CONNECT_TIMEOUT_S,
-            # A pass stuck on a lock fails and is retried instead of hanging.
-            command_timeout=COMMAND_TIMEOUT_S,
-        )
-        return cls(pool)
+        return cls(await open_pool(database_url, max_size=max_size))
 
     async def close(self, timeout_s: float = 2.0) -> None:
-        """Close the pool; connections still busy after ``timeout_s`` are cut."""
-        try:
-            await asyncio.wait_for(self._pool.close(), timeout_s)
-        except TimeoutError:
-            self._pool.terminate()
+        await close_pool(self._pool, timeout_s)
 
     async def merge_pass(
         self,
