@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 import asyncpg
 from prometheus_client import start_http_server
@@ -16,6 +15,7 @@ from flusher.stream import ShardedStream
 from flusher.worker import Flusher
 from tickpipe import redis_conn, shape
 from tickpipe.settings import Settings
+from tickpipe.signals import SIGNALS, Interrupted, run_until_signalled
 
 log = logging.getLogger("tickpipe.flusher")
 
@@ -58,25 +58,16 @@ async def run_flusher(settings: Settings, *, burst: bool = False) -> Flusher | N
             raise FlusherError(
                 f"cannot serve metrics on port {settings.flusher_metrics_port}: {exc.strerror}"
             ) from None
-    loop = asyncio.get_running_loop()
-    main = asyncio.create_task(flusher.run(), name="flusher")
-
-    def on_signal() -> None:
-        if flusher.stopping:
-            log.warning("second signal: stopping now; unacknowledged entries stay pending")
-            main.cancel()
-            return
-        flusher.stop()
-        # A statement or server that never answers must not hold the exit forever.
-        loop.call_later(settings.flush_shutdown_grace_s + 2, main.cancel)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal)
     try:
-        await main
-    except asyncio.CancelledError:
-        if not main.cancelled():
-            raise
+        await run_until_signalled(
+            flusher.run(),
+            flusher,
+            grace_s=settings.flush_shutdown_grace_s + 2,
+            name="flusher",
+            log=log,
+            second_signal="stopping now; unacknowledged entries stay pending",
+        )
+    except Interrupted:
         raise FlusherError(
             "stopped before the in-flight batch could finish; its entries stay pending"
             " and will be written by this or another flusher"
@@ -86,8 +77,6 @@ async def run_flusher(settings: Settings, *, burst: bool = False) -> Flusher | N
             f"{exc}. Nothing was acknowledged: the entries wait in the stream."
         ) from None
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
         if metrics_server is not None:
             metrics_server.shutdown()
         await store.close()
@@ -112,7 +101,7 @@ async def _open_redis(settings: Settings, consumer: str) -> redis_conn.RedisClie
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in SIGNALS:
         loop.add_signal_handler(signum, stop.set)
     try:
         return await redis_conn.open_client_when_ready(
@@ -125,7 +114,7 @@ async def _open_redis(settings: Settings, consumer: str) -> redis_conn.RedisClie
     except redis_conn.RedisConfigError as exc:
         raise FlusherError(str(exc)) from None
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in SIGNALS:
             loop.remove_signal_handler(signum)
 
 

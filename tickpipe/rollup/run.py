@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime as dt
 import logging
-import signal
 
 from prometheus_client import start_http_server
 
 from tickpipe.rollup.store import FatalError, RollupStore
 from tickpipe.rollup.worker import RollupWorker, Stopping
 from tickpipe.settings import Settings
+from tickpipe.signals import Interrupted, run_until_signalled
 
 log = logging.getLogger("tickpipe.rollup")
 
@@ -46,33 +45,22 @@ async def run_rollup(
             raise RollupError(
                 f"cannot serve metrics on port {settings.rollup_metrics_port}: {exc.strerror}"
             ) from None
-    loop = asyncio.get_running_loop()
-    main = asyncio.create_task(_work(worker, backfill), name="rollup")
-
-    def on_signal() -> None:
-        if worker.stopping:
-            log.warning("second signal: stopping now; the current pass rolls back")
-            main.cancel()
-            return
-        worker.stop()
-        # A statement or server that never answers must not hold the exit forever.
-        loop.call_later(settings.rollup_shutdown_grace_s, main.cancel)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal)
     try:
-        await main
-    except asyncio.CancelledError:
-        if not main.cancelled():
-            raise
+        await run_until_signalled(
+            _work(worker, backfill),
+            worker,
+            grace_s=settings.rollup_shutdown_grace_s,
+            name="rollup",
+            log=log,
+            second_signal="stopping now; the current pass rolls back",
+        )
+    except Interrupted:
         raise RollupError(
             "stopped in the middle of a pass; it rolled back and its marks wait for a worker"
         ) from None
     except FatalError as exc:
         raise RollupError(str(exc)) from None
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
         if metrics_server is not None:
             metrics_server.shutdown()
         await store.close()
