@@ -24,7 +24,7 @@ from pathlib import Path
 
 import redis as redis_sync
 
-from tickpipe.stack import StackError, find_redis_server
+from tickpipe.stack import StackError, find_redis_server, redis_server_command
 
 SLOTS = 16384
 START_TIMEOUT_S = 60.0
@@ -218,16 +218,7 @@ class LocalCluster:
     def _start(self, server: str, node: ClusterNodeProcess) -> None:
         node.directory.mkdir(parents=True, exist_ok=True)
         command = [
-            server,
-            "--port", str(node.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(node.directory),
-            "--daemonize", "yes",
-            "--pidfile", str(node.pidfile),
-            "--logfile", str(node.logfile),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
+            *redis_server_command(server, node.port, node.directory, node.pidfile, node.logfile),
             "--cluster-enabled", "yes",
             "--cluster-config-file", str(node.directory / "nodes.conf"),
             "--cluster-node-timeout", str(self.node_timeout_ms),

@@ -180,19 +180,9 @@ class LocalStack:
         _check_port_free(self.redis_port, "TICKPIPE_REDIS_PORT")
         server = find_redis_server(embedded_only=self.embedded_only)
         self.redis_dir.mkdir(parents=True, exist_ok=True)
-        command = [
-            server,
-            "--port", str(self.redis_port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.redis_dir),
-            "--daemonize", "yes",
-            "--pidfile", str(self.redis_pidfile),
-            "--logfile", str(self.redis_logfile),
-            # Durability: every accepted tick is in the AOF; fsync once a second.
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-        ]  # fmt: skip
+        command = redis_server_command(
+            server, self.redis_port, self.redis_dir, self.redis_pidfile, self.redis_logfile
+        )
         self.log(f"starting redis ({server}) on port {self.redis_port}")
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
@@ -360,6 +350,25 @@ class LocalStack:
 
 
 # -- discovery ----------------------------------------------------------------
+
+
+def redis_server_command(
+    server: str, port: int, directory: Path, pidfile: Path, logfile: Path
+) -> list[str]:
+    """A daemonised redis-server (or valkey-server) on 127.0.0.1 with tickpipe's durability."""
+    return [
+        server,
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--dir", str(directory),
+        "--daemonize", "yes",
+        "--pidfile", str(pidfile),
+        "--logfile", str(logfile),
+        # Durability: every accepted tick is in the AOF; fsync once a second.
+        "--appendonly", "yes",
+        "--appendfsync", "everysec",
+        "--save", "",
+    ]  # fmt: skip
 
 
 def find_redis_server(*, embedded_only: bool = False) -> str:
