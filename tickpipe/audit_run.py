@@ -42,6 +42,19 @@ async def _open(settings: Settings, client_name: str) -> tuple[redis_conn.RedisC
         raise
 
 
+async def _open_or_say(
+    settings: Settings, client_name: str
+) -> tuple[redis_conn.RedisClient, Settings] | None:
+    """:func:`_open`, or None after saying why Redis cannot be used (exit UNREACHABLE)."""
+    try:
+        return await _open(settings, client_name)
+    except _UNREACHABLE as exc:
+        _say(f"cannot reach Redis at REDIS_URL: {exc}")
+    except redis_conn.RedisConfigError as exc:
+        _say(f"configuration: {exc}")
+    return None
+
+
 def _say(message: str) -> None:
     print(f"tickpipe: {message}", file=sys.stderr, flush=True)
 
@@ -49,14 +62,10 @@ def _say(message: str) -> None:
 async def run_audit(
     settings: Settings, *, as_json: bool, verify: bool, stuck_idle_s: float, stuck_deliveries: int
 ) -> int:
-    try:
-        redis, settings = await _open(settings, "tickpipe-audit")
-    except _UNREACHABLE as exc:
-        _say(f"cannot reach Redis at REDIS_URL: {exc}")
+    opened = await _open_or_say(settings, "tickpipe-audit")
+    if opened is None:
         return UNREACHABLE
-    except redis_conn.RedisConfigError as exc:
-        _say(f"configuration: {exc}")
-        return UNREACHABLE
+    redis, settings = opened
     try:
         try:
             report = await stream_report(
@@ -113,14 +122,10 @@ async def dlq_command(
     limit: int = 20,
     as_json: bool = False,
 ) -> int:
-    try:
-        redis, settings = await _open(settings, "tickpipe-dlq")
-    except _UNREACHABLE as exc:
-        _say(f"cannot reach Redis at REDIS_URL: {exc}")
+    opened = await _open_or_say(settings, "tickpipe-dlq")
+    if opened is None:
         return UNREACHABLE
-    except redis_conn.RedisConfigError as exc:
-        _say(f"configuration: {exc}")
-        return UNREACHABLE
+    redis, settings = opened
     letters = DeadLetters(redis, settings.shard_map.shards)
     try:
         if action == "list":
@@ -164,14 +169,10 @@ async def dlq_command(
 
 async def shards_command(settings: Settings, count: int | None) -> int:
     """Show the deployment's shape (``count`` None), or change it to ``count`` shards."""
-    try:
-        redis, settings = await _open(settings, "tickpipe-shards")
-    except _UNREACHABLE as exc:
-        _say(f"cannot reach Redis at REDIS_URL: {exc}")
+    opened = await _open_or_say(settings, "tickpipe-shards")
+    if opened is None:
         return UNREACHABLE
-    except redis_conn.RedisConfigError as exc:
-        _say(f"configuration: {exc}")
-        return UNREACHABLE
+    redis, settings = opened
     try:
         if count is None:
             deployed = await shape.recorded(redis, settings.stream_name)
