@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint down clean
+.PHONY: demo test lint browser down clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tickpipe needs Python >= 3.11; set PYTHON=python3.11")'
@@ -18,9 +18,21 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/tickpipe demo
 
-## test: lint, type-check and run the whole test suite (real Redis and Postgres)
-test: lint
+## test: lint, type-check and run the whole test suite (real Redis and Postgres, headless Chromium)
+test: lint browser
 	$(BIN)/pytest
+
+# The live chart's tests drive a real headless Chromium (tests/ingest/test_chart.py).
+# As root with apt, install Debian's; otherwise say how, and those tests fail.
+browser:
+	@if [ -n "$$CHROMIUM" ] || command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's chromium for the live chart's browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "tickpipe: the browser tests need Chromium: run 'sudo apt-get install chromium' (or set CHROMIUM=/path/to/chromium); they fail without it" >&2; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
