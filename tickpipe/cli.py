@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from tickpipe import loop
-from tickpipe.settings import Settings, SettingsError
+from tickpipe.settings import AppendFsync, Settings, SettingsError
 from tickpipe.shards import MAX_SHARDS
 from tickpipe.stack import LocalStack, StackError
 
@@ -48,13 +48,23 @@ def main(log_level: str) -> None:
 
 
 @main.command()
-def up() -> None:
+@click.option(
+    "--appendfsync",
+    type=click.Choice(["everysec", "always"]),
+    default=None,
+    help="Redis's AOF fsync policy (TICKPIPE_REDIS_APPENDFSYNC). `always` lets"
+    " INGEST_DURABILITY=fsync work on a Redis without WAITAOF (before 7.2); default: as"
+    " recorded in the state directory, else what INGEST_DURABILITY needs.",
+)
+def up(appendfsync: AppendFsync | None) -> None:
     """Start the local Redis and Postgres, apply the schema, print the URLs to export.
 
     Use as: eval "$(tickpipe up)"
     """
     settings = load_settings()
     stack = LocalStack.from_settings(settings)
+    if appendfsync is not None:
+        stack.appendfsync = appendfsync
     own_redis = not settings.redis_url_configured
     own_postgres = not settings.database_url_configured
     for name, own in (("REDIS_URL", own_redis), ("DATABASE_URL", own_postgres)):

@@ -82,7 +82,7 @@ class LocalCluster:
         """Start every node and form the cluster; returns once it serves every slot."""
         if self.masters < 1 or self.replicas < 0:
             raise StackError("a cluster needs at least one master")
-        server = find_redis_server(embedded_only=self.embedded_only)
+        server = find_redis_server(embedded_only=self.embedded_only).path
         count = self.masters * (1 + self.replicas)
         self.nodes = [
             ClusterNodeProcess(port, self.state_dir / f"node-{port}")
@@ -108,7 +108,7 @@ class LocalCluster:
     def restart(self, port: int) -> None:
         """Start a stopped node again with its own cluster config (it rejoins)."""
         node = self._node(port)
-        self._start(find_redis_server(embedded_only=self.embedded_only), node)
+        self._start(find_redis_server(embedded_only=self.embedded_only).path, node)
 
     # -- what the tests ask ----------------------------------------------------------
 

