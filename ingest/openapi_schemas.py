@@ -8,23 +8,34 @@ from __future__ import annotations
 
 from typing import Any
 
-from tickpipe.ticks import MAX_DECIMAL_INTEGER_DIGITS, MAX_DECIMAL_SCALE, SYMBOL_PATTERN
+from tickpipe.ticks import (
+    DECIMAL_OUT_PATTERN,
+    DECIMAL_RULE,
+    DECIMAL_TEXT_PATTERN,
+    MAX_DECIMAL_SCALE,
+    MAX_DECIMAL_TEXT,
+    SYMBOL_PATTERN,
+)
 
 _DECIMAL_RULE = (
-    f"Exact decimal: at most {MAX_DECIMAL_INTEGER_DIGITS} digits before and"
-    f" {MAX_DECIMAL_SCALE} after the point. Never parsed through a float."
+    f"Exact decimal: {DECIMAL_RULE} (an exponent is expanded: 1.5E+3 is 1500), at most"
+    f" {MAX_DECIMAL_TEXT} characters as written. Never parsed through a float."
 )
 _DECIMAL_IN: dict[str, Any] = {
     "description": _DECIMAL_RULE,
     "oneOf": [
         {"type": "number"},
-        {"type": "string", "pattern": r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$"},
+        {"type": "string", "pattern": DECIMAL_TEXT_PATTERN, "maxLength": MAX_DECIMAL_TEXT},
     ],
 }
 _DECIMAL_OUT: dict[str, Any] = {
     "type": "string",
-    "pattern": r"^\d+(\.\d+)?$",
+    "pattern": DECIMAL_OUT_PATTERN,
     "description": "The exact decimal as stored, digit for digit, as a string (no exponent).",
+}
+_SUM_OUT: dict[str, Any] = {
+    **_DECIMAL_OUT,
+    "pattern": rf"^\d+(\.\d{{1,{MAX_DECIMAL_SCALE}}})?$",  # a sum may outgrow one value's digits
 }
 TIME_OUT: dict[str, Any] = {
     "type": "string",
@@ -201,7 +212,7 @@ SCHEMAS: dict[str, Any] = {
                 "high": _DECIMAL_OUT,
                 "low": _DECIMAL_OUT,
                 "close": {**_DECIMAL_OUT, "description": "The price at the latest ts."},
-                "volume": {**_DECIMAL_OUT, "description": "The sum of the volumes."},
+                "volume": {**_SUM_OUT, "description": "The sum of the volumes."},
                 "count": {"type": "integer", "minimum": 1},
             }
         ),

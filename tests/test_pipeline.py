@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from redis.asyncio import Redis
 
 from flusher.run import run_flusher
 from ingest.app import create_app
+from ingest.sse import decode_entries
 from tickpipe.feeder import wait_ready
 from tickpipe.settings import Settings
 from tickpipe.stack import LocalStack, free_port
@@ -52,6 +54,67 @@ async def test_posted_tick_lands_exactly_and_is_acknowledged(
     assert row["source"] == "ecn-1"
     pending = await redis.xpending(settings.stream_name, settings.group_name)
     assert pending["pending"] == 0
+
+
+UINT256_MAX = str(2**256 - 1)
+"""78 digits: the largest on-chain quantity in base units (wei)."""
+
+
+async def test_78_digit_decimals_stay_exact_from_post_to_every_read(
+    settings: Settings, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    price = "9" * 78 + "." + "1" * 18
+    expanded = "15" + "0" * 76  # 1.5E+77
+    lines = [
+        # JSON numbers, written into the body verbatim: no float anywhere
+        f'{{"symbol":"WEI","ts":1714564800000,"price":{price},"volume":{UINT256_MAX},'
+        '"source":"chain"}',
+        # decimal strings, one with an exponent within range
+        f'{{"symbol":"WEI","ts":1714564800001,"price":"1.5E+77","volume":"{UINT256_MAX}",'
+        '"source":"chain"}',
+    ]
+    async with TestClient(TestServer(create_app(settings))) as client:
+        response = await client.post(
+            "/ingest/ticks",
+            data="\n".join(lines).encode(),
+            headers={**AUTH, "Content-Type": "application/x-ndjson"},
+        )
+        assert response.status == 200, await response.text()
+        entries = await redis.xrange(settings.stream_name)
+        assert [(f[b"price"].decode(), f[b"volume"].decode()) for _, f in entries] == [
+            (price, UINT256_MAX),
+            (expanded, UINT256_MAX),
+        ]
+        [first, second] = [json.loads(event.data) for event in decode_entries(entries)]  # SSE
+        assert (first["price"], second["price"], second["volume"]) == (
+            price,
+            expanded,
+            UINT256_MAX,
+        )
+        from_hash = await (await client.get("/ticks/WEI/latest", headers=AUTH)).json()
+        assert (from_hash["origin"], from_hash["price"], from_hash["volume"]) == (
+            "stream",
+            expanded,
+            UINT256_MAX,
+        )
+
+        await run_flusher(settings, burst=True)
+        stored = await pg.fetch("SELECT price::text, volume::text FROM md_ticks ORDER BY ts")
+        assert [tuple(row) for row in stored] == [(price, UINT256_MAX), (expanded, UINT256_MAX)]
+        assert await pg.fetchval("SELECT volume FROM md_ticks LIMIT 1") == Decimal(UINT256_MAX)
+
+        history = await (await client.get("/ticks/WEI?limit=10", headers=AUTH)).json()
+        assert [(t["price"], t["volume"]) for t in history["ticks"]] == [
+            (expanded, UINT256_MAX),
+            (price, UINT256_MAX),
+        ]
+        await redis.delete(settings.latest_key)
+        from_store = await (await client.get("/ticks/WEI/latest", headers=AUTH)).json()
+        assert (from_store["origin"], from_store["price"], from_store["volume"]) == (
+            "store",
+            expanded,
+            UINT256_MAX,
+        )
 
 
 @pytest.fixture

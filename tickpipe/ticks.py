@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Mapping
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, InvalidOperation
 from typing import Annotated
 
 import msgspec
@@ -21,12 +21,34 @@ SYMBOL_PATTERN = r"^[A-Za-z0-9._:/-]{1,32}$"
 """The symbol rule as JSON Schema (ECMA) states it, for the OpenAPI document."""
 _SYMBOL_RE = r"^[A-Za-z0-9._:/-]{1,32}\Z"
 # Python's "$" also matches before a trailing newline: "AAPL\n" would pass it.
-MAX_DECIMAL_DIGITS = 38
-"""Significant digits a price or volume may carry."""
+MAX_DECIMAL_INTEGER_DIGITS = 78
+"""Digits before the decimal point a price or volume may carry: 78 hold any uint256,
+so on-chain quantities in base units (wei) fit."""
 MAX_DECIMAL_SCALE = 18
 """Digits after the decimal point a price or volume may carry."""
-MAX_DECIMAL_INTEGER_DIGITS = 20
-"""Digits before the decimal point a price or volume may carry."""
+MAX_DECIMAL_DIGITS = MAX_DECIMAL_INTEGER_DIGITS + MAX_DECIMAL_SCALE
+"""Significant digits a price or volume may carry."""
+MAX_DECIMAL_TEXT = MAX_DECIMAL_DIGITS + 32
+"""Characters a price or volume may take as written (room for a sign, a point, leading
+zeros and an exponent): longer text is refused before it is converted."""
+DECIMAL_RULE = (
+    f"at most {MAX_DECIMAL_INTEGER_DIGITS} digits before and {MAX_DECIMAL_SCALE} after"
+    " the decimal point"
+)
+"""The digit limits in words, for refusals and the OpenAPI document."""
+DECIMAL_TEXT_PATTERN = r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$"
+"""A decimal string as JSON Schema (ECMA) states it, for the OpenAPI document."""
+DECIMAL_OUT_PATTERN = rf"^\d{{1,{MAX_DECIMAL_INTEGER_DIGITS}}}(\.\d{{1,{MAX_DECIMAL_SCALE}}})?$"
+"""A stored price or volume as the read API shows it: plain digits, no sign, no exponent."""
+_DECIMAL_TEXT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+# ASCII digits only: Decimal() alone would also take " 12 ", "1_000" and other scripts' digits.
+_PLAIN_DECIMAL = re.compile(
+    rf"\d{{1,{MAX_DECIMAL_INTEGER_DIGITS}}}(?:\.\d{{1,{MAX_DECIMAL_SCALE}}})?", re.ASCII
+)
+_MAX_JSON_DECIMAL = 6 * MAX_DECIMAL_TEXT + 2
+"""The longest JSON value that may hold MAX_DECIMAL_TEXT characters (each as a \\uXXXX escape)."""
+_EXPAND = Context(prec=MAX_DECIMAL_DIGITS)
+"""Precision enough to expand any exponent within the limits exactly (the default is 28)."""
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _ONE_US = dt.timedelta(microseconds=1)
@@ -43,8 +65,9 @@ class TickIn(msgspec.Struct, forbid_unknown_fields=True):
 
     symbol: Annotated[str, msgspec.Meta(pattern=_SYMBOL_RE)]
     ts: int | str
-    price: Decimal
-    volume: Decimal
+    price: msgspec.Raw
+    """A JSON number or a decimal string, as written: :func:`decimal_from_json` reads it."""
+    volume: msgspec.Raw
     source: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 
 
@@ -81,8 +104,8 @@ def validate(raw: TickIn) -> Tick:
     return Tick(
         symbol=raw.symbol,
         ts_us=parse_ts(raw.ts),
-        price=check_decimal(raw.price, "price", allow_zero=False),
-        volume=check_decimal(raw.volume, "volume", allow_zero=True),
+        price=decimal_from_json(raw.price, "price", allow_zero=False),
+        volume=decimal_from_json(raw.volume, "volume", allow_zero=True),
         source=check_source(raw.source),
     )
 
@@ -126,8 +149,44 @@ def datetime_to_us(value: dt.datetime) -> int:
     return (value - EPOCH) // _ONE_US
 
 
+def decimal_from_json(raw: msgspec.Raw, field: str, *, allow_zero: bool) -> Decimal:
+    """A price or volume as the JSON text has it (a number, or a string holding one).
+
+    The text is bounded before anything converts it, so a million digits or
+    ``1e999999`` costs nothing but a refusal.
+    """
+    if len(raw) > _MAX_JSON_DECIMAL:
+        raise TickError(_too_long(field), field)
+    data = bytes(raw)
+    if data.startswith(b'"'):
+        text = msgspec.json.decode(data, type=str)
+    elif data[:1].isdigit() or data.startswith(b"-"):
+        text = data.decode("ascii")  # a JSON number: ASCII by the grammar
+    else:
+        raise TickError(f"{field} must be a JSON number or a decimal string", field)
+    return parse_decimal(text, field, allow_zero=allow_zero)
+
+
+def parse_decimal(text: str, field: str, *, allow_zero: bool) -> Decimal:
+    """Decimal text (``1.10``, ``-2``, ``1.5E+3``) to an exact, checked Decimal."""
+    if len(text) > MAX_DECIMAL_TEXT:
+        raise TickError(_too_long(field), field)
+    if _DECIMAL_TEXT.fullmatch(text) is None:
+        if text.strip().lstrip("+-").lower() in ("nan", "snan", "inf", "infinity"):
+            raise TickError(f"{field} must be a finite number", field)
+        raise TickError(f"{field} is not a decimal number: {text!r}", field)
+    try:
+        value = Decimal(text)  # at most MAX_DECIMAL_TEXT characters: cheap; nothing expanded
+    except InvalidOperation:  # an exponent too large even for Decimal
+        raise TickError(_out_of_range(field), field) from None
+    return check_decimal(value, field, allow_zero=allow_zero)
+
+
 def check_decimal(value: Decimal, field: str, *, allow_zero: bool) -> Decimal:
-    """Reject NaN, infinities, negative or absurd values; keep the exact digits."""
+    """Reject NaN, infinities, negative or absurd values; keep the exact digits.
+
+    The digits are counted from the exponent before an exponent is expanded.
+    """
     if not value.is_finite():
         raise TickError(f"{field} must be a finite number", field)
     if value < 0 or (value == 0 and not allow_zero):
@@ -141,15 +200,21 @@ def check_decimal(value: Decimal, field: str, *, allow_zero: bool) -> Decimal:
         or integer_digits > MAX_DECIMAL_INTEGER_DIGITS
         or len(digits) > MAX_DECIMAL_DIGITS
     ):
-        raise TickError(
-            f"{field} is out of range: at most {MAX_DECIMAL_INTEGER_DIGITS} digits before and"
-            f" {MAX_DECIMAL_SCALE} after the decimal point",
-            field,
-        )
+        raise TickError(_out_of_range(field), field)
     if exponent > 0:
         # 1E+3 -> 1000, so the stream and Postgres see plain digits.
-        value = value.quantize(Decimal(1))
+        value = value.quantize(Decimal(1), context=_EXPAND)
+    if value == 0:
+        value = value.copy_abs()  # -0 is 0 (and "-0" would not be a stored decimal's text)
     return value
+
+
+def _out_of_range(field: str) -> str:
+    return f"{field} is out of range: {DECIMAL_RULE}"
+
+
+def _too_long(field: str) -> str:
+    return f"{field} is too long: at most {MAX_DECIMAL_TEXT} characters ({DECIMAL_RULE})"
 
 
 def format_ts(ts_us: int) -> str:
@@ -232,21 +297,11 @@ def _entry_values(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> tuple[st
 
 def _stream_decimal(text: str, field: str, *, allow_zero: bool) -> Decimal:
     """A decimal as :func:`to_fields` writes it (plain digits), checked cheaply."""
-    try:
+    if _PLAIN_DECIMAL.fullmatch(text) is not None:
         value = Decimal(text)
-    except (ValueError, InvalidOperation):
-        raise TickError(f"stream entry has a malformed {field}", field) from None
-    integer, _, fraction = text.partition(".")
-    if (
-        not value.is_finite()
-        or not integer.isdigit()
-        or not (fraction.isdigit() or not fraction)
-        or value == 0
-        or len(fraction) > MAX_DECIMAL_SCALE
-        or len(integer) > MAX_DECIMAL_INTEGER_DIGITS
-    ):
-        return check_decimal(value, field, allow_zero=allow_zero)  # the careful path
-    return value
+        if value != 0:
+            return value
+    return parse_decimal(text, field, allow_zero=allow_zero)  # the careful path
 
 
 tick_decoder = msgspec.json.Decoder(TickIn)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -177,6 +178,35 @@ REFUSALS = [
         "huge exponent", "tick", OK, body(price="1e999999"), 422, "invalid_field", None, "price"
     ),
     refusal("tiny exponent", "tick", OK, body(price="1e-30"), 422, "invalid_field", None, "price"),
+    refusal(
+        "huge exponent as a number",
+        "tick",
+        OK,
+        body(price="X").replace(b'"X"', b"1E+999999999"),
+        422,
+        "invalid_field",
+        None,
+        "price",
+    ),
+    refusal(
+        "79-digit volume", "tick", OK, body(volume=10**78), 422, "invalid_field", None, "volume"
+    ),
+    refusal(
+        "79-digit price", "tick", OK, body(price="1" * 79), 422, "invalid_field", None, "price"
+    ),
+    refusal(
+        "19 fraction digits",
+        "tick",
+        OK,
+        body(volume="0." + "1" * 19),
+        422,
+        "invalid_field",
+        None,
+        "volume",
+    ),
+    refusal(
+        "a million digits", "tick", OK, body(price="1" * 10**6), 422, "invalid_field", None, "price"
+    ),
     refusal("zero price", "tick", OK, body(price=0), 422, "invalid_field", None, "price"),
     refusal("negative volume", "tick", OK, body(volume="-1"), 422, "invalid_field", None, "volume"),
     refusal("bool volume", "tick", OK, body(volume=True), 422, "invalid_field", None, "volume"),
@@ -251,6 +281,46 @@ async def test_refusals_append_nothing(
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
     assert await redis.xlen("ticks.received") == 0
     assert await redis.hlen("ticks:latest") == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "detail"),
+    [
+        ("volume", str(10**78).encode(), "volume is out of range: at most 78 digits before and 18"),
+        ("price", b'"' + b"1" * 79 + b'"', "price is out of range: at most 78 digits before"),
+        ("volume", b"0." + b"1" * 19, "volume is out of range: at most 78 digits before and 18"),
+        ("price", b"1e999999", "price is out of range: at most 78 digits before and 18 after"),
+        ("price", b'"1E+999999999"', "price is out of range"),
+        ("price", b"1" * 10**6, "price is too long: at most 128 characters"),
+        ("volume", b'"' + b"1" * 10**6 + b'"', "volume is too long: at most 128 characters"),
+    ],
+)
+async def test_out_of_range_decimals_are_refused_quickly_naming_the_field(
+    client: Client, redis: Redis, field: str, value: bytes, detail: str
+) -> None:
+    data = body(**{field: "X"}).replace(b'"X"', value)
+    started = time.monotonic()
+    response = await client.post("/ingest/tick", data=data, headers=OK)
+    assert time.monotonic() - started < 2  # bounded before conversion: nothing is expanded
+    assert response.status == 422
+    payload = await response.json()
+    assert (payload["error"], payload["field"]) == ("invalid_field", field)
+    assert payload["detail"].startswith(detail)
+    assert await redis.xlen("ticks.received") == 0
+
+
+async def test_the_largest_decimals_are_accepted_digit_for_digit(
+    client: Client, redis: Redis
+) -> None:
+    price = "9" * 78 + "." + "9" * 18
+    data = body(volume="X").replace(b'"X"', str(2**256 - 1).encode())
+    response = await client.post("/ingest/tick", data=data, headers=OK)
+    assert response.status == 200, await response.text()
+    response = await client.post("/ingest/tick", json={**GOOD, "price": price}, headers=AUTH)
+    assert response.status == 200, await response.text()
+    entries = await redis.xrange("ticks.received")
+    assert entries[0][1][b"volume"] == str(2**256 - 1).encode()
+    assert entries[1][1][b"price"] == price.encode()
 
 
 async def test_chunked_body_over_the_limit_is_refused(

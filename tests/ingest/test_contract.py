@@ -18,7 +18,13 @@ from redis.asyncio import Redis
 
 from ingest.app import create_app
 from tickpipe.settings import Settings
-from tickpipe.ticks import EPOCH, Tick, from_fields
+from tickpipe.ticks import (
+    EPOCH,
+    MAX_DECIMAL_INTEGER_DIGITS,
+    MAX_DECIMAL_SCALE,
+    Tick,
+    from_fields,
+)
 
 pytestmark = pytest.mark.services
 
@@ -42,9 +48,9 @@ sources = st.text(
 
 @st.composite
 def decimals(draw: st.DrawFn, *, allow_zero: bool) -> str:
-    """Decimal text within the contract: <= 20 integer and <= 18 fraction digits."""
-    integer = draw(st.integers(0, 10**20 - 1))
-    fraction = draw(st.text(alphabet="0123456789", max_size=18))
+    """Decimal text within the contract: <= 78 integer and <= 18 fraction digits."""
+    integer = draw(st.integers(0, 10**MAX_DECIMAL_INTEGER_DIGITS - 1))
+    fraction = draw(st.text(alphabet="0123456789", max_size=MAX_DECIMAL_SCALE))
     text = f"{integer}.{fraction}" if fraction else str(integer)
     if not allow_zero and Decimal(text) == 0:
         text = "0." + "0" * 17 + "1"

@@ -434,6 +434,35 @@ async def test_covering_returns_one_window_per_width_narrowest_first(
     assert await covering(db, "NOPE", at(1500)) == []
 
 
+async def test_uint256_quantities_roll_up_exactly(
+    db: asyncpg.Connection, ticks: TickStore, rollups: RollupStore
+) -> None:
+    """78-digit prices and volumes (wei) stay exact; their sum may outgrow 78 digits."""
+    uint256_max = 2**256 - 1
+    price = "9" * 78 + "." + "9" * 18
+    await write(
+        ticks,
+        "1-0",
+        tick("WEI", 100, "1" + "0" * 77, str(uint256_max)),
+        tick("WEI", 200, price, str(uint256_max)),
+        tick("WEI", 300, "2" + "0" * 77 + ".000000000000000001", "0.000000000000000001"),
+    )
+    await drain(rollups)
+    assert await stored(db) == await expected(db)
+    [second, _minute] = await covering(db, "WEI", at(150))
+    assert second.to_json() == {
+        "width": "1s",
+        "start": "2023-11-14T22:14:00.000000Z",
+        "end": "2023-11-14T22:14:01.000000Z",
+        "open": "1" + "0" * 77,
+        "high": price,
+        "low": "1" + "0" * 77,
+        "close": "2" + "0" * 77 + ".000000000000000001",
+        "volume": f"{2 * uint256_max}.000000000000000001",  # 79 integer digits
+        "count": 3,
+    }
+
+
 async def test_the_covering_query_uses_the_gist_index(db: asyncpg.Connection) -> None:
     # 40 symbols x 3,600 one-second windows + their minutes: ~150,000 rows.
     await db.execute(

@@ -1,3 +1,4 @@
+import time
 from decimal import Decimal
 
 import msgspec
@@ -71,7 +72,22 @@ def test_bad_timestamps(ts: int | str) -> None:
         ("0", "price"),
         ('"1e-999999"', "price"),
         ('"1e400"', "price"),
-        ("1e25", "price"),
+        ("1e78", "price"),
+        ('"1E+999999999"', "price"),
+        ("1e9999999999999999999999", "price"),
+        ("1" * 79, "price"),
+        ('"' + "1" * 79 + '"', "price"),
+        ("0." + "1" * 19, "price"),
+        ('"1.0000000000000000000"', "price"),  # 19 fraction digits, if zeros
+        ("1e-19", "price"),
+        ("true", "price"),
+        ("null", "price"),
+        ("[1]", "price"),
+        ('" 12 "', "price"),
+        ('"1_000"', "price"),
+        ('"1,5"', "price"),
+        ('"\u0661"', "price"),  # ARABIC-INDIC DIGIT ONE: a digit, but not one of ours
+        ('""', "price"),
     ],
 )
 def test_bad_prices(price: str, field: str) -> None:
@@ -81,10 +97,71 @@ def test_bad_prices(price: str, field: str) -> None:
     assert info.value.field == field
 
 
-def test_exponent_is_expanded_to_plain_digits() -> None:
-    tick = decode(b'{"symbol":"A","ts":1,"price":"1.5E+3","volume":"0","source":"s"}')
-    assert to_fields(tick)["price"] == "1500"
-    assert to_fields(tick)["volume"] == "0"
+@pytest.mark.parametrize(
+    ("wire", "stored"),
+    [
+        ('"1.5E+3"', "1500"),
+        ("1.5e3", "1500"),
+        ("12345678901234567890123456789e+49", "1234567890123456789012345678900000" + "0" * 44),
+        (
+            '"1.23456789012345678901234567890123456789E+77"',
+            "123456789012345678901234567890123456789" + "0" * 39,
+        ),
+        ("1E+77", "1" + "0" * 77),
+        ('"1e-18"', "0.000000000000000001"),
+        ("0.5e-17", "0.000000000000000005"),
+        ('"0e5"', "0"),
+        ('"-0.00"', "0.00"),
+        ('"+7"', "7"),
+        ('".5"', "0.5"),
+        ('"\u0031\u0032"', "12"),
+    ],
+)
+def test_exponents_within_range_are_expanded_exactly(wire: str, stored: str) -> None:
+    tick = decode(f'{{"symbol":"A","ts":1,"price":1,"volume":{wire},"source":"s"}}'.encode())
+    assert to_fields(tick)["volume"] == stored
+    assert tick.volume == Decimal(stored)
+
+
+UINT256_MAX = str(2**256 - 1)  # 78 digits
+
+
+@pytest.mark.parametrize("as_number", [True, False])
+def test_78_integer_and_18_fraction_digits_are_exact(as_number: bool) -> None:
+    price = "9" * 78 + "." + "1" * 18
+    quote = "" if as_number else '"'
+    tick = decode(
+        f'{{"symbol":"ETH","ts":1,"price":{quote}{price}{quote},'
+        f'"volume":{quote}{UINT256_MAX}{quote},"source":"s"}}'.encode()
+    )
+    assert to_fields(tick)["price"] == price
+    assert to_fields(tick)["volume"] == UINT256_MAX
+    encoded = {k.encode(): v.encode() for k, v in to_fields(tick).items()}
+    assert from_fields(encoded) == tick
+    assert str(from_fields(encoded).volume) == UINT256_MAX
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (
+            "1" * 79,
+            "price is out of range: at most 78 digits before and 18 after the decimal point",
+        ),
+        ("1e999999", "price is out of range: at most 78 digits before and 18 after"),
+        ('"' + "1" * 1_000_000 + '"', "price is too long: at most 128 characters"),
+        ("1" * 1_000_000, "price is too long: at most 128 characters"),
+        ("0." + "0" * 1_000_000 + "1", "price is too long: at most 128 characters"),
+    ],
+)
+def test_refusals_say_what_the_limit_is_and_are_quick(value: str, expected: str) -> None:
+    body = f'{{"symbol":"A","ts":1,"price":{value},"volume":1,"source":"s"}}'.encode()
+    started = time.perf_counter()
+    with pytest.raises(TickError) as info:
+        decode(body)
+    assert time.perf_counter() - started < 0.5
+    assert info.value.detail.startswith(expected)
+    assert info.value.field == "price"
 
 
 @pytest.mark.parametrize(
@@ -98,7 +175,6 @@ def test_exponent_is_expanded_to_plain_digits() -> None:
         b'{"symbol":"A","ts":1,"price":1,"volume":1,"source":"' + b"s" * 65 + b'"}',
         b'{"symbol":"A","ts":1,"price":1,"volume":1,"source":"s","extra":1}',
         b'{"symbol":"A","ts":1.5,"price":1,"volume":1,"source":"s"}',
-        b'{"symbol":"A","ts":1,"price":true,"volume":1,"source":"s"}',
         b'{"symbol":"A","ts":1,"price":1,"source":"s"}',
     ],
 )
@@ -128,6 +204,18 @@ def test_stream_entry_round_trip() -> None:
         {b"symbol": b"A", b"ts": b"x", b"price": b"1", b"volume": b"1", b"source": b"s"},
         {b"symbol": b"A", b"ts": b"1", b"price": b"NaN", b"volume": b"1", b"source": b"s"},
         {b"symbol": b"A", b"ts": b"1", b"price": b"1", b"volume": b"1", b"source": b"s", b"x": b""},
+        {b"symbol": b"A", b"ts": b"1", b"price": b"1" * 79, b"volume": b"1", b"source": b"s"},
+        {b"symbol": b"A", b"ts": b"1", b"price": b"1" * 10**6, b"volume": b"1", b"source": b"s"},
+        {b"symbol": b"A", b"ts": b"1", b"price": b"1e999999", b"volume": b"1", b"source": b"s"},
+        {
+            b"symbol": b"A",
+            b"ts": b"1",
+            b"price": "\u0661".encode(),
+            b"volume": b"1",
+            b"source": b"s",
+        },
+        {b"symbol": b"A", b"ts": b"1", b"price": b"1", b"volume": b"-1", b"source": b"s"},
+        {b"symbol": b"A", b"ts": b"1", b"price": b"\xff", b"volume": b"1", b"source": b"s"},
     ],
 )
 def test_undecodable_entries(fields: dict[bytes, bytes]) -> None:
