@@ -91,7 +91,46 @@ async def run_flusher(settings: Settings, *, burst: bool = False) -> Flusher | N
         flusher.dead_lettered,
         flusher.lost,
     )
+    if burst:
+        problems = burst_problems(flusher)
+        for problem in problems:
+            log.error("burst: %s", problem)
+        if not problems:
+            log.info(
+                "burst: %s; nothing dead-lettered, nothing left pending",
+                "stopped" if flusher.stopping else "stream drained",
+            )
     return flusher
+
+
+def burst_problems(flusher: Flusher) -> list[str]:
+    """What a ``--burst`` run leaves to an operator; empty when it drained the stream cleanly.
+
+    Dead letters need a decision (``tickpipe dlq``); entries left pending (rows
+    Postgres rejected fewer than FLUSH_MAX_DELIVERIES times, a shard that failed)
+    are not in Postgres yet.
+    """
+    problems = [
+        f"{_entries(count)} dead-lettered to {dead_stream}; see `tickpipe dlq list`"
+        for dead_stream, count in sorted(flusher.dead_lettered_to.items())
+        if count
+    ]
+    consumer = flusher.streams.consumer
+    if flusher.left_pending is None:
+        problems.append(
+            f"could not count the entries left pending by {consumer}; see `tickpipe audit`"
+        )
+    elif flusher.left_pending:
+        problems.append(
+            f"{_entries(flusher.left_pending)} left pending by {consumer}, not in Postgres yet:"
+            " retried by the next run (or after FLUSH_CLAIM_IDLE_S by a running flusher),"
+            " dead-lettered after FLUSH_MAX_DELIVERIES; see `tickpipe audit`"
+        )
+    return problems
+
+
+def _entries(count: int) -> str:
+    return f"{count} entry" if count == 1 else f"{count} entries"
 
 
 async def _open_redis(settings: Settings, consumer: str) -> redis_conn.RedisClient | None:

@@ -248,6 +248,15 @@ class TickStream:
         return counts
 
     @_transient
+    async def own_pending(self) -> int:
+        """How many entries wait in this consumer's pending list."""
+        summary: Any = await self.redis.xpending(self.stream, self.group)
+        for consumer in summary.get("consumers") or []:
+            if text(consumer["name"]) == self.consumer:
+                return int(consumer["pending"])
+        return 0
+
+    @_transient
     async def dead_letter(self, letters: Sequence[DeadLetter]) -> int:
         """Move entries to the dead-letter stream and acknowledge them, each atomically.
 

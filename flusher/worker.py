@@ -27,9 +27,9 @@ import contextlib
 import functools
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from flusher import metrics
 from flusher.db import Row, TickStore, last_per_key
@@ -80,8 +80,12 @@ class Flusher:
         self.rows_written = 0
         self.entries_acked = 0
         self.dead_lettered = 0
+        self.dead_lettered_to: Counter[str] = Counter()
+        """Entries moved by this process, per dead-letter stream."""
         self.reclaimed = 0
         self.lost = 0
+        self.left_pending: int | None = 0
+        """After a burst: this consumer's entries still pending (None: a shard could not say)."""
 
     def stop(self) -> None:
         """Ask the loops to finish their in-flight batch and return. Idempotent."""
@@ -123,6 +127,7 @@ class Flusher:
             with contextlib.suppress(Stopping):
                 await self._reclaim_pass()
             await self._main_loop()
+            self.left_pending = await self._count_own_pending()
             return
         helpers = [
             asyncio.create_task(self._reclaim_loop(), name="reclaim"),
@@ -148,7 +153,7 @@ class Flusher:
                         if not self.burst:
                             continue
                         if not self._shards_owe_work():
-                            log.info("burst: stream drained, exiting")
+                            log.info("burst: nothing more to read, exiting")
                             return
                         # A shard still fails: wait for its turn rather than spin.
                         await self._sleep_unless_stopped(self._health.seconds_to_next())
@@ -381,7 +386,7 @@ class Flusher:
     async def _commit_then_ack(self, batch: Sequence[Entry]) -> None:
         started = time.perf_counter()
         decoded: list[tuple[Entry, Tick]] = []
-        poison: list[tuple[Entry, str]] = []
+        undecodable: list[tuple[Entry, str]] = []
         gone: list[Entry] = []
         for entry in batch:
             if entry.fields is None:
@@ -390,11 +395,10 @@ class Flusher:
             try:
                 decoded.append((entry, from_fields(entry.fields)))
             except TickError as exc:
-                poison.append((entry, f"undecodable: {exc}"))
+                undecodable.append((entry, f"undecodable: {exc}"))
         await self.faults.hit("after_read")
 
         written, rejected = await self._write(decoded)
-        poison.extend(rejected)
         await self.faults.hit("after_commit")
 
         counted: list[Entry] = []
@@ -429,8 +433,8 @@ class Flusher:
             len(acked),
             (time.perf_counter() - started) * 1000,
         )
-        if poison:
-            await self._handle_poison(poison)
+        if undecodable or rejected:
+            await self._handle_poison(undecodable, rejected)
 
     async def _write(
         self, decoded: Sequence[tuple[Entry, Tick]]
@@ -472,29 +476,34 @@ class Flusher:
             )
         return []
 
-    async def _handle_poison(self, poison: Sequence[tuple[Entry, str]]) -> None:
-        """Dead-letter entries that failed FLUSH_MAX_DELIVERIES times; leave the others pending.
+    async def _handle_poison(
+        self, undecodable: Sequence[tuple[Entry, str]], rejected: Sequence[tuple[Entry, str]]
+    ) -> None:
+        """Dead-letter undecodable entries at once, rejected rows after FLUSH_MAX_DELIVERIES.
 
+        A decode error is permanent: the same fields fail the same way on every
+        delivery. A row Postgres rejects may be taken later (a constraint fixed),
+        so it stays pending and is retried until its deliveries reach the limit.
         On a shard that fails, its entries stay pending and come back by reclaim.
         """
-        by_shard: dict[int, list[tuple[Entry, str]]] = defaultdict(list)
-        for entry, reason in poison:
-            by_shard[entry.shard].append((entry, reason))
+        by_shard: dict[int, list[_Poison]] = defaultdict(list)
+        for entry, reason in undecodable:
+            by_shard[entry.shard].append(_Poison(entry, reason, permanent=True))
+        for entry, reason in rejected:
+            by_shard[entry.shard].append(_Poison(entry, reason, permanent=False))
         for shard, shard_poison in by_shard.items():
             try:
                 await self._handle_shard_poison(self.streams.shards_by_index[shard], shard_poison)
             except TransientError as exc:
                 self._health.failed(shard, "dead-letter entries", exc)
 
-    async def _handle_shard_poison(
-        self, stream: TickStream, poison: Sequence[tuple[Entry, str]]
-    ) -> None:
-        deliveries = await stream.deliveries([entry.id for entry, _ in poison])
+    async def _handle_shard_poison(self, stream: TickStream, poison: Sequence[_Poison]) -> None:
+        deliveries = await stream.deliveries([p.entry.id for p in poison])
         limit = self.settings.flush_max_deliveries
         letters = []
-        for entry, reason in poison:
+        for entry, reason, permanent in poison:
             count = deliveries.get(entry.id, limit)
-            if count >= limit:
+            if permanent or count >= limit:
                 letters.append(DeadLetter(entry, reason, count))
             else:
                 log.warning(
@@ -509,15 +518,27 @@ class Flusher:
             moved = await stream.dead_letter(letters)
             for letter in letters:
                 log.error(
-                    "dead-lettered entry %s to %s after %d deliveries: %s",
+                    "dead-lettered entry %s to %s at delivery %d: %s",
                     letter.entry.id,
                     stream.dead_stream,
                     letter.deliveries,
                     letter.reason,
                 )
             self.dead_lettered += moved
+            self.dead_lettered_to[stream.dead_stream] += moved
             self.entries_acked += moved
             metrics.DEAD_LETTERED.inc(moved)
+
+    async def _count_own_pending(self) -> int | None:
+        """This consumer's pending entries on every shard; None if a shard cannot say."""
+        total = 0
+        for stream in self.streams.shards:
+            try:
+                total += await stream.own_pending()
+            except TransientError as exc:
+                log.warning("cannot count the entries pending on %s: %s", stream.stream, exc)
+                return None
+        return total
 
     async def _count_lost(self, stream: TickStream, ids: Sequence[str], why: str) -> None:
         total = await self._retry("count lost entries", functools.partial(stream.count_lost, ids))
@@ -621,6 +642,14 @@ class Flusher:
 
 
 _GONE = "deleted from the stream while pending"
+
+
+class _Poison(NamedTuple):
+    """An entry that failed, why, and whether retrying it is pointless (undecodable)."""
+
+    entry: Entry
+    reason: str
+    permanent: bool
 
 
 def _by_shard(entries: Sequence[Entry]) -> dict[int, list[Entry]]:

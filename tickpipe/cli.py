@@ -186,7 +186,11 @@ def flusher() -> None:
 
 @flusher.command("run")
 @click.option("--consumer", default=None, help="Stable consumer name [env FLUSHER_CONSUMER].")
-@click.option("--burst", is_flag=True, help="Drain the stream, then exit.")
+@click.option(
+    "--burst",
+    is_flag=True,
+    help="Drain the stream, then exit: 1 if entries were dead-lettered or left pending.",
+)
 @click.option(
     "--metrics-port",
     type=click.IntRange(1, 65535),
@@ -197,8 +201,11 @@ def flusher() -> None:
     "--check", is_flag=True, help="Check Redis, the group and Postgres, then exit (0 = ready)."
 )
 def flusher_run(consumer: str | None, burst: bool, metrics_port: int | None, check: bool) -> None:
-    """Run one flusher until SIGTERM/SIGINT."""
-    from flusher.run import FlusherError, run_flusher
+    """Run one flusher until SIGTERM/SIGINT.
+
+    With --burst, exit 1 when the run dead-lettered entries or left some pending.
+    """
+    from flusher.run import FlusherError, burst_problems, run_flusher
     from flusher.run import check as check_ready
 
     settings = load_settings(flusher_consumer=consumer, flusher_metrics_port=metrics_port)
@@ -208,9 +215,11 @@ def flusher_run(consumer: str | None, burst: bool, metrics_port: int | None, che
             click.echo(f"not ready: {problem}", err=True)
         sys.exit(2 if problems else 0)
     try:
-        loop.run(run_flusher(settings, burst=burst))
+        flusher = loop.run(run_flusher(settings, burst=burst))
     except FlusherError as exc:
         raise click.ClickException(str(exc)) from None
+    if burst and flusher is not None and burst_problems(flusher):
+        sys.exit(1)  # the reasons are logged
 
 
 def _moment(

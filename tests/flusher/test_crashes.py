@@ -280,7 +280,7 @@ async def test_poison_entries_go_to_the_dead_letter_stream(
         }
         garbage = letters.pop(garbage_id)
         assert garbage[b"reason"].startswith(b"undecodable")
-        assert garbage[b"deliveries"] == b"2"
+        assert garbage[b"deliveries"] == b"1"  # a decode error is permanent: no retry
         assert garbage[b"field:ts"] == b"not-a-number"
         [(too_high_id, too_high)] = letters.items()
         assert b"CheckViolation" in too_high[b"reason"]
@@ -293,6 +293,71 @@ async def test_poison_entries_go_to_the_dead_letter_stream(
         del too_high_id
     finally:
         await pg.execute("ALTER TABLE md_ticks DROP CONSTRAINT test_price_cap")
+
+
+async def test_burst_exits_1_naming_the_entries_it_dead_lettered(
+    flushers: Flushers, redis: Redis, pg: asyncpg.Connection, settings: Settings
+) -> None:
+    good = make_ticks(120)
+    await append(redis, settings, good[:60])
+    await redis.xadd(STREAM, {"symbol": "x"})  # not written by ingest: fields missing
+    await redis.xadd(
+        STREAM, {"symbol": "S1", "ts": "1", "price": b"\xff", "volume": "1", "source": "s"}
+    )
+    await append(redis, settings, good[60:])
+    proc = flushers.start("burst", "--burst")  # FLUSH_MAX_DELIVERIES 5, claim idle 60 s
+    assert await wait_exit(proc) == 1
+    log = stderr_of(proc)
+    assert "burst: 2 entries dead-lettered to ticks.dead; see `tickpipe dlq list`" in log
+    assert "stream drained" not in log
+    assert "Traceback" not in log
+    assert await rows(pg) == expected(good)  # the good rows, in the same run
+    assert await pending(redis) == 0
+    assert await redis.xlen("ticks.dead") == 2
+    assert stopped_line(proc)["dead"] == 2
+
+    await append(redis, settings, make_ticks(10, start=1_800_000_000_000_000))
+    clean = flushers.start("burst", "--burst")
+    assert await wait_exit(clean) == 0
+    assert "burst: stream drained; nothing dead-lettered, nothing left pending" in stderr_of(clean)
+
+
+async def test_burst_exits_1_naming_the_entries_it_left_pending(
+    flushers: Flushers, redis: Redis, pg: asyncpg.Connection, settings: Settings
+) -> None:
+    await pg.execute("ALTER TABLE md_ticks ADD CONSTRAINT test_price_cap CHECK (price < 100000)")
+    try:
+        good = make_ticks(50)
+        bad = Tick("S1", 1_800_000_000_000_000, Decimal("250000.5"), Decimal(1), "too-high")
+        await append(redis, settings, [*good[:25], bad, *good[25:]])
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "flusher", "--consumer", "keeper", "--burst"],
+            env=flushers.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        await pg.execute("ALTER TABLE md_ticks DROP CONSTRAINT test_price_cap")
+    assert result.returncode == 1, result.stderr
+    assert "burst: 1 entry left pending by keeper, not in Postgres yet" in result.stderr
+    assert "dead-lettered to" not in result.stderr
+    assert await rows(pg) == expected(good)
+    assert await pending(redis) == 1  # a rejected row keeps its FLUSH_MAX_DELIVERIES retries
+    assert await redis.xlen("ticks.dead") == 0
+
+    again = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "flusher", "--consumer", "keeper", "--burst"],
+        env=flushers.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 0, again.stderr  # the constraint is fixed: written at last
+    assert await rows(pg) == expected([*good, bad])
+    assert await pending(redis) == 0
 
 
 # -- outages -------------------------------------------------------------------------------

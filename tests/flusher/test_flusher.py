@@ -235,14 +235,82 @@ async def test_entry_that_is_not_utf8_is_dead_lettered_with_its_bytes(
         {"symbol": "U", "ts": "2", "price": "1", "volume": "1", "source": b"\xff\xfe"},
     )
     await writer.append([tick("U", 3, "1")])
-    flusher = await make_flusher(redis, store, settings.replace(flush_max_deliveries=1))
+    flusher = await make_flusher(redis, store, settings)
     await flusher.run()
     assert len(await rows(pg)) == 2
     [(_, letter)] = await redis.xrange("ticks.dead")
     assert letter[b"original_id"] == bad_id
     assert letter[b"field:source"] == b"\xff\xfe"
     assert b"UTF-8" in letter[b"reason"]
+    assert letter[b"deliveries"] == b"1"
     assert (await redis.xpending("ticks.received", "flushers"))["pending"] == 0
+
+
+@pytest.mark.services
+async def test_undecodable_entries_are_dead_lettered_on_their_first_delivery(
+    redis: Redis, store: TickStore, settings: Settings, pg: asyncpg.Connection
+) -> None:
+    """A decode error is permanent: no FLUSH_MAX_DELIVERIES retries, FLUSH_CLAIM_IDLE_S apart."""
+    assert settings.flush_max_deliveries == 5
+    writer = TickWriter(redis, settings.stream_name, settings.latest_key)
+    good = [tick("G", i, f"{i}.5") for i in range(1, 7)]
+    await writer.append(good[:2])
+    bad = {
+        # written by something other than ingest
+        await redis.xadd("ticks.received", {"symbol": "x"}): b"lacks field 'ts'",
+        await redis.xadd(
+            "ticks.received",
+            {"symbol": "G", "ts": "9", "price": "lots", "volume": "1", "source": "s"},
+        ): b"price is not a decimal number",
+    }
+    await writer.append(good[2:4])
+    bad[
+        await redis.xadd(
+            "ticks.received",
+            {"symbol": "G", "ts": "10", "price": "1" * 79, "volume": "1", "source": "s"},
+        )
+    ] = b"price is out of range"
+    await writer.append(good[4:])
+    flusher = await make_flusher(redis, store, settings)
+    await flusher.run()  # one run: one delivery of each entry
+    assert await rows(pg) == [(t.symbol, t.price, t.volume, t.source) for t in good]
+    letters = {fields[b"original_id"]: fields for _, fields in await redis.xrange("ticks.dead")}
+    assert letters.keys() == bad.keys()
+    for entry_id, reason in bad.items():
+        assert letters[entry_id][b"reason"].startswith(b"undecodable: ")
+        assert reason in letters[entry_id][b"reason"]
+        assert letters[entry_id][b"deliveries"] == b"1"
+    assert letters[next(iter(bad))][b"field:symbol"] == b"x"
+    assert (await redis.xpending("ticks.received", "flushers"))["pending"] == 0
+    assert (flusher.dead_lettered, flusher.dead_lettered_to, flusher.left_pending) == (
+        3,
+        {"ticks.dead": 3},
+        0,
+    )
+    assert flusher.entries_acked == 9
+
+
+@pytest.mark.services
+async def test_a_row_postgres_rejects_is_retried_before_it_is_dead_lettered(
+    redis: Redis, store: TickStore, settings: Settings, pg: asyncpg.Connection
+) -> None:
+    """Unlike a decode error, a rejection may go away (a constraint fixed): it stays pending."""
+    await pg.execute("ALTER TABLE md_ticks ADD CONSTRAINT test_cap CHECK (price < 100)")
+    try:
+        writer = TickWriter(redis, settings.stream_name, settings.latest_key)
+        await writer.append([tick("R", 1, "1"), tick("R", 2, "150"), tick("R", 3, "3")])
+        flusher = await make_flusher(redis, store, settings)
+        await flusher.run()
+        assert [r[1] for r in await rows(pg)] == [Decimal(1), Decimal(3)]  # bisected
+        assert await redis.xlen("ticks.dead") == 0
+        assert (await redis.xpending("ticks.received", "flushers"))["pending"] == 1
+        assert (flusher.dead_lettered, flusher.left_pending) == (0, 1)
+    finally:
+        await pg.execute("ALTER TABLE md_ticks DROP CONSTRAINT test_cap")
+    again = await make_flusher(redis, store, settings)  # the same consumer: reads it again
+    await again.run()
+    assert [r[1] for r in await rows(pg)] == [Decimal(1), Decimal(150), Decimal(3)]
+    assert (again.dead_lettered, again.left_pending) == (0, 0)
 
 
 @pytest.mark.services
