@@ -51,3 +51,13 @@ LOST = Counter("tickpipe_flusher_lost", "Entries found deleted while pending (ne
 TRIMMED = Counter("tickpipe_flusher_trimmed", "Acknowledged entries trimmed from the stream.")
 PENDING = Gauge("tickpipe_flusher_pending", "Entries delivered and not yet acknowledged (group).")
 LAG = Gauge("tickpipe_flusher_lag", "Entries not yet delivered to any consumer (group).")
+TRIMMED_UNDER_PRESSURE = Counter(
+    "tickpipe_flusher_trimmed_under_pressure",
+    "Acknowledged entries trimmed because Redis memory was over STREAM_RETENTION_PRESSURE_PCT"
+    " of maxmemory (also counted in tickpipe_flusher_trimmed).",
+)
+MEMORY_PRESSURE = Gauge(
+    "tickpipe_flusher_memory_pressure",
+    "1 during a memory-pressure episode: Redis memory was over STREAM_RETENTION_PRESSURE_PCT"
+    " of maxmemory within the last minute; else 0.",
+)

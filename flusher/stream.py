@@ -106,36 +106,140 @@ class GroupStats:
     lag: int | None
 
 
-# MINID for XTRIM: the oldest id any group still needs, never newer than the
-# retention floor (ARGV[1]). Computed and applied in one atomic step, so no
-# entry can become pending between the measure and the trim.
-# Returns {entries trimmed, minid used} or {0, ""} when nothing may be trimmed.
+TRIM_EXACT_MAX = 5000
+"""Entries from the safe point on that a trim counts one by one (each costs Redis ~2 µs).
+
+Past it (a backlog) the entries bound is estimated from the group's lag instead.
+"""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Trimmed:
+    """What one trim of a shard's stream did, and what it saw of Redis's memory."""
+
+    by_age: int
+    """Acknowledged entries older than the retention floor (STREAM_RETENTION_S)."""
+    by_count: int
+    """Acknowledged entries beyond the entries bound (STREAM_RETENTION_MAX_ENTRIES)."""
+    under_pressure: int
+    """Acknowledged entries trimmed because Redis memory was over the pressure threshold."""
+    safe_id: str
+    """Every entry older than this is acknowledged by every group; '' when there is no group."""
+    count_bound: str
+    """How the entries bound was applied: ``exact`` (counted), ``estimate`` (a backlog too
+    long to count: from the group's lag), ``within`` (not reached), ``unknown`` (a backlog
+    and no lag from Redis: not applied this time), ``off``, or ``pressure``."""
+    pressure: bool
+    """Redis's used_memory was at or over the pressure threshold of its maxmemory."""
+    used_memory: int
+    maxmemory: int
+    """0: Redis has no memory limit."""
+
+    @property
+    def total(self) -> int:
+        return self.by_age + self.by_count + self.under_pressure
+
+
+# Trim acknowledged history in one atomic step, never an unacknowledged entry.
+# The safe point: the oldest pending entry of any group, or the entry after the
+# last one a group was delivered (every entry older than it is acknowledged by
+# every group). Below it, and only below it, the script trims:
+# - under memory pressure (INFO memory: used_memory at or over ARGV[4] percent
+#   of a non-zero maxmemory), everything;
+# - otherwise what is older than the retention floor ARGV[1], then the oldest
+#   entries until at most ARGV[2] acknowledged ones remain (-1: no bound). Those
+#   are counted exactly when at most ARGV[3] entries lie from the safe point on
+#   (XTRIM MAXLEN keeps them all and ARGV[2] more); past that, a backlog, the
+#   acknowledged ones are estimated from the group's lag and the cut is placed
+#   by time (XTRIM MINID, still capped at the safe point).
+# ARGV[5] '1': only look at memory, and trim only under pressure.
+# Returns {by age, by count, under pressure, safe point, how the entries bound
+# was applied, pressure 0/1, used_memory, maxmemory}.
 # allow-oom: trimming frees memory, so it must run precisely when memory is full.
 TRIM_LUA = """#!lua flags=allow-oom
-local stream, floor = KEYS[1], ARGV[1]
-local function parse(id)
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  return tonumber(ms), tonumber(seq)
+local stream = KEYS[1]
+local floor, max_entries, exact_max = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local pressure_pct, pressure_only = tonumber(ARGV[4]), ARGV[5] == '1'
+local function split(id)
+  return string.match(id, '^(%d+)-(%d+)$')
+end
+-- Ids compare as digit strings (length, then digits): exact beyond 2^53.
+local function below(a, b)
+  if #a ~= #b then return #a < #b end
+  return a < b
 end
 local function older(a, b)
-  local ams, aseq = parse(a)
-  local bms, bseq = parse(b)
-  return ams < bms or (ams == bms and aseq < bseq)
+  local ams, aseq = split(a)
+  local bms, bseq = split(b)
+  if ams ~= bms then return below(ams, bms) end
+  return below(aseq, bseq)
 end
-if redis.call('EXISTS', stream) == 0 then return {0, ''} end
+local function plus_one(digits)
+  local i = #digits
+  while i > 0 and string.byte(digits, i) == 57 do i = i - 1 end
+  if i == 0 then return '1' .. string.rep('0', #digits) end
+  return string.sub(digits, 1, i - 1) .. string.char(string.byte(digits, i) + 1)
+    .. string.rep('0', #digits - i)
+end
+local LAST = '18446744073709551615'
+-- The smallest id after this one: MINID to it trims the id itself.
+local function after(id)
+  local ms, seq = split(id)
+  if seq ~= LAST then return ms .. '-' .. plus_one(seq) end
+  if ms ~= LAST then return plus_one(ms) .. '-0' end
+  return id
+end
+local used, limit, pressure = 0, 0, false
+if pressure_pct > 0 then
+  local info = redis.call('INFO', 'memory')
+  used = tonumber(string.match(info, '\\nused_memory:(%d+)')) or 0
+  limit = tonumber(string.match(info, '\\nmaxmemory:(%d+)')) or 0
+  pressure = limit > 0 and used * 100 >= limit * pressure_pct
+end
+local function result(by_age, by_count, by_pressure, safe, bound)
+  return {by_age, by_count, by_pressure, safe, bound, pressure and 1 or 0, used, limit}
+end
+if pressure_only and not pressure then return result(0, 0, 0, '', 'off') end
+if redis.call('EXISTS', stream) == 0 then return result(0, 0, 0, '', 'off') end
 local groups = redis.call('XINFO', 'GROUPS', stream)
-if #groups == 0 then return {0, ''} end
-local minid = floor
+if #groups == 0 then return result(0, 0, 0, '', 'off') end
+local safe, lag, window
 for _, group in ipairs(groups) do
   local info = {}
   for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
-  if older(info['last-delivered-id'], minid) then minid = info['last-delivered-id'] end
+  local bound, held = after(info['last-delivered-id']), 0
   if info['pending'] > 0 then
     local summary = redis.call('XPENDING', stream, info['name'])
-    if older(summary[2], minid) then minid = summary[2] end
+    if older(summary[2], bound) then bound, held = summary[2], info['pending'] end
+  end
+  if safe == nil or older(bound, safe) then safe, lag, window = bound, info['lag'], held end
+end
+if pressure then
+  return result(0, 0, redis.call('XTRIM', stream, 'MINID', safe), safe, 'pressure')
+end
+local minid = floor
+if older(safe, minid) then minid = safe end
+local by_age = redis.call('XTRIM', stream, 'MINID', minid)
+if max_entries < 0 then return result(by_age, 0, 0, safe, 'off') end
+local length = redis.call('XLEN', stream)
+if length <= max_entries then return result(by_age, 0, 0, safe, 'within') end
+if type(lag) ~= 'number' or lag <= exact_max then
+  local from_safe = #redis.call('XRANGE', stream, safe, '+', 'COUNT', exact_max + 1)
+  if from_safe <= exact_max then
+    local keep, by_count = from_safe + max_entries, 0
+    if length > keep then by_count = redis.call('XTRIM', stream, 'MAXLEN', keep) end
+    return result(by_age, by_count, 0, safe, 'exact')
   end
 end
-return {redis.call('XTRIM', stream, 'MINID', minid), minid}
+if type(lag) ~= 'number' then return result(by_age, 0, 0, safe, 'unknown') end
+local acked = length - lag - window
+if acked <= max_entries then return result(by_age, 0, 0, safe, 'estimate') end
+local first_ms = tonumber((split(redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1][1])))
+local safe_ms = tonumber((split(safe)))
+local cut_ms = first_ms + math.floor((safe_ms - first_ms) * (acked - max_entries) / acked)
+local cut = string.format('%.0f', math.max(0, cut_ms)) .. '-0'
+if older(safe, cut) then cut = safe end
+return result(by_age, redis.call('XTRIM', stream, 'MINID', cut), 0, safe, 'estimate')
 """
 
 # Delete a consumer only if it still has nothing pending: XGROUP DELCONSUMER
@@ -288,10 +392,44 @@ class TickStream:
         return int(total)
 
     @_transient
-    async def trim(self, retention_floor_id: str) -> tuple[int, str]:
-        """XTRIM MINID to the oldest id still needed; returns (entries trimmed, minid)."""
-        trimmed, minid = await self._trim(keys=[self.stream], args=[retention_floor_id])
-        return int(trimmed), text(minid)
+    async def trim(
+        self,
+        retention_floor_id: str,
+        max_entries: int | None = None,
+        *,
+        pressure_pct: float = 0.0,
+        pressure_only: bool = False,
+        exact_max: int = TRIM_EXACT_MAX,
+    ) -> Trimmed:
+        """Trim acknowledged history, atomically, never an unacknowledged entry.
+
+        Keeps what is newer than ``retention_floor_id`` (an id) but at most
+        ``max_entries`` acknowledged entries (None: no bound); all of it goes when
+        Redis's used_memory is at or over ``pressure_pct`` percent of its
+        maxmemory (0: never). With ``pressure_only`` nothing is trimmed unless
+        under pressure.
+        """
+        reply: Any = await self._trim(
+            keys=[self.stream],
+            args=[
+                retention_floor_id,
+                -1 if max_entries is None else max_entries,
+                exact_max,
+                repr(float(pressure_pct)),
+                int(pressure_only),
+            ],
+        )
+        by_age, by_count, by_pressure, safe, bound, pressure, used, limit = reply
+        return Trimmed(
+            by_age=int(by_age),
+            by_count=int(by_count),
+            under_pressure=int(by_pressure),
+            safe_id=text(safe),
+            count_bound=text(bound),
+            pressure=bool(int(pressure)),
+            used_memory=int(used),
+            maxmemory=int(limit),
+        )
 
     @_transient
     async def delete_idle_consumers(self, idle_ms: int) -> list[str]:

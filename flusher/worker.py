@@ -8,9 +8,10 @@ Its one invariant: an entry is acknowledged only after the transaction holding
 its row has committed. A crash anywhere leaves the entry pending, to be read
 again by this consumer on restart or reclaimed by another.
 
-Besides the main loop, two upkeep loops run: reclaim (XAUTOCLAIM entries other
-consumers left idle) and upkeep (trim the stream, delete idle consumers,
-publish pending and lag).
+Besides the main loop, three upkeep loops run: reclaim (XAUTOCLAIM entries other
+consumers left idle), upkeep (trim the stream, delete idle consumers, publish
+pending and lag) and the memory check (trim all acknowledged history while
+Redis memory is short; flusher/retention.py).
 
 A shard that fails (its master down, its key unusable) is set aside with a
 backoff of its own (:class:`~flusher.shard_health.ShardHealth`) while the
@@ -35,6 +36,7 @@ from flusher import metrics
 from flusher.db import Row, TickStore, last_per_key
 from flusher.errors import RowsRejected, TransientError
 from flusher.faults import Faults
+from flusher.retention import Retention
 from flusher.shard_health import ShardHealth
 from flusher.stream import DeadLetter, Entry, GroupStats, ShardedStream, TickStream
 from tickpipe.backoff import Backoff
@@ -73,6 +75,7 @@ class Flusher:
         self._in_flight: set[tuple[int, str]] = set()
         """(shard, id) being written by this process: the reclaim loop must not take them too."""
         self._health = ShardHealth({stream.shard: stream.stream for stream in streams.shards})
+        self._retention = Retention(settings)
         self._drain_due: set[int] = {stream.shard for stream in streams.shards}
         """Shards whose own pending entries must be read (from 0) before anything else of theirs."""
         self._unacked: dict[int, list[Entry]] = {}
@@ -133,6 +136,11 @@ class Flusher:
             asyncio.create_task(self._reclaim_loop(), name="reclaim"),
             asyncio.create_task(self._upkeep_loop(), name="upkeep"),
         ]
+        if self._retention.watches_memory:
+            memory = self._retention.watch_memory(
+                self.streams.shards, self._health.ready, self._sleep_unless_stopped
+            )
+            helpers.append(asyncio.create_task(memory, name="memory"))
         try:
             await self._main_loop()
         finally:
@@ -344,23 +352,7 @@ class Flusher:
         metrics.LAG.set(lag)
 
     async def _upkeep_shard(self, stream: TickStream) -> GroupStats:
-        retention_ms = int(self.settings.stream_retention_s * 1000)
-        floor = f"{max(0, int(time.time() * 1000) - retention_ms)}-0"
-        trimmed, minid = await stream.trim(floor)
-        if trimmed:
-            log.info(
-                "trimmed %d acknowledged entries of %s older than %s", trimmed, stream.stream, minid
-            )
-            metrics.TRIMMED.inc(trimmed)
-        if minid and minid != floor and _entry_time(minid) < _entry_time(floor) - 3600:
-            # Retention is not what bounds the stream: a pending entry or a group
-            # that stopped reading is. Say so, or memory grows with no word why.
-            log.warning(
-                "trimming %s held back at %s, over an hour before the retention floor:"
-                " an old pending entry or a group that stopped reading (tickpipe audit)",
-                stream.stream,
-                minid,
-            )
+        await self._retention.trim(stream)
         idle_ms = int(self.settings.flush_consumer_idle_delete_s * 1000)
         for name in await stream.delete_idle_consumers(idle_ms):
             log.info("deleted consumer %s of %s: idle with nothing pending", name, stream.stream)

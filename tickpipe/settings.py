@@ -91,6 +91,14 @@ class Settings:
     flusher_metrics_host: str = "127.0.0.1"
     flush_shutdown_grace_s: float = 10.0
     stream_retention_s: float = 3600.0
+    stream_retention_max_entries: int = 2_000_000
+    """STREAM_RETENTION_MAX_ENTRIES: acknowledged entries kept at most, whatever their age,
+    in all (each of the STREAM_SHARDS streams keeps its share; docs/reliability.md)."""
+    stream_retention_pressure_pct: float = 80.0
+    """STREAM_RETENTION_PRESSURE_PCT: at or over this percentage of Redis's maxmemory the
+    flushers trim all acknowledged history (0: never)."""
+    flush_memory_check_interval_s: float = 1.0
+    """FLUSH_MEMORY_CHECK_INTERVAL_S: how often each flusher compares Redis memory with it."""
     fault: str | None = None
     """TICKPIPE_FAULT: crash-test hook (flusher/faults.py); never set in production."""
 
@@ -225,6 +233,19 @@ class Settings:
             ),
             stream_retention_s=r.get(
                 "STREAM_RETENTION_S", _non_negative_float, defaults.stream_retention_s
+            ),
+            stream_retention_max_entries=r.get(
+                "STREAM_RETENTION_MAX_ENTRIES",
+                _non_negative_int,
+                defaults.stream_retention_max_entries,
+            ),
+            stream_retention_pressure_pct=r.get(
+                "STREAM_RETENTION_PRESSURE_PCT", _percent, defaults.stream_retention_pressure_pct
+            ),
+            flush_memory_check_interval_s=r.get(
+                "FLUSH_MEMORY_CHECK_INTERVAL_S",
+                _positive_float,
+                defaults.flush_memory_check_interval_s,
             ),
             state_dir=r.get("TICKPIPE_STATE_DIR", Path, defaults.state_dir),
             redis_port=redis_port,
@@ -380,6 +401,20 @@ def _positive_int(raw: str) -> int:
     value = int(raw)
     if value <= 0:
         raise SettingsError(f"must be a positive integer, got {raw!r}")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise SettingsError(f"must be zero or a positive integer, got {raw!r}")
+    return value
+
+
+def _percent(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value <= 100:
+        raise SettingsError(f"must be a percentage from 0 to 100, got {raw!r}")
     return value
 
 

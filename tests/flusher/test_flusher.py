@@ -146,9 +146,9 @@ async def test_trim_never_drops_a_pending_entry(
     await redis.xack("ticks.received", "flushers", *acked_late)
 
     # No retention: everything acknowledged may go, but nothing from the oldest pending on.
-    trimmed, minid = await flusher.streams.shards[0].trim(floor_now())
-    assert trimmed == 50
-    assert minid == still_pending[0]
+    trimmed = await flusher.streams.shards[0].trim(floor_now())
+    assert trimmed.by_age == 50
+    assert trimmed.safe_id == still_pending[0]
     remaining = [i.decode() for i, _ in await redis.xrange("ticks.received")]
     assert remaining == still_pending + acked_late
     assert (await redis.xpending("ticks.received", "flushers"))["pending"] == 30
@@ -164,7 +164,8 @@ async def test_trim_keeps_what_another_group_has_not_read(
     await flusher.streams.shards[0].ensure_group()
     await redis.xack("ticks.received", "flushers", *await deliver(redis, "y", 10))
     await redis.xgroup_create("ticks.received", "archiver", id="0")
-    assert await flusher.streams.shards[0].trim(floor_now()) == (0, "0-0")
+    trimmed = await flusher.streams.shards[0].trim(floor_now())
+    assert (trimmed.total, trimmed.safe_id) == (0, "0-1")
     assert await redis.xlen("ticks.received") == 10
 
 
