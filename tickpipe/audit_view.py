@@ -18,6 +18,19 @@ def _age(ms: int | None) -> str:
     return f"{ms / 60_000:.1f} min"
 
 
+def _bytes(size: int | None) -> str:
+    if size is None:
+        return "-"
+    if size < 1024:
+        return f"{size} B"
+    scaled, unit = size / 1024, "KiB"
+    for larger in ("MiB", "GiB"):
+        if scaled < 1024:
+            break
+        scaled, unit = scaled / 1024, larger
+    return f"{scaled:.1f} {unit}"
+
+
 def render(report: dict[str, Any], console: Console) -> None:
     shards = report.get("shards") or []
     if len(shards) > 1:
@@ -25,16 +38,29 @@ def render(report: dict[str, Any], console: Console) -> None:
         console.print(f"totals over {len(shards)} shards:")
     stream = report["stream"]
     table = Table(title=f"stream {stream['name']}", title_justify="left")
-    for column in ("length", "first id", "last id", "entries added", "memory"):
+    for column in ("length", "first id", "oldest age", "last id", "entries added", "memory"):
         table.add_column(column)
     table.add_row(
         str(stream["length"]),
         stream["first_id"] or "-",
+        _age(stream["first_age_ms"]),
         stream["last_id"] or "-",
         str(stream["entries_added"] if stream["entries_added"] is not None else "-"),
-        f"{(stream['memory_bytes'] or 0) / 1024:.1f} KiB",
+        _bytes(stream["memory_bytes"] or 0),
     )
     console.print(table)
+    retention = report["retention"]
+    per_entry = (
+        f", {stream['memory_bytes'] / stream['length']:.0f} B/entry" if stream["length"] else ""
+    )
+    console.print(
+        f"retained: {stream['length']} entries over {_age(stream['first_age_ms'])},"
+        f" {_bytes(stream['memory_bytes'] or 0)}{per_entry}; bounds configured here:"
+        f" STREAM_RETENTION_S={retention['max_age_s']:g},"
+        f" STREAM_RETENTION_MAX_ENTRIES={retention['max_entries']},"
+        f" STREAM_RETENTION_PRESSURE_PCT={retention['pressure_pct']:g}",
+        highlight=False,
+    )
 
     for group in report["groups"]:
         table = Table(title=f"group {group['name']}", title_justify="left")
@@ -129,8 +155,8 @@ def render(report: dict[str, Any], console: Console) -> None:
 
 def _render_shards(shards: list[dict[str, Any]], console: Console) -> None:
     table = Table(title="shards", title_justify="left")
-    for column in ("shard", "stream", "length", "first id", "last id", "pending", "lag",
-                   "stuck", "dead letters", "lost"):  # fmt: skip
+    for column in ("shard", "stream", "length", "first id", "oldest age", "memory", "last id",
+                   "pending", "lag", "stuck", "dead letters", "lost"):  # fmt: skip
         table.add_column(column)
     for shard in shards:
         stream = shard["stream"]
@@ -139,6 +165,8 @@ def _render_shards(shards: list[dict[str, Any]], console: Console) -> None:
             stream["name"],
             str(stream["length"]),
             stream["first_id"] or "-",
+            _age(stream["first_age_ms"]),
+            _bytes(stream["memory_bytes"]),
             stream["last_id"] or "-",
             str(shard["pending"]),
             "unknown" if shard["lag"] is None else str(shard["lag"]),

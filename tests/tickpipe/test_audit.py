@@ -54,6 +54,7 @@ def writer(redis: Redis, settings: Settings) -> TickWriter:
 
 async def test_clean_run_exits_0(
     subprocess_env: dict[str, str],
+    redis: Redis,
     writer: TickWriter,
     settings: Settings,
     pg: asyncpg.Connection,
@@ -72,16 +73,61 @@ async def test_clean_run_exits_0(
     assert group["pending"] == 0
     assert group["lag"] == 0
     assert report["lost"] == 0
+    # The retained window: oldest entry and its age, length, bytes.
+    stream = report["stream"]
+    [(first_id, _)] = await redis.xrange(settings.stream_name, count=1)
+    assert stream["first_id"] == first_id.decode()
+    assert 0 <= stream["first_age_ms"] < 60_000
+    assert 300 * 20 < stream["memory_bytes"] < 300 * 200
+    assert report["retention"] == {
+        "max_age_s": 3600.0, "max_entries": 2_000_000, "pressure_pct": 80.0
+    }  # fmt: skip
     # One shard: the report is the shard's; its item sums it up instead of repeating it.
     assert report["shards"] == [
-        {"index": 0, "stream": {"name": "ticks.received", "length": 300}, "pending": 0,
-         "lag": 0, "stuck": {"count": 0}, "dead_letters": {"length": 0}, "lost": 0}
+        {"index": 0,
+         "stream": {"name": "ticks.received", "length": 300, "first_id": stream["first_id"],
+                    "first_age_ms": stream["first_age_ms"],
+                    "memory_bytes": stream["memory_bytes"]},
+         "pending": 0, "lag": 0, "stuck": {"count": 0}, "dead_letters": {"length": 0},
+         "lost": 0}
     ]  # fmt: skip
 
     table = await tickpipe(subprocess_env, "audit", "--verify")
     assert table.returncode == 0
     assert "OK: zero lost" in table.stdout
     assert "300 acknowledged entries checked" in table.stdout
+    assert "retained: 300 entries over " in table.stdout
+    assert "STREAM_RETENTION_MAX_ENTRIES=2000000" in table.stdout
+
+
+async def test_retained_window_of_each_shard(
+    subprocess_env: dict[str, str], redis: Redis, settings: Settings
+) -> None:
+    sharded = TickWriter(redis, settings.stream_name, settings.latest_key, shards=2)
+    older = [Tick(f"S{i}", 1, Decimal(1), Decimal(1), "audit") for i in range(8)]
+    await sharded.append(older)
+    await asyncio.sleep(0.3)
+    await sharded.append([Tick(f"S{i}", 2, Decimal(1), Decimal(1), "audit") for i in range(8)])
+    env = {**subprocess_env, "STREAM_SHARDS": "2", "STREAM_RETENTION_MAX_ENTRIES": "5000"}
+    _code, report = await audit_json(env)
+    shards = [shard["stream"] for shard in report["shards"]]
+    assert [s["length"] for s in shards] == [
+        await redis.xlen("ticks.received:{0}"),
+        await redis.xlen("ticks.received:{1}"),
+    ]
+    for shard in shards:
+        [(first, _)] = await redis.xrange(shard["name"], count=1)
+        assert shard["first_id"] == first.decode()
+        assert shard["first_age_ms"] >= 300
+        assert shard["memory_bytes"] > 0
+    total = report["stream"]
+    assert total["length"] == 16
+    assert total["first_age_ms"] == max(s["first_age_ms"] for s in shards)
+    assert total["memory_bytes"] == sum(s["memory_bytes"] for s in shards)
+    assert report["retention"]["max_entries"] == 5000
+    table = await tickpipe(env, "audit")
+    assert "oldest age" in table.stdout
+    assert "retained: 16 entries over " in table.stdout
 
 
 async def test_verify_names_a_deleted_row(
