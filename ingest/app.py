@@ -16,13 +16,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
-from redis.exceptions import ResponseError
 
 from ingest import chart, metrics, queries, ranges, sse
-from ingest.appkeys import AUTH, INFLIGHT, LINK, READ_AUTH, SETTINGS
+from ingest.appkeys import AUTH, INFLIGHT, LINK, READ_AUTH, REMINDERS, SETTINGS
 from ingest.auth import TokenAuth
 from ingest.decode import decode_json_array, decode_ndjson, decode_tick
-from ingest.errors import ApiError, error_middleware, json_response, unauthorized
+from ingest.errors import ApiError, Reminders, error_middleware, json_response, unauthorized
 from ingest.inflight import InFlight
 from ingest.link import RedisLink
 from ingest.openapi import openapi_document
@@ -98,7 +97,6 @@ async def store(request: web.Request, token_name: str, ticks: list[Tick]) -> web
             headers={"Retry-After": "1"},
         ) from None
     except OutcomeUnknown as exc:
-        log.warning("redis connection lost during a write of several shards: %s", exc)
         raise ApiError(
             503,
             "redis_unavailable",
@@ -107,21 +105,10 @@ async def store(request: web.Request, token_name: str, ticks: list[Tick]) -> web
             headers={"Retry-After": "1"},
         ) from None
     except PartialWrite as exc:
-        log.warning("request stored in part: %s", exc)
         raise ApiError(
             503,
             "partially_stored",
             f"{exc}; resend the whole request (resending is idempotent)",
-            headers={"Retry-After": "1"},
-        ) from None
-    except ResponseError as exc:
-        if "WAITAOF" not in str(exc):
-            raise
-        log.error("INGEST_DURABILITY=fsync but Redis refuses WAITAOF: %s", exc)
-        raise ApiError(
-            503,
-            "not_durable",
-            f"Redis cannot confirm durability: {exc}",
             headers={"Retry-After": "1"},
         ) from None
     metrics.ACCEPTED_TICKS.labels(token=token_name).inc(len(ticks))
@@ -171,6 +158,8 @@ async def readyz(request: web.Request) -> web.Response:
     except ApiError as exc:
         return json_response({"status": "unavailable", "detail": str(exc)}, 503)
     settings, redis = linked.settings, linked.redis
+    if linked.writer.not_durable is not None:
+        return json_response({"status": "unavailable", "detail": linked.writer.not_durable}, 503)
     streams = [shard.stream for shard in settings.shard_map.shards]
     try:
         replies = await asyncio.gather(*(redis.xinfo_groups(stream) for stream in streams))
@@ -228,9 +217,18 @@ def record_refusal(request: web.Request, error: ApiError) -> None:
     token_name = request.get(TOKEN_NAME, "anonymous")
     if request.path.startswith("/ingest/"):
         metrics.REJECTED_REQUESTS.labels(reason=error.code, token=token_name).inc()
-    level = logging.WARNING if error.status >= 500 else logging.DEBUG
-    if error.status in (401, 429):
-        level = logging.INFO
+    if error.status >= 500:
+        # The same outage or misconfiguration fails every request: once, then reminders.
+        request.app[REMINDERS].log(
+            f"{error.status} {error.code}",
+            logging.WARNING,
+            "refusing requests with %s %s: %s",
+            error.status,
+            error.code,
+            error.cause or error,
+        )
+        return
+    level = logging.INFO if error.status in (401, 429) else logging.DEBUG
     log.log(level, "refused %s %s from %s: %s", error.status, error.code, token_name, error)
 
 
@@ -263,6 +261,7 @@ def create_app(settings: Settings, *, redis: RedisClient | None = None) -> web.A
     app[AUTH] = TokenAuth(settings.ingest_tokens)
     app[READ_AUTH] = TokenAuth({**settings.ingest_tokens, **settings.read_tokens})
     app[INFLIGHT] = InFlight()
+    app[REMINDERS] = Reminders(log)
     app.cleanup_ctx.append(redis_ctx(redis))
     app.cleanup_ctx.append(queries.store_ctx)
     app.on_shutdown.append(sse.end_streams)

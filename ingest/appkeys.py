@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from ingest.auth import TokenAuth
+from ingest.errors import Reminders
 from ingest.inflight import InFlight
 from ingest.tickstore import TickStore
 from tickpipe.redis_conn import RedisClient
@@ -24,4 +25,6 @@ AUTH = web.AppKey("auth", TokenAuth)
 READ_AUTH = web.AppKey("read_auth", TokenAuth)
 """Tokens that may read: every ingest token and every read-only token."""
 INFLIGHT = web.AppKey("inflight", InFlight)
+REMINDERS = web.AppKey("reminders", Reminders)
+"""Refusals of a recurring kind (Redis down, misconfigured) are logged once, then reminded."""
 STORE = web.AppKey("store", TickStore)

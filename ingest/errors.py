@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -42,6 +43,39 @@ class ApiError(Exception):
         if field is not None:
             self.body["field"] = field
         self.headers = headers or {}
+        self.cause: str | None = None
+        """What went wrong underneath, for the log (never sent to the client)."""
+
+
+class Reminders:
+    """Log a recurring problem once, then at most one reminder per ``interval_s``.
+
+    A misconfigured or unavailable Redis fails every request the same way; one
+    line per request would bury everything else in the log.
+    """
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 60.0) -> None:
+        self._log = logger
+        self.interval_s = interval_s
+        self._last: dict[str, tuple[float, int]] = {}
+        """Per problem: when it was last logged, and how often it recurred since."""
+
+    def log(self, key: str, level: int, message: str, *args: object) -> None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is None:
+            self._log.log(level, message, *args)
+            self._last[key] = (now, 0)
+            return
+        logged_at, since = last
+        if now - logged_at < self.interval_s:
+            self._last[key] = (logged_at, since + 1)
+            return
+        self._log.log(
+            level, message + " (still so: %d more like it in the last %.0fs)", *args, since,
+            now - logged_at,
+        )  # fmt: skip
+        self._last[key] = (now, 0)
 
 
 def unauthorized() -> ApiError:
@@ -88,22 +122,22 @@ def error_middleware(max_body_bytes: int, on_error: OnError) -> Any:
                 headers={k: v for k, v in exc.headers.items() if k.lower() != "content-type"},
             )
         except REDIS_DOWN as exc:  # before ResponseError: CLUSTERDOWN, TRYAGAIN are both
-            log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
             error = ApiError(
                 503,
                 "redis_unavailable",
                 "the tick store (Redis) is unavailable; nothing was stored, retry later",
                 headers={"Retry-After": "1"},
             )
+            error.cause = f"redis unavailable: {type(exc).__name__}: {exc}"
         except ResponseError as exc:
             # MISCONF, OOM, READONLY...: Redis is up but will not take the write.
-            log.error("redis refused the request: %s", exc)
             error = ApiError(
                 503,
                 "redis_unavailable",
                 f"the tick store (Redis) refused the write ({exc}); nothing was stored",
                 headers={"Retry-After": "1"},
             )
+            error.cause = f"redis refused the request: {exc}"
         on_error(request, error)
         return json_response(error.body, error.status, error.headers)
 

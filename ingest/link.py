@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 
+from ingest import durability
 from ingest.backpressure import BacklogMonitor
 from ingest.errors import ApiError
 from ingest.sse import StreamHubs
@@ -50,6 +51,7 @@ class RedisLink:
         self._opened: RedisClient | None = None
         self._task: asyncio.Task[None] | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self.linked: Linked | None = None
         self.problem: str | None = None
         """A configuration problem found after the start, answered with every 503."""
@@ -122,15 +124,44 @@ class RedisLink:
             settings.ingest_max_backlog,
             settings.ingest_backlog_poll_s,
         )
+        fsync_by: durability.FsyncBy = "waitaof"
+        if settings.ingest_durability == "fsync":
+            fsync_by = await durability.check(redis, settings.redis_url)
+            if fsync_by == "always":
+                log.info(
+                    "INGEST_DURABILITY=fsync: Redis has no WAITAOF; it runs with appendfsync"
+                    " always, so each reply follows the fsync"
+                )
         await self._prepare(redis, settings, monitor)
         self._poller = asyncio.create_task(monitor.run(), name="backlog-monitor")
-        self.linked = Linked(
-            settings,
-            redis,
-            TickWriter.from_settings(redis, settings),
-            monitor,
-            StreamHubs(redis, streams),
-        )
+        writer = TickWriter.from_settings(redis, settings, fsync_by=fsync_by)
+        if fsync_by == "always":
+            self._watcher = asyncio.create_task(
+                self._watch_fsync(redis, settings.redis_url, writer), name="fsync-watch"
+            )
+        self.linked = Linked(settings, redis, writer, monitor, StreamHubs(redis, streams))
+
+    async def _watch_fsync(self, redis: RedisClient, url: str, writer: TickWriter) -> None:
+        """Ask again, now and then, that Redis still fsyncs before it replies.
+
+        The guarantee rests on its configuration, which an operator (or a restart
+        with another redis.conf) can change; until it holds again, writes get 503.
+        """
+        while True:
+            await asyncio.sleep(durability.RECHECK_S)
+            try:
+                await durability.check(redis, url)
+            except redis_conn.RedisConfigError as exc:
+                if writer.not_durable is None:
+                    log.error("%s; refusing ticks (503) until it is fixed", exc)
+                writer.not_durable = str(exc)
+                continue
+            except redis_conn.FAILURES as exc:
+                log.debug("durability check failed: %s", exc)
+                continue
+            if writer.not_durable is not None:
+                log.info("Redis fsyncs before it replies again: accepting ticks")
+                writer.not_durable = None
 
     async def _prepare(
         self, redis: RedisClient, settings: Settings, monitor: BacklogMonitor
@@ -166,7 +197,7 @@ class RedisLink:
             self.linked.hubs.close()
 
     async def stop(self) -> None:
-        for task in (self._task, self._poller):
+        for task in (self._task, self._poller, self._watcher):
             if task is None:
                 continue
             task.cancel()

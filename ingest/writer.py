@@ -29,6 +29,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
+from ingest.durability import FsyncBy
 from tickpipe import redis_conn
 from tickpipe.redis_conn import RedisClient
 from tickpipe.settings import Durability, Settings
@@ -121,6 +122,7 @@ class TickWriter:
         *,
         shards: int = 1,
         durability: Durability = "everysec",
+        fsync_by: FsyncBy = "waitaof",
         wait_timeout_ms: int = 1000,
         wait_replicas: int = 1,
     ) -> None:
@@ -134,11 +136,16 @@ class TickWriter:
         self._slots_stale = False
         self._refreshing = asyncio.Lock()
         self._durability = durability
+        self._fsync_by = fsync_by
         self._wait_timeout_ms = wait_timeout_ms
         self._wait_replicas = wait_replicas
+        self.not_durable: str | None = None
+        """Why the durability asked for cannot be had now: every write is refused."""
 
     @classmethod
-    def from_settings(cls, redis: RedisClient, settings: Settings) -> TickWriter:
+    def from_settings(
+        cls, redis: RedisClient, settings: Settings, *, fsync_by: FsyncBy = "waitaof"
+    ) -> TickWriter:
         timeout_ms = (
             settings.ingest_waitaof_timeout_ms
             if settings.ingest_durability == "fsync"
@@ -150,6 +157,7 @@ class TickWriter:
             settings.latest_key,
             shards=settings.stream_shards,
             durability=settings.ingest_durability,
+            fsync_by=fsync_by,
             wait_timeout_ms=timeout_ms,
             wait_replicas=settings.ingest_wait_replicas,
         )
@@ -170,8 +178,10 @@ class TickWriter:
             raise ConnectionError(f"connection closed under the write: {exc}") from exc
 
     async def _append(self, ticks: Sequence[Tick]) -> list[str]:
+        if self.not_durable is not None:
+            raise NotDurable(self.not_durable)
         groups = self._group(ticks)
-        if self._durability == "everysec" and len(groups) == 1 and not self._is_cluster:
+        if self._wait_command() is None and len(groups) == 1 and not self._is_cluster:
             # The common case, as before sharding: one script call.
             [group] = groups
             raw = await self._script(keys=list(group.keys), args=group.argv)
@@ -201,6 +211,11 @@ class TickWriter:
         return ids
 
     @property
+    def fsync_by(self) -> FsyncBy | None:
+        """How an fsync is confirmed (INGEST_DURABILITY=fsync); None in the other modes."""
+        return self._fsync_by if self._durability == "fsync" else None
+
+    @property
     def _is_cluster(self) -> bool:
         return isinstance(self._redis, RedisCluster)
 
@@ -218,13 +233,18 @@ class TickWriter:
         return list(groups.values())
 
     def _wait_command(self) -> tuple[Any, ...] | None:
-        if self._durability == "fsync":
+        """WAITAOF or WAIT after the scripts; None when the reply itself is the proof
+        (``everysec``, or ``fsync`` on a server with ``appendfsync always``)."""
+        if self._durability == "fsync" and self._fsync_by == "waitaof":
             return ("WAITAOF", 1, 0, self._wait_timeout_ms)
         if self._durability == "replica":
             return ("WAIT", self._wait_replicas, self._wait_timeout_ms)
         return None
 
     def _check_wait(self, reply: Any) -> None:
+        if isinstance(reply, ResponseError):
+            # WAITAOF with the AOF turned off, WAIT refused: nothing confirms the write.
+            raise NotDurable(f"Redis refused to confirm the write: {reply}")
         if isinstance(reply, Exception):
             raise reply
         if self._durability == "fsync":

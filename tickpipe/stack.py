@@ -80,6 +80,8 @@ class LocalStack:
     durability: Durability = "everysec"
     """The INGEST_DURABILITY the stack serves: with ``fsync`` a server with WAITAOF
     is preferred, and one without runs with ``appendfsync always``."""
+    redis_server: str | None = None
+    """This redis-server/valkey-server binary rather than the one found (a new state only)."""
     appendfsync: AppendFsync | None = None
     """Redis's ``appendfsync``; None: what the state directory recorded, else what
     ``durability`` needs (``everysec`` unless the server lacks WAITAOF)."""
@@ -92,6 +94,7 @@ class LocalStack:
         fields: dict[str, Any] = {
             "embedded_only": settings.stack_embedded_only,
             "durability": settings.ingest_durability,
+            "redis_server": settings.stack_redis_server,
             "appendfsync": settings.stack_appendfsync,
         }
         fields.update(overrides)
@@ -286,7 +289,10 @@ class LocalStack:
                     " lost)"
                 )
             self.log(f"{recorded.server.label} ({recorded.server.path}) is gone; choosing anew")
-        server = find_redis_server(embedded_only=self.embedded_only, durability=self.durability)
+        if self.redis_server is not None:
+            server = redis_server_info(self.redis_server)
+        else:
+            server = find_redis_server(embedded_only=self.embedded_only, durability=self.durability)
         appendfsync = self.appendfsync
         if appendfsync is None:
             needs_always = self.durability == "fsync" and not server.has_waitaof

@@ -375,40 +375,6 @@ async def test_backpressure_429_until_the_flushers_catch_up(
         assert (await client.post("/ingest/tick", json=tick_at(9), headers=AUTH)).status == 200
 
 
-# -- durability ------------------------------------------------------------------------
-
-
-async def test_fsync_mode_confirms_with_waitaof(make_client: MakeClient, redis: Redis) -> None:
-    async with make_client(ingest_durability="fsync") as client:
-        response = await client.post("/ingest/ticks", json=[tick_at(1), tick_at(2)], headers=AUTH)
-        assert response.status == 200
-        assert (await response.json())["accepted"] == 2
-        # After SCRIPT FLUSH the script is loaded again, still one step per request.
-        await redis.script_flush()
-        assert (await client.post("/ingest/tick", json=tick_at(3), headers=AUTH)).status == 200
-    assert await redis.xlen("ticks.received") == 3
-
-
-async def wait_for_aof_rewrite(redis: Redis) -> None:
-    """Turning AOF back on starts a rewrite; Redis will not shut down before it ends."""
-    for _ in range(200):
-        if not (await redis.info("persistence"))["aof_rewrite_in_progress"]:
-            return
-        await asyncio.sleep(0.05)
-
-
-async def test_fsync_mode_without_aof_is_503(make_client: MakeClient, redis: Redis) -> None:
-    await redis.config_set("appendonly", "no")
-    try:
-        async with make_client(ingest_durability="fsync") as client:
-            response = await client.post("/ingest/tick", json=GOOD, headers=AUTH)
-            assert response.status == 503
-            assert (await response.json())["error"] == "not_durable"
-    finally:
-        await redis.config_set("appendonly", "yes")
-        await wait_for_aof_rewrite(redis)
-
-
 # -- Redis outages ---------------------------------------------------------------------
 
 
