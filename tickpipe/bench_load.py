@@ -19,6 +19,7 @@ from collections import Counter
 import aiohttp
 
 from tickpipe.loop import run
+from tickpipe.stall import STALL_AFTER_S
 
 
 def payloads(mode: str, batch: int, start_ts_ms: int, count: int) -> list[bytes]:
@@ -47,23 +48,37 @@ async def load(args: argparse.Namespace) -> dict[str, object]:
     sent = 0
     started = time.perf_counter()
     deadline = started + args.duration_s
+    last_ok = started
+    last_refusal = ""
+    stalled = ""
     connector = aiohttp.TCPConnector(limit=args.connections)
 
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def one(body: bytes) -> None:
+            nonlocal last_ok, last_refusal, deadline, stalled
             t0 = time.perf_counter()
             try:
                 async with session.post(args.url + path, data=body, headers=headers) as response:
-                    await response.read()
+                    text = await response.read()
                     status = str(response.status)
             except aiohttp.ClientError as exc:
-                status = type(exc).__name__
+                status, text = type(exc).__name__, str(exc).encode()
             t1 = time.perf_counter()
             statuses[status] += 1
             if status == "200":
                 latencies.append((t1 - t0) * 1000)
                 timeline[int(t1 - started)] += per_request
+                last_ok = t1
+                return
+            last_refusal = f"{status} {text[:300].decode(errors='replace')}"
+            if t1 - last_ok > STALL_AFTER_S and not stalled:
+                # Nothing acknowledged for a while: say why and stop, do not retry forever.
+                stalled = (
+                    f"no tick acknowledged for {t1 - last_ok:.0f} s; answers"
+                    f" {dict(statuses)}; last refusal: {last_refusal}"
+                )
+                deadline = t1
 
         if args.rate <= 0:
 
@@ -99,6 +114,7 @@ async def load(args: argparse.Namespace) -> dict[str, object]:
 
     accepted = statuses["200"] * per_request
     return {
+        "stalled": stalled,
         "mode": args.mode,
         "requests": sum(statuses.values()),
         "statuses": dict(statuses),

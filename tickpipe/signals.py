@@ -6,9 +6,10 @@ import asyncio
 import logging
 import signal
 from collections.abc import Coroutine
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+T = TypeVar("T")
 
 
 class Stoppable(Protocol):
@@ -53,6 +54,43 @@ async def run_until_signalled(
         if not main.cancelled():
             raise
         raise Interrupted from None
+    finally:
+        for signum in SIGNALS:
+            loop.remove_signal_handler(signum)
+
+
+class Stopped(Exception):
+    """A run was stopped by a signal, after it had stopped everything it started."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+async def cancel_on_signal(work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work``; the first SIGTERM/SIGINT cancels it and raises :class:`Stopped`.
+
+    For runs that start servers and processes (chaos, bench): cancelling runs
+    their ``finally`` blocks, which stop everything they started. Signals that
+    come while that cleanup runs are ignored rather than cutting it short.
+    """
+    loop = asyncio.get_running_loop()
+    main = asyncio.create_task(work, name="run")
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        if not received:
+            received.append(signum)
+            main.cancel()
+
+    for signum in SIGNALS:
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        return await main
+    except asyncio.CancelledError:
+        if received and main.cancelled():
+            raise Stopped(received[0]) from None
+        raise
     finally:
         for signum in SIGNALS:
             loop.remove_signal_handler(signum)
