@@ -5,15 +5,18 @@ Against the session's real Redis: the trim is one Lua step (flusher/stream.py).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 import pytest
 from prometheus_client import REGISTRY
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from flusher.retention import PRESSURE_QUIET_S, Retention
 from flusher.stream import TickStream
+from tickpipe import redis_conn
+from tickpipe.cluster_stack import LocalCluster
 from tickpipe.settings import Settings, SettingsError
 from tickpipe.shards import ShardMap
 
@@ -247,3 +250,35 @@ async def test_a_pressure_episode_is_logged_once_and_ends_after_a_quiet_minute(
     assert not retention.under_pressure
     assert REGISTRY.get_sample_value("tickpipe_flusher_memory_pressure") == 0
     assert "30 acknowledged entries trimmed under it" in caplog.records[-1].getMessage()
+
+
+@pytest.mark.services
+async def test_on_a_cluster_each_shard_trims_on_its_node_by_its_memory(
+    redis_cluster: LocalCluster,
+) -> None:
+    await asyncio.to_thread(redis_cluster.wait_until_ok)
+    client = redis_conn.connect_cluster(redis_cluster.url, client_name="tickpipe-tests")
+    try:
+        await client.flushall()
+        shards = ShardMap.build(4, tagged=True).shards
+        streams = [TickStream(client, shard, GROUP, "trimmer") for shard in shards]
+        for stream in streams:
+            await stream.ensure_group()
+            for i in range(30):
+                await client.xadd(stream.stream, {"n": i}, id=f"{1000 + i}-0")
+            reply = await client.xreadgroup(GROUP, "done", {stream.stream: ">"}, count=20)
+            await client.xack(stream.stream, GROUP, *[i for i, _ in reply[0][1]])
+        by_count = await streams[0].trim(NO_AGE_BOUND, 5)
+        assert (by_count.by_count, by_count.count_bound) == (15, "exact")
+        await client.config_set("maxmemory", str(2**40), target_nodes=RedisCluster.PRIMARIES)
+        try:
+            pressed = [
+                await stream.trim(NO_AGE_BOUND, 1000, pressure_pct=1e-9, pressure_only=True)
+                for stream in streams
+            ]
+        finally:
+            await client.config_set("maxmemory", "0", target_nodes=RedisCluster.PRIMARIES)
+        assert [t.under_pressure for t in pressed] == [5, 20, 20, 20]
+        assert [await client.xlen(stream.stream) for stream in streams] == [10, 10, 10, 10]
+    finally:
+        await client.aclose()
