@@ -1,33 +1,63 @@
-"""The CI version of `tickpipe chaos`: every fault kind, a few times, zero loss."""
+"""The CI version of `tickpipe chaos`: every fault kind, a few times, zero loss.
+
+Also: chaos stops at once when ingest refuses everything, and a chaos run
+stopped by SIGTERM leaves no process or server behind.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import REDIS_SERVERS, server_id
+from tickpipe.stack import RedisServer
+
 pytestmark = pytest.mark.services
 
 
-def chaos(tmp_path: Path, *args: str) -> dict[str, object]:
-    result_file = tmp_path / "result.json"
-    run = subprocess.run(
-        [
-            sys.executable, "-m", "tickpipe", "chaos",
-            "--state-dir", str(tmp_path / "chaos"), "--json-out", str(result_file), *args,
-        ],
-        env=os.environ,
-        capture_output=True,
+def chaos_command(tmp_path: Path, *args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "tickpipe", "chaos",
+        "--state-dir", str(tmp_path / "chaos"), "--json-out", str(tmp_path / "result.json"),
+        *args,
+    ]  # fmt: skip
+
+
+def run_chaos(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run chaos to its end; a test stopped meanwhile stops it with SIGTERM, so that
+    it stops its own servers (a SIGKILL would orphan them)."""
+    with subprocess.Popen(
+        chaos_command(tmp_path, *args),
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
-        check=False,
-    )  # fmt: skip
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except BaseException:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.communicate(timeout=60)
+            finally:
+                proc.kill()
+            raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def chaos(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> dict[str, object]:
+    run = run_chaos(tmp_path, *args, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
-    result: dict[str, object] = json.loads(result_file.read_text())
+    result: dict[str, object] = json.loads((tmp_path / "result.json").read_text())
     return result
 
 
@@ -47,12 +77,142 @@ def test_every_fault_kind_loses_nothing(tmp_path: Path) -> None:
     assert all(count == 2 for count in faults.values())
 
 
-def test_fsync_mode_survives_redis_kill_9(tmp_path: Path) -> None:
+@pytest.mark.parametrize("server", REDIS_SERVERS, ids=server_id)
+def test_fsync_mode_survives_redis_kill_9(tmp_path: Path, server: RedisServer) -> None:
+    """On each kind of Redis: WAITAOF, or appendfsync always where there is none."""
     result = chaos(
         tmp_path,
         "--seed", "11", "--ticks", "4000", "--kinds", "redis_kill9", "--faults-per-kind", "4",
         "--durability", "fsync", "--no-fuzz",
+        env={"TICKPIPE_REDIS_SERVER": server.path},
     )  # fmt: skip
     assert result["faults"] == {"redis_kill9": 4}
     assert result["lost"] == 0
     assert result["acknowledged"] == 4000
+    assert result["rows_in_md_ticks"] == 4000
+
+
+REFUSALS = [
+    # Every feeder request (50 ticks) is over the batch limit: ingest answers 413 to all.
+    pytest.param({"INGEST_MAX_BATCH": "10"}, "413", id="every-request-413"),
+    # A Redis without WAITAOF run with appendfsync everysec: ingest refuses to start.
+    *(
+        pytest.param(
+            {"TICKPIPE_REDIS_SERVER": s.path, "TICKPIPE_REDIS_APPENDFSYNC": "everysec"},
+            f"{s.label} at",
+            id=f"fsync-on-{server_id(s)}-everysec",
+        )
+        for s in REDIS_SERVERS
+        if not s.has_waitaof
+    ),
+]
+
+
+@pytest.mark.parametrize(("env", "reason"), REFUSALS)
+def test_stops_with_exit_2_and_the_reason_when_ingest_refuses_everything(
+    tmp_path: Path, env: dict[str, str], reason: str
+) -> None:
+    started = time.monotonic()
+    run = run_chaos(
+        tmp_path,
+        "--seed", "5", "--ticks", "20000", "--faults-per-kind", "3", "--no-fuzz",
+        env=env,
+        timeout_s=120,
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert reason in run.stderr
+    print(f"chaos stopped {elapsed:.1f} s after its start: {run.stderr.strip()[-300:]}")
+    assert not leftovers(tmp_path / "chaos")
+
+
+def test_sigterm_after_redis_kill9_leaves_no_process(tmp_path: Path) -> None:
+    state = tmp_path / "chaos"
+    pidfile = state / "stack" / "redis" / "redis.pid"
+    proc = subprocess.Popen(
+        chaos_command(
+            tmp_path,
+            *("--seed", "3", "--ticks", "200000", "--kinds", "redis_kill9"),
+            *("--faults-per-kind", "30", "--no-fuzz"),
+        ),
+        env=os.environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    started: list[int] = []
+    try:
+        first = restarted = None
+        deadline = time.monotonic() + 120
+        while restarted is None and time.monotonic() < deadline and proc.poll() is None:
+            started.extend(p for p in descendants(proc.pid) if p not in started)
+            pid = read_pid(pidfile)
+            if first is None:
+                first = pid
+            elif pid is not None and pid != first and alive(pid):
+                restarted = pid  # a Redis restarted after a redis_kill9 fault
+            time.sleep(0.05)
+        assert restarted is not None, "no redis_kill9 fault within 120 s"
+        started.extend(p for p in descendants(proc.pid) if p not in started)
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped by SIGTERM" in err
+    assert not alive(restarted)
+    assert [pid for pid in started if alive(pid)] == []
+    assert not leftovers(state)
+
+
+def leftovers(state: Path) -> list[str]:
+    """Processes still working in ``state`` (Redis in its dir, Postgres in its data)."""
+    found = []
+    root = str(state.resolve())
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if (cwd.startswith(root) or root in cmdline) and alive(int(entry.name)):
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def read_pid(pidfile: Path) -> int | None:
+    try:
+        text = pidfile.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
