@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import REDIS_SERVERS, server_id
 from tickpipe.stack import RedisServer
 
-pytestmark = pytest.mark.services
+pytestmark = [pytest.mark.services, pytest.mark.timeout(900)]
 
 
 def chaos_command(tmp_path: Path, *args: str) -> list[str]:
