@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import leftovers, run_to_end
+
 pytestmark = pytest.mark.services
 
 
@@ -71,3 +73,21 @@ def test_bench_shards_reports_each_shape(tmp_path: Path) -> None:
         assert shape["batch_committed_rows_per_s"] > 0
     assert results["runs"][0]["drain_vs_1x1"] == 1.0
     assert "tickpipe bench --shards" in run.stdout
+
+
+def test_bench_stops_with_exit_2_when_ingest_refuses_everything(tmp_path: Path) -> None:
+    # Every POST is over the body limit: ingest answers 413 to all of them.
+    state = tmp_path / "state"
+    run = run_to_end(
+        [
+            sys.executable, "-m", "tickpipe", "bench",
+            "--duration-s", "11", "--drain-entries", "1000", "--ceiling-rows", "1000",
+            "--state-dir", str(state), "--out", str(tmp_path / "bench"),
+        ],
+        env={"INGEST_MAX_BODY_BYTES": "10"},
+        timeout_s=300,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "no tick acknowledged for" in run.stderr
+    assert "too_large" in run.stderr
+    assert leftovers(state) == []

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REDIS_SERVERS, server_id
+from tests.processes import alive, descendants, leftovers, read_pid, run_to_end
 from tickpipe.stack import RedisServer
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(900)]
@@ -33,25 +34,7 @@ def chaos_command(tmp_path: Path, *args: str) -> list[str]:
 def run_chaos(
     tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 600
 ) -> subprocess.CompletedProcess[str]:
-    """Run chaos to its end; a test stopped meanwhile stops it with SIGTERM, so that
-    it stops its own servers (a SIGKILL would orphan them)."""
-    with subprocess.Popen(
-        chaos_command(tmp_path, *args),
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as proc:
-        try:
-            out, err = proc.communicate(timeout=timeout_s)
-        except BaseException:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.communicate(timeout=60)
-            finally:
-                proc.kill()
-            raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return run_to_end(chaos_command(tmp_path, *args), env=env, timeout_s=timeout_s)
 
 
 def chaos(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> dict[str, object]:
@@ -165,54 +148,3 @@ def test_sigterm_after_redis_kill9_leaves_no_process(tmp_path: Path) -> None:
     assert not alive(restarted)
     assert [pid for pid in started if alive(pid)] == []
     assert not leftovers(state)
-
-
-def leftovers(state: Path) -> list[str]:
-    """Processes still working in ``state`` (Redis in its dir, Postgres in its data)."""
-    found = []
-    root = str(state.resolve())
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cwd = os.readlink(entry / "cwd")
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if (cwd.startswith(root) or root in cmdline) and alive(int(entry.name)):
-            found.append(f"{entry.name}: {cmdline}")
-    return found
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def read_pid(pidfile: Path) -> int | None:
-    try:
-        text = pidfile.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_chaos import leftovers
+from tests.processes import leftovers
 
 pytestmark = pytest.mark.services
 
