@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tickpipe.stack import PG_OS_USER, LocalStack, StackError, _grant_traversal, free_port
+from tickpipe import stack as stack_module
+from tickpipe.stack import (
+    PG_OS_USER,
+    LocalStack,
+    RedisServer,
+    StackError,
+    _grant_traversal,
+    find_redis_server,
+    free_port,
+)
 
 pytestmark = pytest.mark.services
 
@@ -237,3 +249,107 @@ def test_schema_apply_to_a_missing_database_is_a_clear_error(stack: LocalStack) 
     assert result.returncode == 1
     assert "no_such_db" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- which Redis a state directory runs ---------------------------------------------------
+
+
+def redis_only(state_dir: Path, **fields: Any) -> LocalStack:
+    return LocalStack(state_dir, free_port(), free_port(), log=lambda m: None, **fields)
+
+
+def test_the_server_that_wrote_the_state_is_recorded_and_kept(tmp_path: Path) -> None:
+    first = redis_only(tmp_path, embedded_only=True)
+    first.start_redis()
+    try:
+        record = json.loads(first.redis_record.read_text())
+        assert record["flavor"] == "valkey"
+        assert record["appendfsync"] == "everysec"
+    finally:
+        first.stop_redis()
+    # Asked for another server later (a system Redis installed since): the record wins.
+    again = redis_only(tmp_path, redis_server="/nonexistent/redis-server")
+    again.start_redis()
+    try:
+        assert again._read_record() == first._read_record()
+        assert "Valkey" in again.status()[0].detail
+    finally:
+        again.stop_redis()
+
+
+@pytest.mark.parametrize("change", ["path", "version"])
+def test_a_recorded_server_that_is_gone_is_refused_naming_both(tmp_path: Path, change: str) -> None:
+    first = redis_only(tmp_path, embedded_only=True)
+    first.start_redis()
+    first.stop_redis()
+    record = json.loads(first.redis_record.read_text())
+    if change == "path":
+        record["path"] = str(tmp_path / "gone" / "valkey-server")
+    else:
+        record["version"] = "8.0.99"
+    first.redis_record.write_text(json.dumps(record))
+    with pytest.raises(StackError) as refused:
+        redis_only(tmp_path, embedded_only=True).start_redis()
+    message = str(refused.value)
+    recorded = "Valkey 8.0.99" if change == "version" else "Valkey "
+    assert recorded in message
+    assert "the server found now is Valkey" in message  # the other version
+    assert "start anew" in message
+
+
+def test_a_server_that_exits_while_starting_is_reported_at_once(tmp_path: Path) -> None:
+    stack = redis_only(tmp_path, embedded_only=True)
+    aof = stack.redis_dir / "appendonlydir"
+    aof.mkdir(parents=True)
+    (aof / "appendonly.aof.manifest").write_text("this is not a manifest\n")
+    started = time.monotonic()
+    with pytest.raises(StackError) as refused:
+        stack.start_redis()
+    assert time.monotonic() - started < 20  # not the 60 s start timeout
+    message = str(refused.value)
+    assert "exited while starting" in message
+    assert "manifest" in message.lower()  # the reason, from its log
+    assert not stack.redis_record.exists()  # nothing recorded for a server that never ran
+
+
+def test_fsync_prefers_a_server_with_waitaof_and_else_runs_appendfsync_always(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = RedisServer("/usr/bin/redis-server", "redis", (7, 0, 15))
+    new = RedisServer("/opt/valkey-server", "valkey", (8, 1, 8))
+    servers = {s.path: s for s in (old, new)}
+    monkeypatch.setattr(stack_module, "redis_server_info", servers.__getitem__)
+    monkeypatch.setattr(stack_module, "redis_server_candidates", lambda **_: [old.path, new.path])
+    assert find_redis_server(durability="everysec") == old
+    assert find_redis_server(durability="fsync") == new
+    monkeypatch.setattr(stack_module, "redis_server_candidates", lambda **_: [old.path])
+    choice = redis_only(tmp_path, durability="fsync")._choose_redis()
+    assert choice.server == old
+    assert choice.appendfsync == "always"
+    assert redis_only(tmp_path, durability="everysec")._choose_redis().appendfsync == "everysec"
+    chosen = redis_only(tmp_path, durability="fsync", appendfsync="everysec")._choose_redis()
+    assert chosen.appendfsync == "everysec"  # asked for: fsync mode will refuse, and say why
+
+
+def test_up_appendfsync_always_on_a_running_redis(tmp_path: Path) -> None:
+    import redis
+
+    stack = redis_only(tmp_path, embedded_only=True)
+    stack.start_redis()
+    try:
+        env = {
+            "TICKPIPE_STATE_DIR": str(tmp_path),
+            "TICKPIPE_REDIS_PORT": str(stack.redis_port),
+            "REDIS_URL": "",
+            "DATABASE_URL": "postgresql://127.0.0.1:1/none",  # up leaves Postgres alone
+        }
+        run = tickpipe("up", "--appendfsync", "always", env=env)
+        assert "appendfsync always" in run.stderr, run.stderr
+        client = redis.Redis(port=stack.redis_port)
+        try:
+            assert client.config_get("appendfsync") == {"appendfsync": "always"}
+        finally:
+            client.close()
+        assert json.loads(stack.redis_record.read_text())["appendfsync"] == "always"
+    finally:
+        stack.stop_redis()
