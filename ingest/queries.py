@@ -15,6 +15,7 @@ import base64
 import binascii
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Iterator, Mapping
 from decimal import Decimal
 from urllib.parse import urlencode
@@ -34,6 +35,19 @@ log = logging.getLogger("tickpipe.ingest")
 
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 10_000
+
+_INTEGER = re.compile(r"0|[1-9][0-9]{0,18}")
+
+
+def small_uint(raw: str) -> int | None:
+    """``raw`` as an integer if JSON would write it so (ASCII digits, no leading zero)
+    and it has at most 19 digits (below 2**64), else None.
+
+    Not ``str.isdigit()``: it also takes ``²`` (which ``int()`` refuses) and other
+    scripts' digits (which ``int()`` reads as numbers no client meant), and
+    ``int()`` refuses more than 4300 digits; each was a 500.
+    """
+    return int(raw) if _INTEGER.fullmatch(raw) else None
 
 
 def authenticate_read(request: web.Request) -> str:
@@ -69,14 +83,15 @@ def parse_limit(query: Mapping[str, str]) -> int:
     raw = query.get("limit")
     if raw is None:
         return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    limit = small_uint(raw)
+    if limit is None or not 1 <= limit <= MAX_LIMIT:
         raise ApiError(
             422,
             "invalid_parameter",
             f"limit must be an integer from 1 to {MAX_LIMIT}, not {raw!r}",
             field="limit",
         )
-    return int(raw)
+    return limit
 
 
 def parse_time(query: Mapping[str, str], name: str) -> int | None:
@@ -84,8 +99,9 @@ def parse_time(query: Mapping[str, str], name: str) -> int | None:
     raw = query.get(name)
     if raw is None:
         return None
+    epoch_ms = small_uint(raw)
     try:
-        return parse_ts(int(raw) if raw.isdigit() else raw)
+        return parse_ts(raw if epoch_ms is None else epoch_ms)
     except TickError as exc:
         raise ApiError(
             422, "invalid_parameter", f"{name}: {exc.detail.replace('ts ', '', 1)}", field=name
@@ -105,15 +121,15 @@ def decode_cursor(raw: str) -> int:
         text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         text = ""
-    digits = text.removeprefix(_CURSOR_PREFIX)
-    if not text.startswith(_CURSOR_PREFIX) or not digits.isdigit() or int(digits) > MAX_TS_US:
+    ts_us = small_uint(text.removeprefix(_CURSOR_PREFIX))
+    if not text.startswith(_CURSOR_PREFIX) or ts_us is None or ts_us > MAX_TS_US:
         raise ApiError(
             422,
             "invalid_parameter",
             "cursor is not one this API returned (use next_cursor from the previous page)",
             field="cursor",
         )
-    return int(digits)
+    return ts_us
 
 
 @contextlib.contextmanager

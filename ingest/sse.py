@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -45,7 +46,7 @@ from redis.exceptions import RedisError
 from ingest import metrics
 from ingest.appkeys import LINK
 from ingest.errors import ApiError
-from ingest.queries import authenticate_read, check_known
+from ingest.queries import authenticate_read, check_known, small_uint
 from tickpipe import redis_conn
 from tickpipe.backoff import Backoff
 from tickpipe.redis_conn import FAILURES, RedisClient
@@ -58,6 +59,10 @@ READ_PAGE = 500
 """Entries per XREAD / XRANGE call."""
 BLOCK_MS = 1000
 MAX_SYMBOLS = 100
+LAST_EVENT_ID_PATTERN = r"^([0-9]{1,19}-[0-9]{1,19})?$"
+"""Last-Event-ID as the OpenAPI document states it: a stream id (each part below 2**64,
+as every id this endpoint sends), or empty for none."""
+_LAST_EVENT_ID = re.compile(LAST_EVENT_ID_PATTERN)  # used with fullmatch: no "\n" after "$"
 
 _json = msgspec.json.Encoder()
 
@@ -264,15 +269,17 @@ async def end_streams(app: web.Application) -> None:
 def parse_symbols(raw: str | None) -> frozenset[str] | None:
     if raw is None:
         return None
-    symbols = frozenset(s.strip() for s in raw.split(",") if s.strip())
-    if not symbols or len(symbols) > MAX_SYMBOLS:
+    # As documented: exactly the symbols between the commas (no blanks around them, no
+    # empty item), counted as given.
+    named = raw.split(",")
+    if raw == "" or len(named) > MAX_SYMBOLS:
         raise ApiError(
             422,
             "invalid_parameter",
             f"symbols must name 1 to {MAX_SYMBOLS} symbols separated by commas",
             field="symbols",
         )
-    for symbol in symbols:
+    for symbol in named:
         if SYMBOL.fullmatch(symbol) is None:
             raise ApiError(
                 422,
@@ -280,20 +287,21 @@ def parse_symbols(raw: str | None) -> frozenset[str] | None:
                 f"symbols: {symbol!r} is not a valid symbol",
                 field="symbols",
             )
-    return symbols
+    return frozenset(named)
 
 
 def choose_shard(shards: ShardMap, symbols: frozenset[str] | None, raw_shard: str | None) -> int:
     """The one shard an event stream follows (see the module docstring)."""
     if raw_shard is not None:
-        if not raw_shard.isdigit() or int(raw_shard) >= shards.count:
+        shard = small_uint(raw_shard)
+        if shard is None or shard >= shards.count:
             raise ApiError(
                 422,
                 "invalid_parameter",
                 f"shard must be 0 to {shards.count - 1} (STREAM_SHARDS={shards.count})",
                 field="shard",
             )
-        chosen = int(raw_shard)
+        chosen = shard
     elif symbols is not None:
         chosen = shards.for_symbol(next(iter(symbols))).index
     elif shards.count == 1:
@@ -321,15 +329,14 @@ def choose_shard(shards: ShardMap, symbols: frozenset[str] | None, raw_shard: st
 def parse_last_event_id(raw: str | None) -> str | None:
     if raw is None or raw == "":
         return None
-    try:
-        parse_id(raw)
-    except ValueError:
+    if _LAST_EVENT_ID.fullmatch(raw) is None:
+        # Not parse_id's isdigit(): it takes "²", and ids past 2**64 that Redis refuses.
         raise ApiError(
             422,
             "invalid_parameter",
             "Last-Event-ID must be the id of an event this endpoint sent (<ms>-<seq>)",
             field="Last-Event-ID",
-        ) from None
+        )
     return raw
 
 

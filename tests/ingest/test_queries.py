@@ -172,6 +172,16 @@ async def test_a_range_with_only_from_runs_to_the_newest(
         ("cursor=dDE6MTA", "cursor"),  # a cursor without a range
         ("limt=5", "limt"),
         ("limit=5&limit=6", "limit"),
+        # Found by schemathesis: str.isdigit() took these, then int() refused them (500)
+        # or read them as numbers: only an integer as JSON writes it is one.
+        ("limit=%C2%B2", "limit"),  # "²"
+        ("limit=%D9%A1%D9%A2", "limit"),  # Arabic-Indic "12"
+        ("limit=010", "limit"),
+        ("limit=" + "1" * 5000, "limit"),  # int() refuses over 4300 digits
+        ("from=%C2%B2", "from"),
+        ("from=" + "1" * 5000, "from"),
+        ("from=0" + str(T0_MS), "from"),
+        (f"from={T0_MS}&cursor=dDE6wrI", "cursor"),  # base64 of "t1:²"
     ],
 )
 async def test_bad_parameters_are_422_naming_the_field(

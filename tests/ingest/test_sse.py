@@ -209,6 +209,15 @@ async def test_stopping_the_server_ends_event_streams(client: Client) -> None:
         ("?symbols=", {}, 422, "symbols"),
         ("?symbol=AAPL", {}, 422, "symbol"),
         ("", {"Last-Event-ID": "yesterday"}, 422, "Last-Event-ID"),
+        # Found by schemathesis: accepted, then refused by Redis, or a 500.
+        ("", {"Last-Event-ID": "99999999999999999999-0"}, 422, "Last-Event-ID"),  # > 2**64
+        ("", {"Last-Event-ID": "\u00b2-0"}, 422, "Last-Event-ID"),
+        ("?shard=%C2%B2", {}, 422, "shard"),
+        ("?shard=" + "1" * 5000, {}, 422, "shard"),
+        # As documented: the symbols between the commas, nothing around them.
+        ("?symbols=AAPL,", {}, 422, "symbols"),
+        ("?symbols=AAPL,%20MSFT", {}, 422, "symbols"),
+        ("?symbols=" + ",".join(["AAPL"] * 101), {}, 422, "symbols"),
         ("", {"Authorization": "Bearer wrong"}, 401, None),
     ],
 )
