@@ -64,7 +64,8 @@ class TickIn(msgspec.Struct, forbid_unknown_fields=True):
     """A tick as a feeder sends it (JSON)."""
 
     symbol: Annotated[str, msgspec.Meta(pattern=_SYMBOL_RE)]
-    ts: int | str
+    ts: int | float | str
+    """Epoch milliseconds (a JSON number whose fraction is zero counts: ``1.7e12``) or text."""
     price: msgspec.Raw
     """A JSON number or a decimal string, as written: :func:`decimal_from_json` reads it."""
     volume: msgspec.Raw
@@ -119,8 +120,14 @@ def check_source(source: str) -> str:
     return source
 
 
-def parse_ts(value: int | str) -> int:
+def parse_ts(value: int | float | str) -> int:
     """RFC 3339 with an explicit offset, or integer epoch milliseconds -> epoch microseconds."""
+    if isinstance(value, float):
+        # JSON (and JSON Schema's "integer") does not tell 1714564800000.0 from
+        # 1714564800000; floats hold every integer up to 9999-12-31 in ms exactly.
+        if not value.is_integer():
+            raise TickError("ts must be integer epoch milliseconds or RFC 3339 text", "ts")
+        value = int(value)
     if isinstance(value, int):
         ts_us = value * 1000
     else:

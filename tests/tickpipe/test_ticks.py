@@ -174,13 +174,30 @@ def test_refusals_say_what_the_limit_is_and_are_quick(value: str, expected: str)
         b'{"symbol":"A","ts":1,"price":1,"volume":1,"source":""}',
         b'{"symbol":"A","ts":1,"price":1,"volume":1,"source":"' + b"s" * 65 + b'"}',
         b'{"symbol":"A","ts":1,"price":1,"volume":1,"source":"s","extra":1}',
-        b'{"symbol":"A","ts":1.5,"price":1,"volume":1,"source":"s"}',
         b'{"symbol":"A","ts":1,"price":1,"source":"s"}',
     ],
 )
 def test_schema_violations(body: bytes) -> None:
     with pytest.raises(msgspec.ValidationError):
         decode(body)
+
+
+@pytest.mark.parametrize(
+    ("ts", "expected_us"),
+    [(b"1714564800000.0", 1714564800000000), (b"1.7145648e12", 1714564800000000), (b"-0.0", 0)],
+)
+def test_a_ts_number_with_a_zero_fraction_is_an_integer(ts: bytes, expected_us: int) -> None:
+    # As JSON Schema's "integer" (and the OpenAPI document) counts.
+    body = b'{"symbol":"A","ts":' + ts + b',"price":1,"volume":1,"source":"s"}'
+    assert decode(body).ts_us == expected_us
+
+
+@pytest.mark.parametrize("ts", [b"1.5", b"1714564800000.25", b"-1.0", b"1e300"])
+def test_a_ts_number_with_a_fraction_or_out_of_range_is_refused(ts: bytes) -> None:
+    body = b'{"symbol":"A","ts":' + ts + b',"price":1,"volume":1,"source":"s"}'
+    with pytest.raises(TickError) as info:
+        decode(body)
+    assert info.value.field == "ts"
 
 
 def test_stream_entry_round_trip() -> None:
