@@ -2,16 +2,19 @@
 
 Written by hand so that it says exactly what the service does: each refusal
 lists the error codes its status can carry. A test checks real responses
-against it and that every documented answer can be produced.
+against it and that every documented answer can be produced; another sends
+thousands of requests generated from it, good and bad, and follows its links
+(schemathesis, tests/ingest/test_schemathesis.py).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ingest.openapi_schemas import SCHEMAS, STREAM_ID, SYMBOL
+from ingest.chart import ASSETS
+from ingest.openapi_schemas import EPOCH_MS_IN, SCHEMAS, SYMBOL, TIME_TEXT_IN
 from ingest.queries import DEFAULT_LIMIT, MAX_LIMIT
-from ingest.sse import MAX_SYMBOLS
+from ingest.sse import LAST_EVENT_ID_PATTERN, MAX_SYMBOLS
 from tickpipe import __version__
 
 _SECURITY = {
@@ -136,13 +139,9 @@ def _time(name: str, description: str, *, required: bool = False) -> dict[str, A
         "in": "query",
         "required": required,
         "description": description
-        + " RFC 3339 with an explicit offset (at most microseconds), or epoch milliseconds.",
-        "schema": {
-            "anyOf": [
-                {"type": "string", "format": "date-time"},
-                {"type": "string", "pattern": r"^\d+$"},
-            ]
-        },
+        + " RFC 3339 with an explicit offset (at most microseconds), or epoch milliseconds"
+        " (written as JSON writes an integer: no leading zero).",
+        "schema": {"anyOf": [TIME_TEXT_IN, EPOCH_MS_IN]},
     }
 
 
@@ -155,10 +154,60 @@ _SYMBOL_PARAMETER = {
 }
 
 
+# What a client can do next with an answer (OpenAPI links, which tools follow).
+_EVENTS_AFTER = {
+    "operationId": "streamTicks",
+    "parameters": {"header.Last-Event-ID": "$response.body#/ids/0"},
+    "description": "The ticks accepted after the first of these, pushed as they come.",
+}
+_AFTER_TICK = {
+    "latest": {
+        "operationId": "getLatest",
+        "parameters": {"symbol": "$request.body#/symbol"},
+        "description": "The symbol's newest tick: this one, unless a newer one came.",
+    },
+    "history": {
+        "operationId": "getTicks",
+        "parameters": {"symbol": "$request.body#/symbol"},
+        "description": "The symbol's committed ticks: this one too once a flusher wrote it.",
+    },
+    "ranges": {
+        "operationId": "getRanges",
+        # Not `at` from the tick's ts: a ts written 1714564800000.0 is no query integer.
+        "parameters": {"symbol": "$request.body#/symbol"},
+        "description": "The symbol's rolled-up windows; `at`: this tick's ts for its own.",
+    },
+    "events": {
+        **_EVENTS_AFTER,
+        "parameters": {
+            "header.Last-Event-ID": "$response.body#/ids/0",
+            "symbols": "$request.body#/symbol",
+        },
+        "description": "The symbol's ticks accepted after this one, pushed as they come.",
+    },
+    "chart": {
+        "operationId": "getChart",
+        "parameters": {"symbol": "$request.body#/symbol"},
+        "description": "The symbol's live chart.",
+    },
+}
+_NEXT_PAGE = {
+    "operationId": "getTicks",
+    "parameters": {
+        "symbol": "$request.path.symbol",
+        "from": "$request.query.from",
+        "to": "$request.query.to",
+        "cursor": "$response.body#/next_cursor",
+    },
+    "description": "The next page of a range (`next_cursor` with the same from/to).",
+}
+
+
 def _ingest_paths() -> dict[str, Any]:
     return {
         "/ingest/tick": {
             "post": {
+                "operationId": "postTick",
                 "summary": "Ingest one tick.",
                 "security": _INGEST_ROLE,
                 "requestBody": {
@@ -166,15 +215,19 @@ def _ingest_paths() -> dict[str, Any]:
                     "content": _json({"$ref": "#/components/schemas/Tick"}),
                 },
                 "responses": {
-                    "200": _answer(
-                        "In the stream (and confirmed durable in fsync mode).", "Accepted"
-                    ),
+                    "200": {
+                        **_answer(
+                            "In the stream (and confirmed durable in fsync mode).", "Accepted"
+                        ),
+                        "links": _AFTER_TICK,
+                    },
                     **_TICK_ERRORS,
                 },
             }
         },
         "/ingest/ticks": {
             "post": {
+                "operationId": "postTicks",
                 "summary": "Ingest a batch of ticks, all or nothing.",
                 "security": _INGEST_ROLE,
                 "requestBody": {
@@ -188,12 +241,23 @@ def _ingest_paths() -> dict[str, Any]:
                             }
                         ),
                         "application/x-ndjson": {
-                            "schema": {"type": "string", "description": "One Tick object per line."}
+                            "schema": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {"$ref": "#/components/schemas/Tick"},
+                                "description": (
+                                    "The ticks one per line, each a JSON object (blank lines"
+                                    " are skipped); `index` in a refusal counts ticks."
+                                ),
+                            }
                         },
                     },
                 },
                 "responses": {
-                    "200": _answer("Every tick is in the stream.", "Accepted"),
+                    "200": {
+                        **_answer("Every tick is in the stream.", "Accepted"),
+                        "links": {"events": _EVENTS_AFTER},
+                    },
                     **_BATCH_ERRORS,
                 },
             }
@@ -205,6 +269,7 @@ def _read_paths() -> dict[str, Any]:
     return {
         "/ticks/{symbol}/latest": {
             "get": {
+                "operationId": "getLatest",
                 "summary": "The newest accepted tick of a symbol.",
                 "description": (
                     "From Redis's latest-price hash, so a tick shows here as soon as its POST"
@@ -229,6 +294,7 @@ def _read_paths() -> dict[str, Any]:
         },
         "/ticks/{symbol}": {
             "get": {
+                "operationId": "getTicks",
                 "summary": "Recent history, or a time range in pages.",
                 "description": (
                     "Committed ticks (Postgres): a tick shows here once a flusher has written"
@@ -258,7 +324,7 @@ def _read_paths() -> dict[str, Any]:
                         "name": "cursor",
                         "in": "query",
                         "description": "`next_cursor` of the previous page; only with from/to.",
-                        "schema": {"type": "string"},
+                        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"},
                     },
                 ],
                 "responses": {
@@ -272,6 +338,7 @@ def _read_paths() -> dict[str, Any]:
                                 ]
                             }
                         ),
+                        "links": {"next": _NEXT_PAGE},
                     },
                     "401": _UNAUTHORIZED,
                     "422": _BAD_PARAMETER,
@@ -281,6 +348,7 @@ def _read_paths() -> dict[str, Any]:
         },
         "/ticks/stream": {
             "get": {
+                "operationId": "streamTicks",
                 "summary": "Ticks pushed as Server-Sent Events, resumable with Last-Event-ID.",
                 "description": _STREAM_DESCRIPTION,
                 "security": _READ_ROLE,
@@ -315,9 +383,10 @@ def _read_paths() -> dict[str, Any]:
                         "in": "header",
                         "description": (
                             "Resume right after this event (the `id` of the last `tick`"
-                            " received, or a stream id that POST answered)."
+                            " received, or a stream id that POST answered). Empty: as if"
+                            " absent."
                         ),
-                        "schema": STREAM_ID,
+                        "schema": {"type": "string", "pattern": LAST_EVENT_ID_PATTERN},
                     },
                 ],
                 "responses": {
@@ -347,6 +416,7 @@ def _read_paths() -> dict[str, Any]:
         },
         "/ranges/{symbol}": {
             "get": {
+                "operationId": "getRanges",
                 "summary": "The rolled-up windows (OHLCV) that contain time T.",
                 "description": (
                     "One window per width of ROLLUP_WIDTHS that has ticks, narrowest first;"
@@ -401,12 +471,14 @@ def _operations_paths() -> dict[str, Any]:
     return {
         "/healthz": {
             "get": {
+                "operationId": "healthz",
                 "summary": "The process is up.",
                 "responses": {"200": _answer("Up.", "Status")},
             }
         },
         "/readyz": {
             "get": {
+                "operationId": "readyz",
                 "summary": "Redis answers and every shard's stream has the consumer group.",
                 "responses": {
                     "200": _answer("Ready.", "Status"),
@@ -416,6 +488,7 @@ def _operations_paths() -> dict[str, Any]:
         },
         "/metrics": {
             "get": {
+                "operationId": "metrics",
                 "summary": "Prometheus metrics.",
                 "responses": {
                     "200": {
@@ -427,6 +500,7 @@ def _operations_paths() -> dict[str, Any]:
         },
         "/chart/{symbol}": {
             "get": {
+                "operationId": "getChart",
                 "summary": "The live chart page of one symbol (HTML; needs no token).",
                 "description": "A static page whose script reads `GET /ticks/{symbol}` and"
                 " follows `GET /ticks/stream` with the read token given in the URL fragment"
@@ -456,9 +530,15 @@ def _operations_paths() -> dict[str, Any]:
         },
         "/static/{name}": {
             "get": {
+                "operationId": "getAsset",
                 "summary": "The chart page's own files (chart.js, chart.css, favicon.svg).",
                 "parameters": [
-                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+                    {
+                        "name": "name",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"enum": sorted(ASSETS)},
+                    }
                 ],
                 "responses": {
                     "200": {
@@ -475,6 +555,7 @@ def _operations_paths() -> dict[str, Any]:
         },
         "/openapi.json": {
             "get": {
+                "operationId": "openapi",
                 "summary": "This document.",
                 "responses": {
                     "200": {"description": "OpenAPI 3.1.", "content": _json({"type": "object"})}

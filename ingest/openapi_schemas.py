@@ -14,6 +14,7 @@ from tickpipe.ticks import (
     DECIMAL_TEXT_PATTERN,
     MAX_DECIMAL_SCALE,
     MAX_DECIMAL_TEXT,
+    MAX_TS_US,
     SYMBOL_PATTERN,
 )
 
@@ -28,6 +29,14 @@ _DECIMAL_IN: dict[str, Any] = {
         {"type": "string", "pattern": DECIMAL_TEXT_PATTERN, "maxLength": MAX_DECIMAL_TEXT},
     ],
 }
+
+
+def _decimal_in(rule: str, **bound: int) -> dict[str, Any]:
+    """A price or volume in: ``bound`` binds a JSON number (a string's sign is its own)."""
+    number, text = _DECIMAL_IN["oneOf"]
+    return {**_DECIMAL_IN, "description": rule + _DECIMAL_RULE, "oneOf": [number | bound, text]}
+
+
 _DECIMAL_OUT: dict[str, Any] = {
     "type": "string",
     "pattern": DECIMAL_OUT_PATTERN,
@@ -42,6 +51,25 @@ TIME_OUT: dict[str, Any] = {
     "format": "date-time",
     "pattern": r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$",
     "description": "RFC 3339 in UTC, always with six fraction digits.",
+}
+TIME_RANGE = "from 1970-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z"
+TIME_TEXT_IN: dict[str, Any] = {
+    "type": "string",
+    "format": "date-time",
+    # What the service reads: an explicit offset, at most six fraction digits, a year
+    # from 1970 ([0-9], not \d: some regex engines take other scripts' digits for \d).
+    "pattern": (
+        r"^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt]"
+        r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?"
+        r"([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
+    ),
+    "description": f"RFC 3339 with an explicit offset, at most microseconds; {TIME_RANGE}.",
+}
+EPOCH_MS_IN: dict[str, Any] = {
+    "type": "integer",
+    "minimum": 0,
+    "maximum": MAX_TS_US // 1000,
+    "description": f"Epoch milliseconds; {TIME_RANGE}.",
 }
 STREAM_ID: dict[str, Any] = {"type": "string", "pattern": r"^\d+-\d+$"}
 SYMBOL: dict[str, Any] = {"type": "string", "pattern": SYMBOL_PATTERN}
@@ -113,16 +141,19 @@ SCHEMAS: dict[str, Any] = {
                 "ts": {
                     "description": (
                         "RFC 3339 with an explicit offset and at most microsecond"
-                        " precision, or integer epoch milliseconds."
+                        f" precision, or integer epoch milliseconds; {TIME_RANGE} (UTC)."
                     ),
-                    "oneOf": [
-                        {"type": "string", "format": "date-time"},
-                        {"type": "integer", "minimum": 0},
-                    ],
+                    "oneOf": [TIME_TEXT_IN, EPOCH_MS_IN],
                 },
-                "price": {**_DECIMAL_IN, "description": "> 0. " + _DECIMAL_RULE},
-                "volume": {**_DECIMAL_IN, "description": ">= 0. " + _DECIMAL_RULE},
-                "source": {"type": "string", "minLength": 1, "maxLength": 64},
+                "price": _decimal_in("> 0. ", exclusiveMinimum=0),
+                "volume": _decimal_in(">= 0. ", minimum=0),
+                "source": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": 64,
+                    "pattern": r"^[^\u0000-\u001f\u007f-\u009f]*$",
+                    "description": "No control characters (C0, DEL, C1).",
+                },
             }
         ),
     },
