@@ -26,6 +26,7 @@ import json
 import os
 import sys
 from asyncio.subprocess import Process
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,10 @@ async def ingest_url(
             except TimeoutError:
                 process.kill()
                 await process.wait()
+    statuses: Counter[int] = Counter()
+    for (_, status), count in SENT.items():
+        statuses[status] += count
+    print(f"\nschemathesis: {SENT.total()} requests, by status {dict(sorted(statuses.items()))}")
     # An exception after an event stream's 200 reaches no client: only the log tells.
     ingest_log = (logs / "ingest.log").read_text()
     assert "Traceback" not in ingest_log, ingest_log[-5000:]
@@ -232,6 +237,15 @@ schema = configured(schemathesis.openapi.from_dict(openapi_document(), config=co
 def api(ingest_url: str) -> OpenApiSchema:
     """The document as ingest serves it at /openapi.json, for the stateful run."""
     return configured(schemathesis.openapi.from_url(f"{ingest_url}/openapi.json", config=config()))
+
+
+SENT: Counter[tuple[str, int]] = Counter()
+"""Requests sent, by operation and status (printed at the end: `pytest -s`)."""
+
+
+@schemathesis.hook
+def after_call(context: schemathesis.HookContext, case: AnyCase, response: Response) -> None:
+    SENT[case.operation.label, response.status_code] += 1
 
 
 @schemathesis.serializer("application/x-ndjson")
