@@ -86,9 +86,11 @@ def check_backlog(request: web.Request) -> None:
         )
 
 
-async def store(request: web.Request, token_name: str, ticks: list[Tick]) -> web.Response:
+async def store(
+    request: web.Request, token_name: str, ticks: list[Tick], size: int
+) -> web.Response:
     try:
-        ids = await request.app[LINK].get().writer.append(ticks)
+        ids = await request.app[LINK].get().writer.append(ticks, size=size)
     except NotDurable as exc:
         raise ApiError(
             503,
@@ -126,8 +128,8 @@ async def post_tick(request: web.Request) -> web.Response:
     require_content_type(request, JSON)
     check_declared_length(request)
     check_backlog(request)
-    tick = decode_tick(await request.read())
-    return await store(request, token_name, [tick])
+    body = await request.read()
+    return await store(request, token_name, [decode_tick(body)], len(body))
 
 
 async def post_ticks(request: web.Request) -> web.Response:
@@ -142,7 +144,7 @@ async def post_ticks(request: web.Request) -> web.Response:
         ticks = decode_ndjson(body, max_batch)
     else:
         ticks = decode_json_array(body, max_batch)
-    return await store(request, token_name, ticks)
+    return await store(request, token_name, ticks, len(body))
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -204,6 +204,7 @@ class RedisLink:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self.linked is not None:
+            await self.linked.writer.close()
             await self.linked.hubs.stop()
         if self._opened is not None:
             await self._opened.aclose()

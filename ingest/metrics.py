@@ -40,6 +40,11 @@ BATCH_TICKS = Histogram(
     "Ticks per accepted request.",
     buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
 )
+GROUP_REQUESTS = Histogram(
+    "tickpipe_ingest_group_requests",
+    "Requests written together in one group commit (one Redis round trip).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 BACKLOG_ENTRIES = Gauge(
     "tickpipe_ingest_backlog_entries",
     "The consumer group's backlog (lag + pending) as last seen by ingest.",

@@ -1,7 +1,15 @@
-"""Appending ticks to the stream: one atomic Lua step per shard of a request.
+"""Appending ticks to the stream: group commit, one atomic Lua step per shard of a group.
+
+Requests do not call Redis themselves: each hands its validated ticks to the
+process's writer and waits. The writer takes every request waiting (bounded in
+ticks and bytes), appends all their ticks in one round trip (with one WAITAOF or
+WAIT in the stronger durability modes) and answers each request with its own
+ids. The next group is whatever arrived meanwhile: no timer on the hot path
+unless INGEST_LINGER_MS asks for one. A group that fails fails each of its
+requests (503; resending is harmless, see below).
 
 With one shard (the default) a request is one script call: all its ticks are
-appended or none. With ``STREAM_SHARDS=N`` the ticks are grouped by shard (a
+appended or none. With ``STREAM_SHARDS=N`` the ticks of a group are grouped by shard (a
 symbol's shard is fixed, see tickpipe/shards.py) and each group is one script
 call on its shard's keys, which share one cluster slot. The calls travel in one
 pipeline (one round trip per Redis node); each is atomic, the request as a
@@ -13,6 +21,8 @@ tick's row is keyed by ``(symbol, ts)`` and the flushers' upsert is idempotent.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +39,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
+from ingest import metrics
 from ingest.durability import FsyncBy
 from tickpipe import redis_conn
 from tickpipe.redis_conn import RedisClient
@@ -92,6 +103,15 @@ class PartialWrite(Exception):
 
 
 @dataclasses.dataclass
+class _Waiting:
+    """A request's ticks, waiting for the next group."""
+
+    ticks: Sequence[Tick]
+    size: int
+    done: asyncio.Future[list[str]]
+
+
+@dataclasses.dataclass
 class _Group:
     """The ticks of one request that belong to one shard."""
 
@@ -125,6 +145,9 @@ class TickWriter:
         fsync_by: FsyncBy = "waitaof",
         wait_timeout_ms: int = 1000,
         wait_replicas: int = 1,
+        linger_ms: float = 0.0,
+        group_max_ticks: int = 10_000,
+        group_max_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self._redis = redis
         self._map = ShardMap.build(
@@ -141,6 +164,14 @@ class TickWriter:
         self._wait_replicas = wait_replicas
         self.not_durable: str | None = None
         """Why the durability asked for cannot be had now: every write is refused."""
+        self._linger_s = linger_ms / 1000
+        self._group_max_ticks = group_max_ticks
+        self._group_max_bytes = group_max_bytes
+        self._waiting: collections.deque[_Waiting] = collections.deque()
+        self._wake = asyncio.Event()
+        self._committer: asyncio.Task[None] | None = None
+        self.groups = 0
+        """Groups written (one round trip each): requests per group = requests / groups."""
 
     @classmethod
     def from_settings(
@@ -160,16 +191,86 @@ class TickWriter:
             fsync_by=fsync_by,
             wait_timeout_ms=timeout_ms,
             wait_replicas=settings.ingest_wait_replicas,
+            linger_ms=settings.ingest_linger_ms,
+            group_max_ticks=settings.ingest_group_max_ticks,
+            group_max_bytes=settings.ingest_group_max_bytes,
         )
 
-    async def append(self, ticks: Sequence[Tick]) -> list[str]:
-        """Append every tick; returns their stream ids in the order of ``ticks``.
+    async def append(self, ticks: Sequence[Tick], *, size: int = 0) -> list[str]:
+        """Append every tick with the next group; returns their ids in the order of ``ticks``.
 
-        Raises the Redis error when nothing was stored, :class:`PartialWrite`
-        when some shards were, :class:`OutcomeUnknown` when the connection
+        ``size`` (the request's body length) bounds a group's bytes. Raises the
+        Redis error when nothing was stored, :class:`PartialWrite` when some
+        shards of the group were, :class:`OutcomeUnknown` when the connection
         broke during a write of several shards (any of them may have stored),
         :class:`NotDurable` when the durability wait fell short.
         """
+        if self.not_durable is not None:
+            raise NotDurable(self.not_durable)
+        done: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Waiting(ticks, size, done))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_loop(), name="group-commit")
+        self._wake.set()
+        return await done
+
+    async def close(self) -> None:
+        """Stop the writer; requests still waiting are refused (Redis-unavailable)."""
+        if self._committer is not None:
+            self._committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._committer
+            self._committer = None
+
+    async def _commit_loop(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                if self._linger_s:
+                    await asyncio.sleep(self._linger_s)
+                while self._waiting:
+                    await self._commit(self._take_group())
+        finally:
+            stopping = ConnectionError("ingest is stopping; nothing was stored, retry")
+            while self._waiting:
+                waiting = self._waiting.popleft()
+                if not waiting.done.done():
+                    waiting.done.set_exception(stopping)
+
+    def _take_group(self) -> list[_Waiting]:
+        """The requests waiting, oldest first, up to the group's bounds (at least one)."""
+        group = [self._waiting.popleft()]
+        ticks, size = len(group[0].ticks), group[0].size
+        while self._waiting:
+            nxt = self._waiting[0]
+            ticks += len(nxt.ticks)
+            size += nxt.size
+            if ticks > self._group_max_ticks or size > self._group_max_bytes:
+                break
+            group.append(self._waiting.popleft())
+        return group
+
+    async def _commit(self, group: list[_Waiting]) -> None:
+        """One round trip for the group; each request gets its ids, or the group's error."""
+        ticks = group[0].ticks if len(group) == 1 else [t for w in group for t in w.ticks]
+        try:
+            ids = await self._append_now(ticks)
+        except Exception as exc:  # every request of the group answers with it
+            for waiting in group:
+                if not waiting.done.done():
+                    waiting.done.set_exception(exc)
+            return
+        self.groups += 1
+        metrics.GROUP_REQUESTS.observe(len(group))
+        start = 0
+        for waiting in group:
+            end = start + len(waiting.ticks)
+            if not waiting.done.done():
+                waiting.done.set_result(ids[start:end])
+            start = end
+
+    async def _append_now(self, ticks: Sequence[Tick]) -> list[str]:
         try:
             return await self._append(ticks)
         except RuntimeError as exc:

@@ -58,6 +58,10 @@ class Settings:
     ingest_max_backlog: int = 1_000_000
     ingest_durability: Durability = "everysec"
     ingest_waitaof_timeout_ms: int = 1000
+    ingest_linger_ms: float = 0.0
+    """How long the group-commit writer waits for more requests before it writes (0: never)."""
+    ingest_group_max_ticks: int = 10_000
+    ingest_group_max_bytes: int = 4 * 1024 * 1024
     ingest_wait_replicas: int = 1
     ingest_wait_timeout_ms: int = 1000
     ingest_backlog_poll_s: float = 0.5
@@ -169,6 +173,15 @@ class Settings:
                 "INGEST_MAX_BACKLOG", _positive_int, defaults.ingest_max_backlog
             ),
             ingest_durability=r.get("INGEST_DURABILITY", _durability, "everysec"),
+            ingest_linger_ms=r.get(
+                "INGEST_LINGER_MS", _non_negative_float, defaults.ingest_linger_ms
+            ),
+            ingest_group_max_ticks=r.get(
+                "INGEST_GROUP_MAX_TICKS", _positive_int, defaults.ingest_group_max_ticks
+            ),
+            ingest_group_max_bytes=r.get(
+                "INGEST_GROUP_MAX_BYTES", _positive_int, defaults.ingest_group_max_bytes
+            ),
             ingest_waitaof_timeout_ms=r.get(
                 "INGEST_WAITAOF_TIMEOUT_MS", _positive_int, defaults.ingest_waitaof_timeout_ms
             ),
