@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -104,3 +105,23 @@ async def test_linger_gathers_requests_that_arrive_a_little_apart(
         groups = client.app[LINK].get().writer.groups
     assert all(a["status"] == 200 for a in answers)
     assert groups <= 3
+
+
+async def test_latest_price_is_the_newest_tick_of_the_group_and_before(
+    make_client: MakeClient, redis: Redis
+) -> None:
+    async with make_client() as client:
+        first = await post_many(client, [[tick("Z", 50, "9")]])
+        assert first[0]["status"] == 200
+        # One request, several ticks of Z out of order: the greatest ts wins, and of
+        # two with that ts the later one in stream order; an older one changes nothing.
+        body = [tick("Z", 40, "1"), tick("Z", 60, "2"), tick("Z", 55, "3"), tick("Z", 60, "4")]
+        body += [tick(f"Y{i}", i, "5") for i in range(1200)]  # more symbols than one chunk
+        [answer] = await post_many(client, [body])
+        assert answer["status"] == 200
+        latest = await client.get("/ticks/Z/latest", headers=AUTH)
+        assert (await latest.json())["price"] == "4"
+    stored = json.loads(await redis.hget("ticks:latest", "Z") or b"{}")
+    assert stored["price"] == "4"
+    assert stored["id"] == answer["ids"][3]
+    assert await redis.hlen("ticks:latest") == 1201
