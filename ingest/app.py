@@ -9,6 +9,7 @@ appended, in one atomic step, and answered 200 with the stream ids.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from ingest import chart, metrics, queries, ranges, sse
-from ingest.appkeys import AUTH, INFLIGHT, LINK, READ_AUTH, REMINDERS, SETTINGS
+from ingest.appkeys import AUTH, INFLIGHT, LINK, READ_AUTH, REMINDERS, REQUEST_TIMES, SETTINGS
 from ingest.auth import TokenAuth
 from ingest.decode import decode_json_array, decode_ndjson, decode_tick
 from ingest.errors import ApiError, Reminders, error_middleware, json_response, unauthorized
@@ -90,7 +91,7 @@ async def store(
     request: web.Request, token_name: str, ticks: list[Tick], size: int
 ) -> web.Response:
     try:
-        ids = await request.app[LINK].get().writer.append(ticks, size=size)
+        ids = await request.app[LINK].get().writer.append(ticks, size=size, token=token_name)
     except NotDurable as exc:
         raise ApiError(
             503,
@@ -113,8 +114,6 @@ async def store(
             f"{exc}; resend the whole request (resending is idempotent)",
             headers={"Retry-After": "1"},
         ) from None
-    metrics.ACCEPTED_TICKS.labels(token=token_name).inc(len(ticks))
-    metrics.BATCH_TICKS.observe(len(ticks))
     log.debug("accepted %d ticks from %s, first id %s", len(ticks), token_name, ids[0])
     return json_response({"accepted": len(ids), "ids": ids})
 
@@ -182,6 +181,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics_view(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text format."""
+    request.app[REQUEST_TIMES].flush()
     body, content_type = metrics.render(request.app[SETTINGS].prometheus_multiproc_dir)
     return web.Response(body=body, headers={"Content-Type": content_type})
 
@@ -210,9 +210,7 @@ async def timing_middleware(
     finally:
         inflight.leave()
         if request.path.startswith("/ingest/"):
-            metrics.REQUEST_SECONDS.labels(endpoint=request.path).observe(
-                time.perf_counter() - started
-            )
+            request.app[REQUEST_TIMES].add(request.path, time.perf_counter() - started)
 
 
 def record_refusal(request: web.Request, error: ApiError) -> None:
@@ -232,6 +230,25 @@ def record_refusal(request: web.Request, error: ApiError) -> None:
         return
     level = logging.INFO if error.status in (401, 429) else logging.DEBUG
     log.log(level, "refused %s %s from %s: %s", error.status, error.code, token_name, error)
+
+
+async def request_times_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Fold the request durations into the histogram every second, and at the end."""
+    times = app[REQUEST_TIMES]
+
+    async def every_second() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            times.flush()
+
+    task = asyncio.create_task(every_second(), name="request-times")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        times.flush()
 
 
 def redis_ctx(client: RedisClient | None) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -264,6 +281,8 @@ def create_app(settings: Settings, *, redis: RedisClient | None = None) -> web.A
     app[READ_AUTH] = TokenAuth({**settings.ingest_tokens, **settings.read_tokens})
     app[INFLIGHT] = InFlight()
     app[REMINDERS] = Reminders(log)
+    app[REQUEST_TIMES] = metrics.RequestTimes()
+    app.cleanup_ctx.append(request_times_ctx)
     app.cleanup_ctx.append(redis_ctx(redis))
     app.cleanup_ctx.append(queries.store_ctx)
     app.on_shutdown.append(sse.end_streams)

@@ -9,6 +9,7 @@ from aiohttp import web
 from ingest.auth import TokenAuth
 from ingest.errors import Reminders
 from ingest.inflight import InFlight
+from ingest.metrics import RequestTimes
 from ingest.tickstore import TickStore
 from tickpipe.redis_conn import RedisClient
 from tickpipe.settings import Settings
@@ -26,5 +27,6 @@ READ_AUTH = web.AppKey("read_auth", TokenAuth)
 """Tokens that may read: every ingest token and every read-only token."""
 INFLIGHT = web.AppKey("inflight", InFlight)
 REMINDERS = web.AppKey("reminders", Reminders)
+REQUEST_TIMES = web.AppKey("request_times", RequestTimes)
 """Refusals of a recurring kind (Redis down, misconfigured) are logged once, then reminded."""
 STORE = web.AppKey("store", TickStore)

@@ -128,6 +128,7 @@ class _Waiting:
 
     ticks: Sequence[Tick]
     size: int
+    token: str
     done: asyncio.Future[list[str]]
 
 
@@ -216,10 +217,11 @@ class TickWriter:
             group_max_bytes=settings.ingest_group_max_bytes,
         )
 
-    async def append(self, ticks: Sequence[Tick], *, size: int = 0) -> list[str]:
+    async def append(self, ticks: Sequence[Tick], *, size: int = 0, token: str = "-") -> list[str]:
         """Append every tick with the next group; returns their ids in the order of ``ticks``.
 
-        ``size`` (the request's body length) bounds a group's bytes. Raises the
+        ``size`` (the request's body length) bounds a group's bytes; ``token``
+        names the feeder in the accepted-ticks metric. Raises the
         Redis error when nothing was stored, :class:`PartialWrite` when some
         shards of the group were, :class:`OutcomeUnknown` when the connection
         broke during a write of several shards (any of them may have stored),
@@ -228,7 +230,7 @@ class TickWriter:
         if self.not_durable is not None:
             raise NotDurable(self.not_durable)
         done: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Waiting(ticks, size, done))
+        self._waiting.append(_Waiting(ticks, size, token, done))
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_loop(), name="group-commit")
         self._wake.set()
@@ -283,6 +285,7 @@ class TickWriter:
             return
         self.groups += 1
         metrics.GROUP_REQUESTS.observe(len(group))
+        metrics.count_accepted((w.token, len(w.ticks)) for w in group)
         start = 0
         for waiting in group:
             end = start + len(waiting.ticks)

@@ -98,3 +98,28 @@ async def test_backlog_when_redis_reports_no_lag() -> None:
     monitor = BacklogMonitor(redis, ["s"], "g", limit=10, poll_s=1)
     assert await monitor.measure() == 4  # entries-added 4 - entries-read 1, + pending 1
     await redis.aclose()
+
+
+def test_observe_many_equals_one_observe_per_value() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from ingest.metrics import observe_many
+
+    values = [0.0, 0.0004, 0.0005, 0.003, 0.2, 7.0, 99.0, 0.0005]
+    exposed = []
+    for bulk in (False, True):
+        registry = CollectorRegistry()
+        histogram = Histogram("h", "h", buckets=(0.0005, 0.01, 1.0), registry=registry)
+        if bulk:
+            observe_many(histogram, values)
+        else:
+            for value in values:
+                histogram.observe(value)
+        exposed.append(
+            [
+                line
+                for line in generate_latest(registry).decode().splitlines()
+                if "created" not in line
+            ]
+        )
+    assert exposed[0] == exposed[1]
