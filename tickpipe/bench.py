@@ -20,16 +20,19 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
+from redis.asyncio import Redis
 from rich.console import Console
 from rich.table import Table
 
 from tickpipe import redis_conn
+from tickpipe.bench_wrk import Loader, default_loader, run_wrk
 from tickpipe.feeder import generate_ticks
 from tickpipe.settings import AppendFsync, Durability
 from tickpipe.stack import LocalStack, free_port
@@ -56,6 +59,8 @@ class BenchConfig:
     durability: Durability = "everysec"
     """INGEST_DURABILITY of the ingest under test (and the Redis chosen for it)."""
     appendfsync: AppendFsync | None = None
+    loader: Loader = dataclasses.field(default_factory=default_loader)
+    """wrk, or the Python loader; open-loop runs (a rate) always use the Python one."""
 
 
 # -- process bookkeeping ------------------------------------------------------------------
@@ -216,6 +221,24 @@ class Bench:
         """Run the load generator; returns its report plus its CPU seconds."""
         self._ts_ms += 10**9  # fresh keys for every run
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if self.config.loader == "wrk" and rate <= 0:
+            report = await run_wrk(
+                url, token=self.token, mode=mode, batch=self.config.batch,
+                duration_s=self.config.duration_s, connections=self.config.connections,
+                start_ts_ms=self._ts_ms, log_path=self.logs / "wrk.log",
+            )  # fmt: skip
+        else:
+            report = await self.python_load(url, mode, rate)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if report.get("stalled"):
+            raise Stalled(f"{report['stalled']}; ingest log: {log_tail(self.logs / 'ingest.log')}")
+        report["cpu_s"] = round(
+            (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 2
+        )
+        return report
+
+    async def python_load(self, url: str, mode: str, rate: float) -> dict[str, Any]:
+        """The Python load generator (python -m tickpipe.bench_load), a child process."""
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tickpipe.bench_load", url,
             "--token", self.token, "--mode", mode, "--batch", str(self.config.batch),
@@ -229,13 +252,7 @@ class Bench:
             if proc.returncode is None:  # cancelled: it must not outlive the bench
                 proc.kill()
                 await proc.wait()
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         report: dict[str, Any] = json.loads(out)
-        if report.get("stalled"):
-            raise Stalled(f"{report['stalled']}; ingest log: {log_tail(self.logs / 'ingest.log')}")
-        report["cpu_s"] = round(
-            (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 2
-        )
         return report
 
     @contextlib.contextmanager
@@ -253,6 +270,31 @@ class Bench:
         components.add("redis", redis_pid)
         components.add("postgres", pg_pid)
 
+    def redis_urls(self) -> list[str]:
+        """Every Redis server of the run (INFO commandstats is per server)."""
+        return [self.stack.redis_url]
+
+    @contextlib.asynccontextmanager
+    async def redis_calls(self) -> AsyncIterator[dict[str, dict[str, int]]]:
+        """Calls and microseconds per Redis command inside the block, over every server."""
+        clients = [
+            redis_conn.connect(url, client_name="tickpipe-bench") for url in self.redis_urls()
+        ]
+        try:
+            before = await command_stats(clients)
+            spent: dict[str, dict[str, int]] = {}
+            yield spent
+            after = await command_stats(clients)
+        finally:
+            for client in clients:
+                await client.aclose()
+        # The INFO that took ``before`` is counted in ``after``: it is the bench's, not the run's.
+        before["INFO"]["calls"] += len(clients)
+        for command, stats in sorted(after.items(), key=lambda item: -item[1]["calls"]):
+            calls = stats["calls"] - before[command]["calls"]
+            if calls > 0:
+                spent[command] = {"calls": calls, "usec": stats["usec"] - before[command]["usec"]}
+
     async def reference_endpoint(self, kind: str) -> dict[str, Any]:
         await self.reset_data()
         port = free_port()
@@ -267,9 +309,11 @@ class Bench:
         components.add(kind, proc.pid)
         self.servers(components)
         with self.measured(components) as cpu:
-            report = await self.load(url, "single")
+            async with self.redis_calls() as calls:
+                report = await self.load(url, "single")
         self.stop(proc)
         report["component_cpu_s"] = cpu
+        report.update(redis_report(calls, report["accepted_ticks"], batches=None))
         return report
 
     async def tickpipe_run(self, mode: str, rate: float = 0.0) -> dict[str, Any]:
@@ -312,22 +356,27 @@ class Bench:
         for flusher in flushers:
             components.add("flushers", flusher.pid)
         self.servers(components)
+        batches_before = metric_total(await flusher_metrics(metrics_ports), BATCHES_METRIC)
         conn = await asyncpg.connect(self.stack.database_url)
         try:
             with self.measured(components) as cpu:
-                started = time.perf_counter()
-                report = await self.load(f"http://127.0.0.1:{port}", mode, rate)
-                loaded_s = time.perf_counter() - started
-                committed_during = await conn.fetchval("SELECT count(*) FROM md_ticks")
-                drained_at = await _wait_rows(conn, report["accepted_ticks"], 120)
+                async with self.redis_calls() as calls:
+                    started = time.perf_counter()
+                    report = await self.load(f"http://127.0.0.1:{port}", mode, rate)
+                    loaded_s = time.perf_counter() - started
+                    committed_during = await conn.fetchval("SELECT count(*) FROM md_ticks")
+                    drained_at = await _wait_rows(conn, report["accepted_ticks"], 120)
             total_s = drained_at - started
         finally:
             await conn.close()
+        metrics = await flusher_metrics(metrics_ports)
         report["committed_during_load"] = committed_during
         report["committed_rows_per_s"] = round(report["accepted_ticks"] / total_s, 1)
         report["drain_after_load_s"] = round(total_s - loaded_s, 2)
-        report["commit_lag_s"] = await commit_lag(metrics_ports)
+        report["commit_lag_s"] = commit_lag(metrics)
         report["component_cpu_s"] = cpu
+        batches = round(metric_total(metrics, BATCHES_METRIC) - batches_before)
+        report.update(redis_report(calls, report["accepted_ticks"], batches))
         self.stop(ingest)
         for flusher in flushers:
             self.stop(flusher)
@@ -378,9 +427,10 @@ class Bench:
         self.servers(servers)
         before = servers.snapshot()
         children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        elapsed = await self.burst_flushers(
-            [(f"drain-{n}", f"drain-{n}") for n in range(self.config.flushers)]
-        )
+        async with self.redis_calls() as calls:
+            elapsed = await self.burst_flushers(
+                [(f"drain-{n}", f"drain-{n}") for n in range(self.config.flushers)]
+            )
         # The flushers are this process's children: their CPU is known once reaped.
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         after = servers.snapshot()
@@ -396,6 +446,8 @@ class Bench:
             "elapsed_s": round(elapsed, 2),
             "ticks": self.config.drain_entries,
             "component_cpu_s": cpu,
+            # Burst flushers exit when done, before their batch counters could be read.
+            **redis_report(calls, self.config.drain_entries, batches=None),
         }
 
 
@@ -429,17 +481,63 @@ async def _wait_rows(conn: asyncpg.Connection, count: int, timeout_s: float) -> 
     return time.perf_counter()
 
 
-async def commit_lag(ports: list[int]) -> dict[str, float | None]:
-    """p50/p99 of the flushers' commit-lag histograms, merged, interpolated in buckets."""
-    buckets: dict[float, float] = {}
+async def command_stats(clients: list[Redis]) -> defaultdict[str, Counter[str]]:
+    """INFO commandstats summed over servers: {"XADD": {"calls": n, "usec": us}, ...}."""
+    found: defaultdict[str, Counter[str]] = defaultdict(Counter)
+    for client in clients:
+        for key, stats in (await client.info("commandstats")).items():
+            found[key.removeprefix("cmdstat_").upper()].update(
+                calls=int(stats["calls"]), usec=int(stats["usec"])
+            )
+    return found
+
+
+def redis_report(
+    calls: dict[str, dict[str, int]], ticks: int, batches: int | None
+) -> dict[str, Any]:
+    """A run's Redis commands, per accepted tick, and XREADGROUP per committed batch."""
+
+    def per_tick(count: int) -> float | None:
+        return round(count / ticks, 4) if ticks else None
+
+    xreadgroup = calls.get("XREADGROUP", {}).get("calls", 0)
+    return {
+        "redis_commands": calls,
+        "redis_calls_per_tick": {
+            "total": per_tick(sum(c["calls"] for c in calls.values())),
+            "by_command": {command: per_tick(c["calls"]) for command, c in calls.items()},
+        },
+        "batches": batches,
+        "xreadgroup_per_batch": round(xreadgroup / batches, 2) if batches else None,
+    }
+
+
+BATCHES_METRIC = "tickpipe_flusher_batches_total"
+
+
+async def flusher_metrics(ports: list[int]) -> list[str]:
+    """The Prometheus text of every flusher, as lines."""
+    lines: list[str] = []
     async with aiohttp.ClientSession() as session:
         for port in ports:
             async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
-                for line in (await response.text()).splitlines():
-                    if line.startswith("tickpipe_flusher_commit_lag_seconds_bucket"):
-                        bound = line.split('le="', 1)[1].split('"', 1)[0]
-                        upper = float("inf") if bound == "+Inf" else float(bound)
-                        buckets[upper] = buckets.get(upper, 0.0) + float(line.rsplit(" ", 1)[1])
+                lines.extend((await response.text()).splitlines())
+    return lines
+
+
+def metric_total(lines: list[str], name: str) -> float:
+    """A metric without labels, summed over the flushers' lines."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + " "))
+
+
+def commit_lag(lines: list[str]) -> dict[str, float | None]:
+    """p50/p99 of the flushers' commit-lag histograms, merged, interpolated in buckets."""
+    buckets: dict[float, float] = {}
+    for line in lines:
+        if line.startswith("tickpipe_flusher_commit_lag_seconds_bucket"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            upper = float("inf") if bound == "+Inf" else float(bound)
+            buckets[upper] = buckets.get(upper, 0.0) + float(line.rsplit(" ", 1)[1])
     bounds = sorted(buckets)
     total = buckets.get(float("inf"), 0.0)
 
@@ -532,14 +630,17 @@ def render(results: dict[str, Any], console: Console) -> None:
     table = Table(title="tickpipe bench", title_justify="left")
     for column in (
         "run",
+        "loader",
         "ticks/s accepted",
         "rows/s committed",
         "p50 ms",
         "p95 ms",
         "p99 ms",
+        "Redis calls/tick",
+        "XREADGROUP/batch",
         "CPU s",
     ):
-        table.add_column(column, justify="right" if column != "run" else "left")
+        table.add_column(column, justify="left" if column in ("run", "loader") else "right")
     for key, label in (
         ("direct_single", "direct INSERT per tick (baseline)"),
         ("bare_single", "bare aiohttp + XADD"),
@@ -554,11 +655,15 @@ def render(results: dict[str, Any], console: Console) -> None:
         )
         cpu = ", ".join(f"{k} {v}" for k, v in run.get("component_cpu_s", {}).items())
         table.add_row(
-            label, str(run["ticks_per_s"]), str(committed if committed is not None else "-"),
+            label, run.get("loader", "python"), str(run["ticks_per_s"]),
+            str(committed if committed is not None else "-"),
             str(latency["p50"]), str(latency["p95"]), str(latency["p99"]),
+            _or_dash(run.get("redis_calls_per_tick", {}).get("total")),
+            _or_dash(run.get("xreadgroup_per_batch")),
             f"load {run['cpu_s']}; {cpu}",
         )  # fmt: skip
     console.print(table)
+    console.print(loader_note(results))
     console.print(
         f"ceilings: pipelined XADD {results['xadd_ceiling']['entries_per_s']} entries/s;"
         f" COPY into md_ticks {results['copy_ceiling']['rows_per_s']} rows/s;"
@@ -571,6 +676,7 @@ def render(results: dict[str, Any], console: Console) -> None:
         " (FLUSH_INTERVAL_S=0.1)"
     )
     console.print(cpu_budget_table(results))
+    console.print(redis_calls_table(results))
     ratios = Table(title="ratios (same run)", title_justify="left")
     ratios.add_column("measure")
     ratios.add_column("ratio", justify="right")
@@ -580,6 +686,53 @@ def render(results: dict[str, Any], console: Console) -> None:
         target = targets.get(name)
         ratios.add_row(name, str(value), f">= {target}" if target else "")
     console.print(ratios)
+
+
+def _or_dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def loader_note(results: dict[str, Any]) -> str:
+    """Which load generator ran which rows."""
+    if results["config"].get("loader") != "wrk":
+        return "load generator: Python (python -m tickpipe.bench_load) for every row"
+    return (
+        f"load generator: wrk (1 thread, {results['config']['connections']} connections);"
+        " the 50% row: the Python one, open-loop at a fixed rate, which wrk cannot do"
+    )
+
+
+REDIS_RUNS = (
+    ("direct_single", "direct INSERT per tick"),
+    ("bare_single", "bare aiohttp + XADD"),
+    ("tickpipe_single", "tickpipe single"),
+    ("tickpipe_batch", "tickpipe batch"),
+    ("tickpipe_half_rate", "tickpipe single, 50%"),
+    ("drain", "flusher drain"),
+)
+
+
+def redis_calls_table(results: dict[str, Any]) -> Table:
+    """Redis commands per accepted tick (INFO commandstats), and XREADGROUP per batch."""
+    table = Table(
+        title="Redis calls per tick (INFO commandstats; a script's own commands count too)",
+        title_justify="left",
+    )
+    for column in ("run", "total", "by command", "XREADGROUP/batch", "batches"):
+        table.add_column(column, justify="left" if column in ("run", "by command") else "right")
+    for key, label in REDIS_RUNS:
+        run = results.get(key, {})
+        per_tick = run.get("redis_calls_per_tick")
+        if per_tick is None:
+            continue
+        table.add_row(
+            label,
+            _or_dash(per_tick["total"]),
+            ", ".join(f"{command} {n}" for command, n in per_tick["by_command"].items()) or "-",
+            _or_dash(run.get("xreadgroup_per_batch")),
+            _or_dash(run.get("batches")),
+        )
+    return table
 
 
 def cpu_per_tick(run: dict[str, Any]) -> dict[str, float]:
@@ -610,6 +763,8 @@ def cpu_budget(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "system_us_per_tick": round(system, 1),
             "ceiling_ticks_per_s": round(ceiling) if ceiling else None,
             "ceiling_vs_direct": ratio(ceiling, direct),
+            "redis_calls_per_tick": results[key].get("redis_calls_per_tick", {}).get("total"),
+            "xreadgroup_per_batch": results[key].get("xreadgroup_per_batch"),
         }
     return budget
 
@@ -619,7 +774,8 @@ def cpu_budget_table(results: dict[str, Any]) -> Table:
         title=f"CPU per tick (us) and what {os.cpu_count()} cores allow at that cost",
         title_justify="left",
     )
-    for column in ("run", "by component", "without load", "ceiling ticks/s", "vs direct"):
+    for column in ("run", "by component", "without load", "ceiling ticks/s", "vs direct",
+                   "Redis calls/tick", "XREADGROUP/batch"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("run", "by component") else "right")
     for key, row in results["cpu_budget"].items():
         table.add_row(
@@ -628,6 +784,8 @@ def cpu_budget_table(results: dict[str, Any]) -> Table:
             str(row["system_us_per_tick"]),
             str(row["ceiling_ticks_per_s"]),
             str(row["ceiling_vs_direct"]),
+            _or_dash(row.get("redis_calls_per_tick")),
+            _or_dash(row.get("xreadgroup_per_batch")),
         )
     return table
 
@@ -646,7 +804,12 @@ def chart(results: dict[str, Any], path: Path) -> None:
         ("tickpipe_batch", "tickpipe batch"),
         ("tickpipe_half_rate", "tickpipe 50%"),
     ):
-        throughput.plot(results[key]["timeline"], label=label, marker=".")
+        run = results[key]
+        if "timeline" in run:
+            throughput.plot(run["timeline"], label=label, marker=".")
+        else:  # wrk reports no per-second counts: its mean, over the run
+            seconds = max(1, int(run["elapsed_s"]))
+            throughput.plot([run["ticks_per_s"]] * seconds, label=f"{label} (mean)", linestyle="--")
     throughput.set_yscale("log")
     throughput.set_xlabel("second of the run")
     throughput.set_ylabel("ticks accepted per second (log)")

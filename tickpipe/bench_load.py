@@ -114,6 +114,7 @@ async def load(args: argparse.Namespace) -> dict[str, object]:
 
     accepted = statuses["200"] * per_request
     return {
+        "loader": "python",
         "stalled": stalled,
         "mode": args.mode,
         "requests": sum(statuses.values()),

@@ -70,6 +70,9 @@ class ScaleBench(Bench):
         finally:
             await asyncio.to_thread(self.cluster.down)
 
+    def redis_urls(self) -> list[str]:
+        return [f"redis://127.0.0.1:{node.port}/0" for node in self.cluster.nodes]
+
     def servers(self, components: Components) -> None:
         for node in self.cluster.nodes:
             pid = node.pid()
@@ -127,6 +130,8 @@ async def run_scale(config: BenchConfig, shards: int, console: Console) -> dict[
                     "batch_committed_rows_per_s": batch["committed_rows_per_s"],
                     "batch_accept_p99_ms": batch["latency_ms"]["p99"],
                     "component_cpu_s": batch["component_cpu_s"],
+                    "redis_calls_per_tick": batch["redis_calls_per_tick"]["total"],
+                    "xreadgroup_per_batch": batch["xreadgroup_per_batch"],
                 }
             )
     finally:
@@ -146,7 +151,8 @@ def render_scale(results: dict[str, Any], console: Console) -> None:
         title="tickpipe bench --shards (ratios are within this run)", title_justify="left"
     )
     for column in ("shards", "flushers", "drain rows/s", "vs 1x1", "batch accepted ticks/s",
-                   "committed rows/s", "vs 1x1", "accept p99 ms"):  # fmt: skip
+                   "committed rows/s", "vs 1x1", "accept p99 ms", "Redis calls/tick",
+                   "XREADGROUP/batch"):  # fmt: skip
         table.add_column(column, justify="right")
     for run in results["runs"]:
         table.add_row(
@@ -158,5 +164,8 @@ def render_scale(results: dict[str, Any], console: Console) -> None:
             f"{run['batch_committed_rows_per_s']:,.0f}",
             str(run["committed_vs_1x1"]),
             str(run["batch_accept_p99_ms"]),
+            str(run["redis_calls_per_tick"]),
+            str(run["xreadgroup_per_batch"]),
         )
     console.print(table)
+    console.print(f"load generator: {results['config']['loader']}")

@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -16,6 +16,9 @@ from tickpipe import loop
 from tickpipe.settings import AppendFsync, Settings, SettingsError
 from tickpipe.shards import MAX_SHARDS
 from tickpipe.stack import LocalStack, StackError
+
+if TYPE_CHECKING:
+    from tickpipe.bench_wrk import Loader
 
 T = TypeVar("T")
 
@@ -547,6 +550,13 @@ def _guarded(run: Coroutine[Any, Any, T], name: str) -> T:
 )
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench"), show_default=True,
               help="Writes OUT.json and OUT.png.")  # fmt: skip
+@click.option(
+    "--loader",
+    type=click.Choice(["wrk", "python"]),
+    default=None,
+    help="Load generator: wrk (C, less CPU) or the Python one. Default: wrk when it is on PATH."
+    " Open-loop runs at a fixed rate always use the Python one.",
+)
 def bench(
     duration_s: float,
     workers: int,
@@ -557,6 +567,7 @@ def bench(
     ceiling_rows: int,
     state_dir: Path,
     out: Path,
+    loader: Loader | None,
 ) -> None:
     """Throughput and latency against the per-tick INSERT baseline and the raw ceilings."""
     import json
@@ -564,6 +575,18 @@ def bench(
     from rich.console import Console
 
     from tickpipe.bench import BenchConfig, chart, render, run_bench
+    from tickpipe.bench_wrk import INSTALL_HINT, default_loader
+
+    if loader is None:
+        loader = default_loader()
+        if loader == "python":
+            click.echo(
+                "tickpipe bench: wrk is not on PATH, the load comes from the Python loader,"
+                f" which takes more CPU ({INSTALL_HINT} to use wrk)",
+                err=True,
+            )
+    elif loader == "wrk" and default_loader() != "wrk":
+        raise click.UsageError(f"--loader wrk: wrk is not on PATH ({INSTALL_HINT})")
 
     settings = load_settings()
     config = BenchConfig(
@@ -578,6 +601,7 @@ def bench(
         redis_server=settings.stack_redis_server,
         durability=settings.ingest_durability,
         appendfsync=settings.stack_appendfsync,
+        loader=loader,
     )
     console = Console()
     if shards > 1:
