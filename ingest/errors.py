@@ -138,6 +138,9 @@ def error_middleware(max_body_bytes: int, on_error: OnError) -> Any:
                 headers={"Retry-After": "1"},
             )
             error.cause = f"redis refused the request: {exc}"
+        except Exception:  # a defect: still a JSON answer, and the traceback in the log
+            log.exception("internal error answering %s %s", request.method, request.path)
+            error = ApiError(500, "internal_error", "an internal error occurred; see the log")
         on_error(request, error)
         return json_response(error.body, error.status, error.headers)
 

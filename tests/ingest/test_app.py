@@ -455,3 +455,20 @@ async def test_redis_refusing_writes_gives_503(client: Client, redis: Redis) -> 
     finally:
         await redis.config_set("maxmemory", "0")
     assert await redis.xlen("ticks.received") == 0
+
+
+async def test_an_internal_error_is_a_json_500(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(body: bytes) -> Any:
+        raise RuntimeError("a defect")
+
+    monkeypatch.setattr("ingest.app.decode_tick", broken)
+    async with make_client() as client:
+        response = await client.post("/ingest/tick", json=GOOD, headers=AUTH)
+        assert response.status == 500
+        assert await response.json() == {
+            "error": "internal_error",
+            "detail": "an internal error occurred; see the log",
+        }
+    assert "a defect" in caplog.text
