@@ -290,10 +290,12 @@ class Bench:
                 await client.aclose()
         # The INFO that took ``before`` is counted in ``after``: it is the bench's, not the run's.
         before["INFO"]["calls"] += len(clients)
-        for command, stats in sorted(after.items(), key=lambda item: -item[1]["calls"]):
-            calls = stats["calls"] - before[command]["calls"]
-            if calls > 0:
-                spent[command] = {"calls": calls, "usec": stats["usec"] - before[command]["usec"]}
+        delta = {
+            command: {"calls": calls, "usec": stats["usec"] - before[command]["usec"]}
+            for command, stats in after.items()
+            if (calls := stats["calls"] - before[command]["calls"]) > 0
+        }
+        spent.update(sorted(delta.items(), key=lambda item: -item[1]["calls"]))
 
     async def reference_endpoint(self, kind: str) -> dict[str, Any]:
         await self.reset_data()
@@ -702,6 +704,27 @@ def loader_note(results: dict[str, Any]) -> str:
     )
 
 
+KEY_COMMANDS = frozenset(
+    ("EVALSHA", "EVAL", "FCALL", "XADD", "XREADGROUP", "XACK", "WAITAOF", "WAIT")
+)
+"""Shown in the table even when rare; the JSON has every command."""
+
+
+def calls_by_command(by_command: dict[str, float | None]) -> str:
+    """The commands that matter per tick, the rest (connection set-up, housekeeping) summed."""
+    shown = [
+        f"{command} {n}"
+        for command, n in by_command.items()
+        if command in KEY_COMMANDS or (n or 0) >= 0.01
+    ]
+    rest = sum(
+        n or 0
+        for command, n in by_command.items()
+        if command not in KEY_COMMANDS and (n or 0) < 0.01
+    )
+    return ", ".join(shown + ([f"other {round(rest, 4)}"] if rest else [])) or "-"
+
+
 REDIS_RUNS = (
     ("direct_single", "direct INSERT per tick"),
     ("bare_single", "bare aiohttp + XADD"),
@@ -728,7 +751,7 @@ def redis_calls_table(results: dict[str, Any]) -> Table:
         table.add_row(
             label,
             _or_dash(per_tick["total"]),
-            ", ".join(f"{command} {n}" for command, n in per_tick["by_command"].items()) or "-",
+            calls_by_command(per_tick["by_command"]),
             _or_dash(run.get("xreadgroup_per_batch")),
             _or_dash(run.get("batches")),
         )
@@ -808,8 +831,8 @@ def chart(results: dict[str, Any], path: Path) -> None:
         if "timeline" in run:
             throughput.plot(run["timeline"], label=label, marker=".")
         else:  # wrk reports no per-second counts: its mean, over the run
-            seconds = max(1, int(run["elapsed_s"]))
-            throughput.plot([run["ticks_per_s"]] * seconds, label=f"{label} (mean)", linestyle="--")
+            mean = run["ticks_per_s"]
+            throughput.plot([0, run["elapsed_s"]], [mean, mean], label=f"{label} (mean)", ls="--")
     throughput.set_yscale("log")
     throughput.set_xlabel("second of the run")
     throughput.set_ylabel("ticks accepted per second (log)")

@@ -603,7 +603,8 @@ def bench(
         appendfsync=settings.stack_appendfsync,
         loader=loader,
     )
-    console = Console()
+    # Into a file or a pipe, rich would wrap the tables at 80 columns: cell by cell.
+    console = Console(width=None if sys.stdout.isatty() else 200)
     if shards > 1:
         from tickpipe.bench_scale import render_scale, run_scale
 
