@@ -1,37 +1,63 @@
-"""The flusher's Postgres side: one pool, one bulk upsert per batch."""
+"""The flusher's Postgres side: one pool, one bulk upsert per batch.
+
+A batch goes to Postgres as COPY text built from the entries' bytes, with no
+object per row: Postgres parses the values, and md_ticks' CHECK constraints
+(schema.sql) hold the tick rules for every writer.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+import re
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import NamedTuple, TypeAlias
 
 import asyncpg
 
 from flusher.errors import FatalError, RowsRejected, TransientError
+from tickpipe.keys import ENTRY_FIELDS
 from tickpipe.pgerrors import is_transient
 from tickpipe.pgpool import close_pool, open_pool
-from tickpipe.ticks import Tick
+from tickpipe.ticks import (
+    MAX_DECIMAL_INTEGER_DIGITS,
+    MAX_DECIMAL_SCALE,
+    MAX_SOURCE_CHARS,
+    MAX_TS_US,
+    SYMBOL_PATTERN,
+    Tick,
+    TickError,
+    from_fields,
+)
 
-_COLUMNS = ("symbol", "ts", "price", "volume", "source", "stream_id")
+RowKey: TypeAlias = tuple[bytes, bytes]
+"""The identity of a staged row: symbol and ts (epoch microseconds) as ASCII bytes."""
+
+_STAGE_COLUMNS = ("symbol", "ts_us", "price", "volume", "source", "stream_id")
 
 # A per-connection staging table, emptied by every COMMIT (and gone with any ROLLBACK).
 CREATE_STAGE_SQL = """
 CREATE TEMP TABLE IF NOT EXISTS md_ticks_stage (
-    symbol text NOT NULL, ts timestamptz NOT NULL,
+    symbol text NOT NULL, ts_us bigint NOT NULL,
     price numeric NOT NULL, volume numeric NOT NULL, source text NOT NULL,
     stream_id text NOT NULL
 ) ON COMMIT DELETE ROWS
 """
 
-# Rows arrive deduplicated and sorted by key: competing flushers lock keys in
-# the same order and cannot deadlock. A row is replaced only by a later stream
-# entry: a replayed batch (reclaimed after its COMMIT) or an older version of a
-# key committed late by another flusher changes nothing; last write wins by
-# stream order, whatever the order of the commits. The comparison runs only on
-# conflicting rows.
+# Rows arrive deduplicated (one per key) and are inserted sorted by key:
+# competing flushers lock keys in the same order and cannot deadlock. A row is
+# replaced only by a later stream entry: a replayed batch (reclaimed after its
+# COMMIT) or an older version of a key committed late by another flusher
+# changes nothing; last write wins by stream order, whatever the order of the
+# commits. The comparison runs only on conflicting rows.
+# The timestamp is exact: whole seconds (a float8 below 2^53) times 1 second,
+# plus the microseconds; ts_us * interval '1 microsecond' alone goes through a
+# float8 and rounds past 2^53 µs (the year 2255).
 UPSERT_SQL = """
 INSERT INTO md_ticks (symbol, ts, price, volume, source, stream_id)
-SELECT symbol, ts, price, volume, source, stream_id FROM md_ticks_stage ORDER BY symbol, ts
+SELECT symbol,
+       timestamptz 'epoch' + (ts_us / 1000000) * interval '1 second'
+                           + (ts_us % 1000000) * interval '1 microsecond',
+       price, volume, source, stream_id
+FROM md_ticks_stage ORDER BY symbol, ts_us
 ON CONFLICT (symbol, ts) DO UPDATE
 SET price = EXCLUDED.price, volume = EXCLUDED.volume, source = EXCLUDED.source,
     stream_id = EXCLUDED.stream_id
@@ -41,6 +67,97 @@ WHERE md_ticks.stream_id IS NULL
     < (split_part(EXCLUDED.stream_id, '-', 1)::bigint,
        split_part(EXCLUDED.stream_id, '-', 2)::bigint)
 """
+
+
+_DECIMAL = rf"[0-9]{{1,{MAX_DECIMAL_INTEGER_DIGITS}}}(?:\.[0-9]{{1,{MAX_DECIMAL_SCALE}}})?"
+_CANONICAL_ROW = re.compile(
+    (
+        rf"{SYMBOL_PATTERN.removeprefix('^').removesuffix('$')}\t"
+        # Fewer digits than MAX_TS_US has, no leading zero: in range, one text per value.
+        rf"(?:0|[1-9][0-9]{{0,{len(str(MAX_TS_US)) - 2}}})\t"
+        rf"(?=[0.]*[1-9]){_DECIMAL}\t"  # a price has a digit other than 0
+        rf"{_DECIMAL}\t"
+        # Printable ASCII but the backslash: COPY text as it stands.
+        rf"[\x20-\x5b\x5d-\x7e]{{1,{MAX_SOURCE_CHARS}}}\t"
+        r"[0-9]+-[0-9]+"
+    ).encode()
+)
+"""A staged row as ingest's entries give it (tickpipe.ticks.to_fields): the values
+and the entry id, tab-separated, each in its checked, canonical form."""
+_FIELD_NAMES = [name.encode() for name in ENTRY_FIELDS]
+
+
+def stage(
+    ids: Sequence[bytes],
+    fields: Sequence[Sequence[bytes] | None],
+    rows: dict[RowKey, bytes],
+) -> list[tuple[int, str | None]]:
+    """Add a staged row per entry to ``rows``; a later entry's row replaces its key's.
+
+    ``fields[i]`` is entry ``ids[i]``'s flat field/value list as Redis sent it.
+    Returns the entries that give no row, by index: with why they cannot be
+    decoded, or None when the entry was deleted from the stream (no fields).
+    """
+    skipped: list[tuple[int, str | None]] = []
+    canonical = _CANONICAL_ROW.fullmatch
+    names = _FIELD_NAMES
+    for index, values in enumerate(fields):
+        # An entry as ingest writes it: its values are the row's COPY text already.
+        if values and values[0::2] == names:
+            row = list(values[1::2])
+            row.append(ids[index])
+            line = b"\t".join(row)
+            if canonical(line) is not None:
+                rows[row[0], row[1]] = line
+                continue
+        if not values:
+            skipped.append((index, None))
+            continue
+        try:
+            key, line = _careful_row(ids[index], values)
+        except TickError as exc:
+            skipped.append((index, str(exc)))
+        else:
+            rows[key] = line
+    return skipped
+
+
+def entry_key(entry_id: bytes, values: Sequence[bytes] | None) -> RowKey | None:
+    """The key of an entry's row, as :func:`stage` has it; None if it gives no row."""
+    rows: dict[RowKey, bytes] = {}
+    stage([entry_id], [values], rows)
+    return next(iter(rows), None)
+
+
+def _careful_row(entry_id: bytes, values: Sequence[bytes]) -> tuple[RowKey, bytes]:
+    """An entry not in ingest's exact form (rare): decoded and checked as a Tick."""
+    fields = dict(zip(values[0::2], values[1::2], strict=False))
+    if len(values) != 2 * len(fields):
+        raise TickError("stream entry repeats a field or lacks a value")
+    return staged_row(entry_id.decode(), from_fields(fields))
+
+
+def staged_row(stream_id: str, tick: Tick) -> tuple[RowKey, bytes]:
+    """The staged row of a tick, with its key."""
+    ts = str(tick.ts_us)
+    line = "\t".join(
+        (
+            _copy_text(tick.symbol),
+            ts,
+            format(tick.price, "f"),
+            format(tick.volume, "f"),
+            _copy_text(tick.source),
+            stream_id,
+        )
+    )
+    return (tick.symbol.encode(), ts.encode()), line.encode()
+
+
+def _copy_text(value: str) -> str:
+    """``value`` escaped for COPY's text format."""
+    return (
+        value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    )
 
 
 class Row(NamedTuple):
@@ -75,23 +192,33 @@ class TickStore:
     async def close(self, timeout_s: float = 2.0) -> None:
         await close_pool(self._pool, timeout_s)
 
-    async def upsert(self, rows: Sequence[Row]) -> None:
-        """Write ``rows`` (unique keys, sorted) in one transaction; returns after COMMIT."""
+    async def write(self, rows: Sequence[bytes]) -> None:
+        """Upsert staged rows (one per key, see :func:`stage`) in one transaction.
+
+        Returns after COMMIT.
+        """
         if not rows:
             return
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                await conn.copy_records_to_table(
+                await conn.copy_to_table(
                     "md_ticks_stage",
-                    records=[
-                        (t.symbol, t.ts, t.price, t.volume, t.source, stream_id)
-                        for stream_id, t in rows
-                    ],
-                    columns=_COLUMNS,
+                    source=_one_chunk(b"\n".join(rows) + b"\n"),
+                    columns=_STAGE_COLUMNS,
+                    format="text",
                 )
                 await conn.execute(UPSERT_SQL)
         except Exception as exc:
             raise _classify(exc) from exc
+
+    async def upsert(self, rows: Sequence[Row]) -> None:
+        """Write ticks (unique keys) in one transaction; returns after COMMIT."""
+        await self.write([staged_row(stream_id, tick)[1] for stream_id, tick in rows])
+
+
+async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    """COPY's data in one message (a file object would be read in a thread)."""
+    yield data
 
 
 # 22 data exception, 23 integrity constraint violation: the rows themselves.

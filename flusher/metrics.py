@@ -6,6 +6,11 @@ from prometheus_client import Counter, Gauge, Histogram
 
 BATCHES = Counter("tickpipe_flusher_batches", "Batches committed and acknowledged.")
 ROWS = Counter("tickpipe_flusher_rows", "Rows upserted into md_ticks (after dedupe).")
+READS = Counter(
+    "tickpipe_flusher_reads",
+    "XREADGROUP commands sent (new entries and own pending ones); over"
+    " tickpipe_flusher_batches, the reads a batch takes.",
+)
 FLUSH_SECONDS = Histogram(
     "tickpipe_flusher_flush_seconds",
     "Time to write and acknowledge one batch.",

@@ -83,13 +83,15 @@ async def run_flusher(settings: Settings, *, burst: bool = False) -> Flusher | N
         await redis.aclose()
     log.info(
         "flusher %s stopped: %d rows written, %d entries acknowledged, %d reclaimed,"
-        " %d dead-lettered, %d lost",
+        " %d dead-lettered, %d lost; %d batches, %d reads (XREADGROUP)",
         consumer,
         flusher.rows_written,
         flusher.entries_acked,
         flusher.reclaimed,
         flusher.dead_lettered,
         flusher.lost,
+        flusher.batches,
+        flusher.reads,
     )
     if burst:
         problems = burst_problems(flusher)

@@ -14,10 +14,20 @@ import dataclasses
 import functools
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Sequence
-from typing import Any, ParamSpec, Protocol, TypeVar
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar
 
 from redis.asyncio import RedisCluster
+from redis.client import NEVER_DECODE
 from redis.exceptions import ReadOnlyError, ResponseError
 
 from flusher.errors import FatalError, TransientError
@@ -82,15 +92,80 @@ class Entry:
     """One stream entry. ``fields`` is None when the entry was deleted from the stream.
 
     Ids are unique within one shard's stream only: ``(shard, id)`` names an entry.
+    For the entries handled one by one (dead letters, lost ones); batches travel
+    as :class:`Delivery`.
     """
 
     id: str
     fields: dict[bytes, bytes] | None
     shard: int = 0
 
+
+class Part(NamedTuple):
+    """Entries of one shard, in stream order, as Redis sent them.
+
+    ``fields[i]`` is entry ``ids[i]``'s flat field/value list, or None (or empty)
+    when the entry was deleted from the stream while pending.
+    """
+
+    shard: int
+    ids: list[bytes]
+    fields: list[list[bytes] | None]
+
+    def entry(self, index: int) -> Entry:
+        values = self.fields[index]
+        fields = dict(zip(values[0::2], values[1::2], strict=False)) if values else None
+        return Entry(self.ids[index].decode(), fields, self.shard)
+
+
+class Delivery:
+    """Entries delivered by one or more reads: per shard, ids and raw field lists.
+
+    No object per entry: the flusher builds its rows straight from the bytes.
+    Iterating gives :class:`Entry` objects, for code that takes entries one by one.
+    """
+
+    __slots__ = ("_size", "parts")
+
+    def __init__(self, parts: Iterable[Part] = ()) -> None:
+        self.parts: list[Part] = [part for part in parts if part.ids]
+        self._size = sum(len(part.ids) for part in self.parts)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __iter__(self) -> Iterator[Entry]:
+        for part in self.parts:
+            for index in range(len(part.ids)):
+                yield part.entry(index)
+
+    def extend(self, other: Delivery) -> None:
+        self.parts.extend(other.parts)
+        self._size += other._size
+
+    def ids_by_shard(self) -> dict[int, list[bytes]]:
+        by_shard: dict[int, list[bytes]] = defaultdict(list)
+        for part in self.parts:
+            by_shard[part.shard].extend(part.ids)
+        return by_shard
+
+    def without(self, shard: int, ids: Collection[bytes]) -> Delivery:
+        """The entries but those of ``shard`` whose id is in ``ids``."""
+        if not ids:
+            return self
+        kept = []
+        for part in self.parts:
+            if part.shard != shard:
+                kept.append(part)
+                continue
+            keep = [index for index, entry_id in enumerate(part.ids) if entry_id not in ids]
+            kept.append(Part(shard, [part.ids[i] for i in keep], [part.fields[i] for i in keep]))
+        return Delivery(kept)
+
     @property
-    def ref(self) -> tuple[int, str]:
-        return (self.shard, self.id)
+    def last_id(self) -> str:
+        """The id of the last entry (of the last part): where a read from it goes on."""
+        return self.parts[-1].ids[-1].decode()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -279,6 +354,55 @@ return redis.call('INCRBY', KEYS[1], added)
 """
 
 
+_RAW_REPLY = "tickpipe_raw_reply"
+"""An option of the XREADGROUPs sent here: the reply is returned as Redis sent it."""
+
+
+def _read_raw_replies(redis: RedisClient) -> None:
+    """Let this module's XREADGROUPs skip redis-py's parsing (a dict per entry).
+
+    Any other XREADGROUP sent through the client is parsed as before. Idempotent.
+    """
+    parse = redis.response_callbacks.get("XREADGROUP")
+    if getattr(parse, _RAW_REPLY, False):
+        return
+
+    def callback(response: Any, **options: Any) -> Any:
+        if options.pop(_RAW_REPLY, False) or parse is None:
+            return response
+        return parse(response, **options)
+
+    setattr(callback, _RAW_REPLY, True)
+    redis.set_response_callback("XREADGROUP", callback)
+
+
+async def _xreadgroup(
+    redis: RedisClient,
+    group: str,
+    consumer: str,
+    starts: Mapping[str, str],
+    count: int,
+    block_ms: int | None,
+) -> Any:
+    """XREADGROUP's reply as Redis sent it: no object per entry, bytes whatever the client."""
+    args: list[str | int] = ["XREADGROUP", "GROUP", group, consumer, "COUNT", count]
+    if block_ms is not None:
+        args += ["BLOCK", block_ms]
+    args += ["STREAMS", *starts, *starts.values()]
+    return await redis.execute_command(*args, **{_RAW_REPLY: True, NEVER_DECODE: True})
+
+
+def _parts(reply: Any, shard_of: Callable[[bytes], int]) -> list[Part]:
+    """The entries of a raw XREADGROUP/XAUTOCLAIM reply, one part per stream."""
+    if not reply:
+        return []
+    parts = []
+    for name, messages in reply.items() if isinstance(reply, dict) else reply:
+        if messages:
+            parts.append(Part(shard_of(name), [m[0] for m in messages], [m[1] for m in messages]))
+    return parts
+
+
 class TickStream:
     """One shard's stream and the consumer group, as one flusher consumer sees them.
 
@@ -294,6 +418,9 @@ class TickStream:
         self.shard = keys.index
         self.group = group
         self.consumer = consumer
+        self.reads = 0
+        """XREADGROUP commands sent."""
+        _read_raw_replies(redis)
         self._trim = redis.register_script(TRIM_LUA)
         self._delete_idle_consumer = redis.register_script(DELETE_IDLE_CONSUMER_LUA)
         self._dead_letter = redis.register_script(DEAD_LETTER_LUA)
@@ -307,17 +434,17 @@ class TickStream:
         await redis_conn.ensure_group(self.redis, self.stream, self.group)
 
     @_transient
-    async def read_new(self, count: int, block_ms: int | None) -> list[Entry]:
+    async def read_new(self, count: int, block_ms: int | None) -> Delivery:
         """Entries never delivered to any consumer (``>``), waiting up to ``block_ms``."""
         return await self._read(">", count, block_ms)
 
     @_transient
-    async def read_own_pending(self, after: str, count: int) -> list[Entry]:
+    async def read_own_pending(self, after: str, count: int) -> Delivery:
         """This consumer's pending entries with ids greater than ``after`` (start at ``0``)."""
         return await self._read(after, count, None)
 
     @_transient
-    async def ack(self, ids: Sequence[str]) -> int:
+    async def ack(self, ids: Sequence[bytes | str]) -> int:
         if not ids:
             return 0
         acked: int = await self.redis.xack(self.stream, self.group, *ids)
@@ -326,7 +453,7 @@ class TickStream:
     @_transient
     async def claim(
         self, min_idle_ms: int, cursor: str, count: int
-    ) -> tuple[str, list[Entry], list[str]]:
+    ) -> tuple[str, Delivery, list[str]]:
         """XAUTOCLAIM entries idle for ``min_idle_ms``: (next cursor, entries, deleted ids).
 
         Deleted ids are entries trimmed or XDELed while pending: Redis drops them
@@ -336,8 +463,16 @@ class TickStream:
             self.stream, self.group, self.consumer, min_idle_ms, start_id=cursor, count=count
         )
         next_cursor, messages, deleted = reply[0], reply[1], reply[2] if len(reply) > 2 else []
-        entries = [Entry(text(i), fields or None, self.shard) for i, fields in messages]
-        return text(next_cursor), entries, [text(i) for i in deleted]
+        # Rare (a consumer died or stalled): redis-py's parsed reply, flattened back.
+        claimed = Part(
+            self.shard,
+            [entry_id for entry_id, _ in messages],
+            [
+                [v for pair in fields.items() for v in pair] if fields else None
+                for _, fields in messages
+            ],
+        )
+        return text(next_cursor), Delivery([claimed]), [text(i) for i in deleted]
 
     @_transient
     async def deliveries(self, ids: Sequence[str]) -> dict[str, int]:
@@ -454,15 +589,15 @@ class TickStream:
                 return GroupStats(int(group["pending"]), None if lag is None else int(lag))
         return GroupStats(0, None)
 
-    async def _read(self, start: str, count: int, block_ms: int | None) -> list[Entry]:
-        reply: Any = await self.redis.xreadgroup(
-            self.group, self.consumer, {self.stream: start}, count=count, block=block_ms
+    async def _read(self, start: str, count: int, block_ms: int | None) -> Delivery:
+        self.reads += 1
+        reply = await _xreadgroup(
+            self.redis, self.group, self.consumer, {self.stream: start}, count, block_ms
         )
-        entries: list[Entry] = []
-        for _stream, messages in reply or []:
-            for raw_id, fields in messages:
-                entries.append(Entry(text(raw_id), fields or None, self.shard))
-        return entries
+        return Delivery(_parts(reply, self._own_shard))
+
+    def _own_shard(self, _name: bytes) -> int:
+        return self.shard
 
 
 class ShardedStream:
@@ -487,9 +622,15 @@ class ShardedStream:
         self.group = streams[0].group
         self.consumer = streams[0].consumer
         self._by_index = {stream.shard: stream for stream in streams}
-        self._by_name = {stream.stream: stream for stream in streams}
+        self._shard_by_name = {stream.stream.encode(): stream.shard for stream in streams}
         self._per_shard_reads = isinstance(redis, RedisCluster) and len(streams) > 1
-        self._reads: dict[int, asyncio.Task[list[Entry]]] = {}
+        self._reads: dict[int, asyncio.Task[Delivery]] = {}
+        self._reads_together = 0
+
+    @property
+    def reads(self) -> int:
+        """XREADGROUP commands sent, for every shard."""
+        return self._reads_together + sum(stream.reads for stream in self.shards)
 
     @classmethod
     def for_consumer(cls, redis: RedisClient, settings: Settings, consumer: str) -> ShardedStream:
@@ -526,7 +667,7 @@ class ShardedStream:
 
     async def read_new(
         self, count: int, block_ms: int | None, shards: Collection[int] | None = None
-    ) -> tuple[list[Entry], dict[int, TransientError]]:
+    ) -> tuple[Delivery, dict[int, TransientError]]:
         """Entries never delivered (``>``) of ``shards`` (default all), waiting up to ``block_ms``.
 
         About ``count`` in all: each shard is asked for its share (``count`` over
@@ -536,7 +677,7 @@ class ShardedStream:
         """
         chosen = self.shards if shards is None else [s for s in self.shards if s.shard in shards]
         if not chosen:
-            return [], {}
+            return Delivery(), {}
         share = max(1, -(-count // len(chosen)))
         if self._per_shard_reads:
             return await self._read_each(chosen, share, block_ms)
@@ -544,13 +685,13 @@ class ShardedStream:
             try:
                 return await chosen[0].read_new(share, block_ms), {}
             except TransientError as exc:
-                return [], {chosen[0].shard: exc}
+                return Delivery(), {chosen[0].shard: exc}
         try:
             return await self._read_together(chosen, share, block_ms), {}
         except TransientError:
             pass
         # Which shard failed? Each on its own, without waiting.
-        entries: list[Entry] = []
+        entries = Delivery()
         failures: dict[int, TransientError] = {}
         for stream in chosen:
             try:
@@ -562,38 +703,40 @@ class ShardedStream:
     @_transient
     async def _read_together(
         self, chosen: Sequence[TickStream], share: int, block_ms: int | None
-    ) -> list[Entry]:
+    ) -> Delivery:
         # COUNT applies per stream: each shard's share.
-        reply: Any = await self.redis.xreadgroup(
+        self._reads_together += 1
+        reply = await _xreadgroup(
+            self.redis,
             self.group,
             self.consumer,
             {stream.stream: ">" for stream in chosen},
-            count=share,
-            block=block_ms,
+            share,
+            block_ms,
         )
-        entries: list[Entry] = []
-        for name, messages in reply or []:
-            shard = self._by_name[text(name)].shard
-            entries.extend(Entry(text(i), fields or None, shard) for i, fields in messages)
-        return entries
+        return Delivery(_parts(reply, self._shard_by_name.__getitem__))
 
     async def _read_each(
         self, chosen: Sequence[TickStream], share: int, block_ms: int | None
-    ) -> tuple[list[Entry], dict[int, TransientError]]:
+    ) -> tuple[Delivery, dict[int, TransientError]]:
         deadline = None if block_ms is None else time.monotonic() + block_ms / 1000
         while True:
             remaining_ms = None
             if deadline is not None:
                 remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
+            started = []
             for stream in chosen:
                 if stream.shard not in self._reads:
-                    self._reads[stream.shard] = asyncio.create_task(
-                        stream.read_new(share, remaining_ms)
-                    )
-            pending = set(self._reads.values())
+                    started.append(asyncio.create_task(stream.read_new(share, remaining_ms)))
+                    self._reads[stream.shard] = started[-1]
             if deadline is None:
-                done, _ = await asyncio.wait(pending)
+                # Without waiting: the reads just sent, not one still blocked since an
+                # earlier call (it is collected once it returns).
+                if started:
+                    await asyncio.wait(started)
+                done = {task for task in self._reads.values() if task.done()}
             else:
+                pending = set(self._reads.values())
                 done, _ = await asyncio.wait(
                     pending,
                     timeout=max(0.0, deadline - time.monotonic()),
@@ -604,10 +747,10 @@ class ShardedStream:
                 return entries, failures
 
     def _collect(
-        self, done: Iterable[asyncio.Task[list[Entry]]]
-    ) -> tuple[list[Entry], dict[int, TransientError]]:
+        self, done: Collection[asyncio.Task[Delivery]]
+    ) -> tuple[Delivery, dict[int, TransientError]]:
         """The entries of finished reads, and the failure of each shard whose read failed."""
-        entries: list[Entry] = []
+        entries = Delivery()
         failures: dict[int, TransientError] = {}
         unexpected: BaseException | None = None
         for shard, task in list(self._reads.items()):
@@ -625,14 +768,14 @@ class ShardedStream:
             raise unexpected
         return entries, failures
 
-    async def settle(self) -> list[Entry]:
+    async def settle(self) -> Delivery:
         """Wait for the reads still under way (at stop) and return what they delivered.
 
         A read that failed may still have delivered entries: they wait in this
         consumer's pending list.
         """
         if not self._reads:
-            return []
+            return Delivery()
         done, _ = await asyncio.wait(set(self._reads.values()))
         entries, _failures = self._collect(done)
         return entries
@@ -643,15 +786,13 @@ class ShardedStream:
             task.cancel()
         self._reads.clear()
 
-    async def ack(self, entries: Sequence[Entry]) -> dict[int, TransientError]:
-        """XACK ``entries``, each on its shard's stream; one round trip per node.
+    async def ack(self, by_shard: Mapping[int, Sequence[bytes | str]]) -> dict[int, TransientError]:
+        """XACK the ids of each shard on its shard's stream; one round trip per node.
 
         Returns the failure of each shard whose XACK failed: the other shards'
         entries are acknowledged all the same (XACK may be sent again safely).
         """
-        by_shard: dict[int, list[str]] = defaultdict(list)
-        for entry in entries:
-            by_shard[entry.shard].append(entry.id)
+        by_shard = {shard: ids for shard, ids in by_shard.items() if ids}
         todo = dict(by_shard)
         if len(by_shard) > 1:
             try:
@@ -673,7 +814,7 @@ class ShardedStream:
         return failures
 
     @_transient
-    async def _ack_pipelined(self, by_shard: dict[int, list[str]]) -> list[Any]:
+    async def _ack_pipelined(self, by_shard: Mapping[int, Sequence[bytes | str]]) -> list[Any]:
         pipe: Any = (
             self.redis.pipeline()
             if isinstance(self.redis, RedisCluster)

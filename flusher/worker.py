@@ -27,21 +27,21 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import NamedTuple, TypeVar
 
 from flusher import metrics
-from flusher.db import Row, TickStore, last_per_key
+from flusher.db import RowKey, TickStore, entry_key, stage
 from flusher.errors import RowsRejected, TransientError
 from flusher.faults import Faults
 from flusher.retention import Retention
 from flusher.shard_health import ShardHealth
-from flusher.stream import DeadLetter, Entry, GroupStats, ShardedStream, TickStream
+from flusher.stream import DeadLetter, Delivery, Entry, GroupStats, ShardedStream, TickStream
 from tickpipe.backoff import Backoff
 from tickpipe.settings import Settings
-from tickpipe.ticks import Tick, TickError, from_fields
 
 log = logging.getLogger("tickpipe.flusher")
 
@@ -72,14 +72,18 @@ class Flusher:
         self._stopping = asyncio.Event()
         self._stop_deadline: float | None = None
         self._servers_ok = True
-        self._in_flight: set[tuple[int, str]] = set()
-        """(shard, id) being written by this process: the reclaim loop must not take them too."""
+        self._in_flight: list[Delivery] = []
+        """Batches being written by this process: the reclaim loop must not take them too."""
         self._health = ShardHealth({stream.shard: stream.stream for stream in streams.shards})
         self._retention = Retention(settings)
         self._drain_due: set[int] = {stream.shard for stream in streams.shards}
         """Shards whose own pending entries must be read (from 0) before anything else of theirs."""
-        self._unacked: dict[int, list[Entry]] = {}
-        """Per shard, entries committed whose XACK failed: sent again until it succeeds."""
+        self._unacked: dict[int, list[bytes]] = {}
+        """Per shard, ids of entries committed whose XACK failed: sent again until it succeeds."""
+        self._arrivals = ArrivalRate(max(0.1, 2 * settings.flush_interval_s))
+        self._reads_counted = 0
+        self.batches = 0
+        """Batches written (committed, or found to hold no row) and acknowledged."""
         self.rows_written = 0
         self.entries_acked = 0
         self.dead_lettered = 0
@@ -102,6 +106,11 @@ class Flusher:
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
+
+    @property
+    def reads(self) -> int:
+        """XREADGROUP commands sent (new entries and own pending ones)."""
+        return self.streams.reads
 
     # -- the loops ---------------------------------------------------------------------
 
@@ -152,7 +161,7 @@ class Flusher:
 
     async def _main_loop(self) -> None:
         try:
-            batch: list[Entry] = []
+            batch = Delivery()
             while not self.stopping:
                 await self._tend_shards()
                 if not batch:
@@ -206,6 +215,8 @@ class Flusher:
             except TransientError as exc:
                 self._health.failed(stream.shard, "read own pending entries", exc)
                 return  # still due: again when the shard's wait is over
+            finally:
+                self._count_reads()
             self._health.answered(stream.shard)
             if not batch:
                 self._drain_due.discard(stream.shard)
@@ -217,37 +228,50 @@ class Flusher:
                 stream.stream,
             )
             await self._flush(batch)
-            after = batch[-1].id
+            after = batch.last_id
 
-    async def _next_batch(self) -> list[Entry]:
-        """Up to FLUSH_BATCH_SIZE entries, waiting at most FLUSH_INTERVAL_S after the first."""
+    async def _next_batch(self) -> Delivery:
+        """Up to FLUSH_BATCH_SIZE entries in at most three reads, never by polling.
+
+        The first read waits up to FLUSH_INTERVAL_S for entries. The rest of the
+        batch is read at once when the rate entries arrive at would have filled
+        it, and at the latest FLUSH_INTERVAL_S after its oldest entry was added;
+        if the rate fell short, one more read at that time tops it up. Empty when
+        nothing came (the main loop tends the shards that owe work, then reads
+        again).
+        """
+        if self.stopping:
+            return Delivery()
         size = self.settings.flush_batch_size
-        interval_ms = max(1, int(self.settings.flush_interval_s * 1000))
-        batch: list[Entry] = []
-        deadline: float | None = None
-        while len(batch) < size and not self.stopping:
-            if self.burst:
-                block_ms = None
-            elif deadline is None:
-                block_ms = interval_ms
-            else:
-                block_ms = int((deadline - time.monotonic()) * 1000)
-                if block_ms <= 0:
-                    break
-            count = size - len(batch)
-            got = await self._read_new(count, block_ms)
+        interval_s = self.settings.flush_interval_s
+        batch = await self._read_new(size, None if self.burst else max(1, int(interval_s * 1000)))
+        if batch is None:
+            return Delivery()  # no shard may be read now: the main loop tends them first
+        if self.burst or not batch:
+            return batch  # a burst drains without waiting for more
+        now = time.monotonic()
+        self._arrivals.add(len(batch), now)
+        # By Redis's clock, which added the entries; within [now, now + interval]
+        # whatever the clocks say.
+        age_s = max(0.0, time.time() - min(_entry_time(part.ids[0]) for part in batch.parts))
+        deadline = now + max(0.0, interval_s - age_s)
+        for _ in range(_TOP_UPS):
+            need = size - len(batch)
+            remaining_s = deadline - time.monotonic()
+            if need <= 0 or remaining_s < _MIN_LINGER_S:
+                break
+            rate = self._arrivals.per_second(time.monotonic())
+            fill_s = need / rate if rate > 0 else remaining_s
+            if await self._sleep_unless_stopped(min(remaining_s, max(fill_s, _MIN_LINGER_S))):
+                break  # stopping: this batch is written, nothing more is read
+            got = await self._read_new(need, None)
             if got is None:
-                break  # no shard may be read now: the main loop tends them first
-            if not got:
-                if batch or self.burst or self._shards_owe_work():
-                    break  # the main loop tends the shards that owe work, then reads again
-                continue
-            if deadline is None:
-                deadline = time.monotonic() + self.settings.flush_interval_s
+                break
+            self._arrivals.add(len(got), time.monotonic())
             batch.extend(got)
         return batch
 
-    async def _read_new(self, count: int, block_ms: int | None) -> list[Entry] | None:
+    async def _read_new(self, count: int, block_ms: int | None) -> Delivery | None:
         """New entries of the shards ready to be read (others wait out their backoff).
 
         None when no shard may be read now (after a short wait for the first).
@@ -259,7 +283,10 @@ class Flusher:
             # Every shard waits (for its backoff, or for its own pending to be read first).
             await self._sleep_unless_stopped(max(0.01, self._health.seconds_to_next()))
             return None
-        entries, failures = await self.streams.read_new(count, block_ms, ready)
+        try:
+            entries, failures = await self.streams.read_new(count, block_ms, ready)
+        finally:
+            self._count_reads()
         for shard, exc in failures.items():
             self._health.failed(shard, "read new entries", exc)
             # Redis may have delivered entries whose reply was lost: they now wait
@@ -269,6 +296,11 @@ class Flusher:
             if shard not in failures:
                 self._health.answered(shard)
         return entries
+
+    def _count_reads(self) -> None:
+        reads = self.streams.reads
+        metrics.READS.inc(reads - self._reads_counted)
+        self._reads_counted = reads
 
     async def _reclaim_loop(self) -> None:
         while not await self._sleep_unless_stopped(self.settings.flush_claim_interval_s):
@@ -310,7 +342,9 @@ class Flusher:
             # XAUTOCLAIM also hands back this process's own slow batch (a lock wait,
             # a long drain after downtime) and entries whose ack is still due: they
             # are written already, or being written.
-            entries = [entry for entry in entries if not self._busy(entry.ref)]
+            if entries:
+                busy = self._busy_ids(stream.shard)
+                entries = entries.without(stream.shard, busy)
             if entries:
                 log.info(
                     "reclaimed %d entries of %s idle for over %.1fs",
@@ -366,31 +400,31 @@ class Flusher:
 
     # -- one batch -----------------------------------------------------------------------
 
-    async def _flush(self, batch: Sequence[Entry]) -> None:
-        refs = [entry.ref for entry in batch]
-        self._in_flight.update(refs)
+    async def _flush(self, batch: Delivery) -> None:
+        self._in_flight.append(batch)
         try:
             # COMMIT then XACK as one step that a cancellation cannot split.
             await asyncio.shield(self._commit_then_ack(batch))
         finally:
-            self._in_flight.difference_update(refs)
+            self._in_flight.remove(batch)
 
-    async def _commit_then_ack(self, batch: Sequence[Entry]) -> None:
+    async def _commit_then_ack(self, batch: Delivery) -> None:
         started = time.perf_counter()
-        decoded: list[tuple[Entry, Tick]] = []
+        # One row per key, built from the entries' bytes; the rare entry that gives
+        # none is set aside (deleted while pending, or undecodable).
+        rows: dict[RowKey, bytes] = {}
         undecodable: list[tuple[Entry, str]] = []
         gone: list[Entry] = []
-        for entry in batch:
-            if entry.fields is None:
-                gone.append(entry)
-                continue
-            try:
-                decoded.append((entry, from_fields(entry.fields)))
-            except TickError as exc:
-                undecodable.append((entry, f"undecodable: {exc}"))
+        for part in batch.parts:
+            for index, why in stage(part.ids, part.fields, rows):
+                if why is None:
+                    gone.append(part.entry(index))
+                else:
+                    undecodable.append((part.entry(index), f"undecodable: {why}"))
         await self.faults.hit("after_read")
 
-        written, rejected = await self._write(decoded)
+        rejected_keys = await self._upsert_isolating(rows, list(rows))
+        rejected = _entries_with_keys(batch, rejected_keys) if rejected_keys else []
         await self.faults.hit("after_commit")
 
         counted: list[Entry] = []
@@ -404,69 +438,65 @@ class Flusher:
                 continue
             self._report_lost(stream, [entry.id for entry in entries], total, _GONE)
             counted.extend(entries)
-        acked = [*written, *counted]
-        failed = await self._acknowledge(acked)
+        # Acknowledge every entry but those left pending: undecodable and rejected
+        # ones (dead-lettered or retried below), and lost ones not counted yet.
+        held = {(entry.shard, entry.id.encode()) for entry, _ in (*undecodable, *rejected)}
+        held.update((entry.shard, entry.id.encode()) for entry in gone if entry not in counted)
+        acks: dict[int, list[bytes]] = defaultdict(list)
+        for part in batch.parts:
+            if held:
+                acks[part.shard].extend(i for i in part.ids if (part.shard, i) not in held)
+            else:
+                acks[part.shard].extend(part.ids)
+        acked = sum(len(ids) for ids in acks.values())
+        failed = await self._acknowledge(acks)
         await self.faults.hit("after_ack")
 
-        if written:
+        rows_written = len(rows) - len(rejected_keys)
+        if rows_written:
             # The batch's oldest entry waited longest: its lag bounds every tick's.
-            oldest = min(_entry_time(entry.id) for entry in written)
+            oldest = min(_entry_time(part.ids[0]) for part in batch.parts)
             metrics.COMMIT_LAG.observe(max(0.0, time.time() - oldest))
-        written_refs = {entry.ref for entry in written}
-        rows = len({tick.key for entry, tick in decoded if entry.ref in written_refs})
-        self.rows_written += rows
-        self.entries_acked += len(acked) - failed
+        self.rows_written += rows_written
+        self.entries_acked += acked - failed
+        self.batches += 1
         metrics.BATCHES.inc()
-        metrics.ROWS.inc(rows)
+        metrics.ROWS.inc(rows_written)
         metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
         log.debug(
             "committed %d rows, acked %d entries in %.1f ms",
-            rows,
-            len(acked),
+            rows_written,
+            acked,
             (time.perf_counter() - started) * 1000,
         )
         if undecodable or rejected:
             await self._handle_poison(undecodable, rejected)
 
-    async def _write(
-        self, decoded: Sequence[tuple[Entry, Tick]]
-    ) -> tuple[list[Entry], list[tuple[Entry, str]]]:
-        """Upsert the batch; when Postgres rejects rows, bisect so the rest still commits.
+    async def _upsert_isolating(
+        self, rows: Mapping[RowKey, bytes], keys: Sequence[RowKey]
+    ) -> dict[RowKey, str]:
+        """Upsert the rows of ``keys``; when Postgres rejects rows, bisect so the rest commits.
 
-        Returns the entries whose rows are committed and the rejected entries with
-        the reason. Entries sharing a key share the fate of that key's last row.
-        A key lives on one shard (its symbol's), so "last" is by one stream's order.
+        Returns the keys whose rows were rejected, with the reason. The entries of
+        a key share the fate of its row (the last entry's).
         """
-        entries_by_key: dict[tuple[str, int], list[Entry]] = defaultdict(list)
-        for entry, tick in decoded:
-            entries_by_key[tick.key].append(entry)
-        rows = last_per_key(Row(entry.id, tick) for entry, tick in decoded)
-        rejected_rows = await self._upsert_isolating(rows)
-        rejected_keys = {row.key: reason for row, reason in rejected_rows}
-        written = [entry for entry, tick in decoded if tick.key not in rejected_keys]
-        rejected = [
-            (entry, f"rejected by Postgres: {rejected_keys[key]}")
-            for key in rejected_keys
-            for entry in entries_by_key[key]
-        ]
-        return written, rejected
-
-    async def _upsert_isolating(self, rows: Sequence[Row]) -> list[tuple[Row, str]]:
-        if not rows:
-            return []
+        if not keys:
+            return {}
         await self.faults.hit("before_commit")
+        lines = list(rows.values()) if len(keys) == len(rows) else [rows[key] for key in keys]
         try:
             await self._retry(
-                "write the batch to Postgres", functools.partial(self.store.upsert, rows)
+                "write the batch to Postgres", functools.partial(self.store.write, lines)
             )
         except RowsRejected as exc:
-            if len(rows) == 1:
-                return [(rows[0], str(exc))]
-            middle = len(rows) // 2
-            return await self._upsert_isolating(rows[:middle]) + await self._upsert_isolating(
-                rows[middle:]
-            )
-        return []
+            if len(keys) == 1:
+                return {keys[0]: str(exc)}
+            middle = len(keys) // 2
+            return {
+                **await self._upsert_isolating(rows, keys[:middle]),
+                **await self._upsert_isolating(rows, keys[middle:]),
+            }
+        return {}
 
     async def _handle_poison(
         self, undecodable: Sequence[tuple[Entry, str]], rejected: Sequence[tuple[Entry, str]]
@@ -550,32 +580,36 @@ class Flusher:
 
     # -- acknowledgements ------------------------------------------------------------------
 
-    def _busy(self, ref: tuple[int, str]) -> bool:
-        """Being written by this process, or written and waiting for its ack."""
-        return ref in self._in_flight or any(
-            entry.ref == ref for entry in self._unacked.get(ref[0], ())
-        )
+    def _busy_ids(self, shard: int) -> set[bytes]:
+        """Ids of ``shard`` being written by this process, or written and waiting for their ack."""
+        busy = set(self._unacked.get(shard, ()))
+        for batch in self._in_flight:
+            for part in batch.parts:
+                if part.shard == shard:
+                    busy.update(part.ids)
+        return busy
 
-    async def _acknowledge(self, entries: Sequence[Entry]) -> int:
-        """XACK ``entries``; returns how many wait for a later try (their shard failed)."""
-        if not entries:
+    async def _acknowledge(self, ids_by_shard: Mapping[int, list[bytes]]) -> int:
+        """XACK the ids of each shard; returns how many wait for a later try (shard failed)."""
+        ids_by_shard = {shard: ids for shard, ids in ids_by_shard.items() if ids}
+        if not ids_by_shard:
             return 0
-        failures = await self.streams.ack(entries)
+        failures = await self.streams.ack(ids_by_shard)
         deferred = 0
         for shard, exc in failures.items():
-            waiting = [entry for entry in entries if entry.shard == shard]
+            waiting = ids_by_shard[shard]
             self._unacked.setdefault(shard, []).extend(waiting)
             deferred += len(waiting)
             self._health.failed(
                 shard, f"acknowledge {len(waiting)} written entries (kept, sent again)", exc
             )
-        for shard in {entry.shard for entry in entries} - failures.keys():
+        for shard in ids_by_shard.keys() - failures.keys():
             self._health.answered(shard)
         return deferred
 
     async def _ack_again(self, shard: int) -> None:
         entries = self._unacked.pop(shard)
-        failures = await self.streams.ack(entries)
+        failures = await self.streams.ack({shard: entries})
         if shard in failures:
             # Others may have joined meanwhile (a reclaimed batch's).
             self._unacked.setdefault(shard, []).extend(entries)
@@ -644,6 +678,35 @@ class _Poison(NamedTuple):
     permanent: bool
 
 
+_TOP_UPS = 2
+"""Reads of a batch after the first, at most."""
+_MIN_LINGER_S = 0.001
+"""Less time than this left to wait: no read (the last one drained the stream)."""
+
+
+class ArrivalRate:
+    """Entries per second delivered to this consumer, averaged over about ``window_s``.
+
+    An exponentially decaying count: each delivery adds its entries, and the
+    count fades with time constant ``window_s``; count / window_s is the rate.
+    """
+
+    def __init__(self, window_s: float) -> None:
+        self._window_s = window_s
+        self._count = 0.0
+        self._at = time.monotonic()
+
+    def add(self, entries: int, now: float) -> None:
+        self._count = self._faded(now) + entries
+        self._at = now
+
+    def per_second(self, now: float) -> float:
+        return self._faded(now) / self._window_s
+
+    def _faded(self, now: float) -> float:
+        return self._count * math.exp(-max(0.0, now - self._at) / self._window_s)
+
+
 def _by_shard(entries: Sequence[Entry]) -> dict[int, list[Entry]]:
     by_shard: dict[int, list[Entry]] = defaultdict(list)
     for entry in entries:
@@ -651,6 +714,17 @@ def _by_shard(entries: Sequence[Entry]) -> dict[int, list[Entry]]:
     return by_shard
 
 
-def _entry_time(entry_id: str) -> float:
+def _entries_with_keys(batch: Delivery, reasons: Mapping[RowKey, str]) -> list[tuple[Entry, str]]:
+    """The entries of ``batch`` whose rows have these keys, each with its key's reason."""
+    found = []
+    for part in batch.parts:
+        for index, entry_id in enumerate(part.ids):
+            key = entry_key(entry_id, part.fields[index])
+            if key is not None and key in reasons:
+                found.append((part.entry(index), f"rejected by Postgres: {reasons[key]}"))
+    return found
+
+
+def _entry_time(entry_id: bytes) -> float:
     """The wall-clock time (seconds) at which Redis created a stream entry."""
-    return int(entry_id.split("-", 1)[0]) / 1000
+    return int(entry_id.split(b"-", 1)[0]) / 1000

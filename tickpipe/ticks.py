@@ -21,6 +21,8 @@ SYMBOL_PATTERN = r"^[A-Za-z0-9._:/-]{1,32}$"
 """The symbol rule as JSON Schema (ECMA) states it, for the OpenAPI document."""
 _SYMBOL_RE = r"^[A-Za-z0-9._:/-]{1,32}\Z"
 # Python's "$" also matches before a trailing newline: "AAPL\n" would pass it.
+MAX_SOURCE_CHARS = 64
+"""Characters a source may take (at least one)."""
 MAX_DECIMAL_INTEGER_DIGITS = 78
 """Digits before the decimal point a price or volume may carry: 78 hold any uint256,
 so on-chain quantities in base units (wei) fit."""
@@ -69,7 +71,7 @@ class TickIn(msgspec.Struct, forbid_unknown_fields=True):
     price: msgspec.Raw
     """A JSON number or a decimal string, as written: :func:`decimal_from_json` reads it."""
     volume: msgspec.Raw
-    source: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    source: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_SOURCE_CHARS)]
 
 
 class Tick(msgspec.Struct, frozen=True):
@@ -113,8 +115,8 @@ def validate(raw: TickIn) -> Tick:
 
 def check_source(source: str) -> str:
     """1-64 characters, no control characters (Postgres text cannot even hold NUL)."""
-    if not 1 <= len(source) <= 64:
-        raise TickError("source must be 1 to 64 characters", "source")
+    if not 1 <= len(source) <= MAX_SOURCE_CHARS:
+        raise TickError(f"source must be 1 to {MAX_SOURCE_CHARS} characters", "source")
     if _CONTROL.search(source):
         raise TickError("source must not contain control characters", "source")
     return source

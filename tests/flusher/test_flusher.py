@@ -11,12 +11,12 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from flusher.db import Row, TickStore, last_per_key
+from flusher.db import Row, TickStore, entry_key, last_per_key, stage, staged_row
 from flusher.stream import ShardedStream
 from flusher.worker import Flusher
 from ingest.writer import TickWriter
 from tickpipe.settings import Settings
-from tickpipe.ticks import Tick
+from tickpipe.ticks import Tick, to_fields
 
 
 def tick(symbol: str, ts_us: int, price: str, source: str = "test") -> Tick:
@@ -353,3 +353,229 @@ async def test_dead_letter_and_lost_count_are_safe_to_retry(
     assert await flusher.streams.shards[0].count_lost(["9-1", "9-2"]) == 2
     assert await flusher.streams.shards[0].count_lost(["9-1", "9-2"]) == 2  # the retry
     assert await redis.smembers("ticks:lost:ids") == {b"9-1", b"9-2"}
+
+
+def flat(fields: dict[str, str]) -> list[bytes]:
+    return [part.encode() for pair in fields.items() for part in pair]
+
+
+def test_entries_ingest_writes_are_staged_without_a_tick_object(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ingest's entries take the short path (bytes in, COPY text out), and it stages
+    them exactly as the careful path, which decodes a Tick, would."""
+    import flusher.db
+
+    big = "9" * 78 + "." + "9" * 18
+    ticks = [
+        Tick("A", 0, Decimal("0.000000000000000001"), Decimal(0), "s"),
+        # The largest ts it takes: one more digit (after the year 5138) is checked carefully.
+        Tick("Z9._:/-" + "x" * 25, 10**17 - 1, Decimal(big), Decimal(big), "~" * 64),
+        Tick("EURUSD", 1_714_564_800_000_001, Decimal("1.50"), Decimal("0.0000000"), "ecn 1"),
+        Tick("W", 2**53 + 1, Decimal(2**256 - 1), Decimal("1E+3"), "chain"),
+    ]
+    entries = [flat(to_fields(t)) for t in ticks]
+    careful = {staged_row(f"5-{i}", t) for i, t in enumerate(ticks)}
+
+    def no_tick(fields: object) -> None:
+        raise AssertionError(f"took the careful path: {fields!r}")
+
+    monkeypatch.setattr(flusher.db, "from_fields", no_tick)
+    rows: dict[tuple[bytes, bytes], bytes] = {}
+    assert stage([f"5-{i}".encode() for i in range(len(ticks))], entries, rows) == []
+    assert set(rows.items()) == careful
+
+
+def test_staging_keeps_the_last_entry_of_a_key_and_sets_aside_the_rest() -> None:
+    ids = [b"1-0", b"1-1", b"1-2", b"1-3", b"1-4", b"1-5"]
+    fields: list[list[bytes] | None] = [
+        flat({"symbol": "K", "ts": "5", "price": "1", "volume": "1", "source": "s"}),
+        None,  # deleted while pending
+        # the same key, written otherwise (another order, a leading zero): the last wins
+        flat({"ts": "05", "symbol": "K", "source": "s", "volume": "2", "price": "2.0"}),
+        flat({"symbol": "K", "ts": "6", "price": "0", "volume": "1", "source": "s"}),
+        flat({"symbol": "K", "ts": "7", "price": "1", "volume": "1", "source": "a\\b"}),
+        flat({"symbol": "K", "ts": "8", "price": "1", "volume": "1"}),
+    ]
+    rows: dict[tuple[bytes, bytes], bytes] = {}
+    skipped = stage(ids, fields, rows)
+    assert rows == {
+        (b"K", b"5"): b"K\t5\t2.0\t2\ts\t1-2",
+        (b"K", b"7"): b"K\t7\t1\t1\ta\\\\b\t1-4",  # COPY text escapes the backslash
+    }
+    assert skipped == [
+        (1, None),
+        (3, "price must be > 0"),
+        (5, "stream entry lacks field 'source'"),
+    ]
+    assert entry_key(b"1-2", fields[2]) == (b"K", b"5")
+    assert entry_key(b"1-3", fields[3]) is None
+
+
+@pytest.mark.services
+async def test_rows_hold_the_values_sent_digit_for_digit_and_to_the_microsecond(
+    redis: Redis, store: TickStore, settings: Settings, pg: asyncpg.Connection
+) -> None:
+    from tickpipe.ticks import MAX_TS_US, datetime_to_us
+
+    big = "9" * 78 + "." + "9" * 18
+    sent = [
+        Tick("WEI", 1_714_564_800_000_001, Decimal(big), Decimal(2**256 - 1), "chain"),
+        Tick("WEI", 2**53 + 1, Decimal("1" + "0" * 77), Decimal("0.000000000000000001"), "c"),
+        Tick("WEI", MAX_TS_US, Decimal("0.000000000000000001"), Decimal("0.00"), "c"),
+        Tick("WEI", 0, Decimal("1.10"), Decimal(0), "Börse \\ 1"),
+    ]
+    writer = TickWriter(redis, settings.stream_name, settings.latest_key)
+    ids = await writer.append(sent)
+    flusher = await make_flusher(redis, store, settings)
+    await flusher.run()
+    stored = await pg.fetch(
+        "SELECT ts, price::text, volume::text, source, stream_id FROM md_ticks ORDER BY ts"
+    )
+    assert [
+        (datetime_to_us(r["ts"]), r["price"], r["volume"], r["source"], r["stream_id"])
+        for r in stored
+    ] == sorted(
+        (t.ts_us, format(t.price, "f"), format(t.volume, "f"), t.source, entry_id)
+        for t, entry_id in zip(sent, ids, strict=True)
+    )
+    assert [r["ts"].isoformat() for r in stored][-1] == "9999-12-31T23:59:59.999999+00:00"
+    assert (flusher.rows_written, flusher.entries_acked, flusher.dead_lettered) == (4, 4, 0)
+
+
+@pytest.mark.services
+async def test_entries_written_by_hand_with_bad_values_are_dead_lettered_never_stored(
+    redis: Redis, store: TickStore, settings: Settings, pg: asyncpg.Connection
+) -> None:
+    good = {"symbol": "H", "ts": "1", "price": "1", "volume": "1", "source": "s"}
+    writer = TickWriter(redis, settings.stream_name, settings.latest_key)
+    await writer.append([tick("H", 100, "1")])
+    bad: dict[str, dict[str, str | bytes]] = {
+        "price is not a decimal number": {**good, "price": "abc"},
+        "price must be > 0 ": {**good, "price": "-1"},
+        "price must be > 0": {**good, "price": "0.000"},
+        "price must be a finite number": {**good, "price": "NaN"},
+        "price is out of range": {**good, "price": "1." + "1" * 19},
+        "volume must be >= 0": {**good, "volume": "-0.5"},
+        "malformed ts": {**good, "ts": "x"},
+        "ts is out of range": {**good, "ts": "-5"},
+        "ts is out of range ": {**good, "ts": "9" * 18},
+        "invalid symbol": {**good, "symbol": "A B"},
+        "invalid symbol ": {**good, "symbol": "S" * 33},
+        "source must not contain control characters": {**good, "source": "a\tb"},
+        "source must be 1 to 64 characters": {**good, "source": "s" * 65},
+        "lacks field 'volume'": {k: v for k, v in good.items() if k != "volume"},
+        "unexpected fields ['extra']": {**good, "extra": "1"},
+        "not valid UTF-8": {**good, "symbol": b"\xc3\x28"},
+    }
+    ids = {}
+    for reason, fields in bad.items():
+        ids[await redis.xadd(settings.stream_name, fields)] = reason.strip().encode()  # type: ignore[arg-type]
+    await writer.append([tick("H", 101, "2")])
+    flusher = await make_flusher(redis, store, settings)
+    await flusher.run()  # one run: one delivery of each entry
+    assert [r[1] for r in await rows(pg)] == [Decimal(1), Decimal(2)]
+    letters = {f[b"original_id"]: f for _, f in await redis.xrange("ticks.dead")}
+    assert letters.keys() == ids.keys()
+    for entry_id, reason in ids.items():
+        assert reason in letters[entry_id][b"reason"], (reason, letters[entry_id][b"reason"])
+        assert letters[entry_id][b"deliveries"] == b"1"
+    assert (await redis.xpending("ticks.received", "flushers"))["pending"] == 0
+    assert (flusher.dead_lettered, flusher.rows_written) == (len(bad), 2)
+
+
+@pytest.mark.services
+async def test_postgres_keeps_the_tick_rules_for_rows_written_by_other_means(
+    pg: asyncpg.Connection,
+) -> None:
+    insert = "INSERT INTO md_ticks VALUES ($1, now(), $2::numeric, $3::numeric, $4)"
+    await pg.execute(insert, "S" * 32, "9" * 78 + "." + "9" * 18, "0", "é" * 64)
+    for values, rule in [
+        (("A B", "1", "1", "s"), "md_ticks_symbol_check"),
+        (("S" * 33, "1", "1", "s"), "md_ticks_symbol_check"),
+        (("A\n", "1", "1", "s"), "md_ticks_symbol_check"),
+        (("A", "0", "1", "s"), "md_ticks_price_check"),
+        (("A", "1" + "0" * 78, "1", "s"), "md_ticks_price_check"),
+        (("A", "1." + "0" * 19, "1", "s"), "md_ticks_price_check"),
+        (("A", "NaN", "1", "s"), "md_ticks_price_check"),
+        (("A", "1", "-1", "s"), "md_ticks_volume_check"),
+        (("A", "1", "Infinity", "s"), "md_ticks_volume_check"),
+        (("A", "1", "1", ""), "md_ticks_source_check"),
+        (("A", "1", "1", "s" * 65), "md_ticks_source_check"),
+        (("A", "1", "1", "a\x85"), "md_ticks_source_check"),
+    ]:
+        with pytest.raises(asyncpg.CheckViolationError, match=rule):
+            await pg.execute(insert, *values)
+
+
+async def feed(redis: Redis, settings: Settings, per_s: float, seconds: float) -> int:
+    """Ticks at about ``per_s`` for ``seconds``, a few at a time as ingest writes them."""
+    writer = TickWriter(redis, settings.stream_name, settings.latest_key)
+    sent = 0
+    started = time.monotonic()
+    try:
+        while (elapsed := time.monotonic() - started) < seconds:
+            due = int(elapsed * per_s) + 1 - sent
+            if due > 0:
+                await writer.append([tick("R", sent + i + 1, "1") for i in range(due)])
+                sent += due
+            await asyncio.sleep(0.005)
+    finally:
+        await writer.close()
+    return sent
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("per_s", [40, 400, 4000])
+async def test_a_batch_takes_at_most_three_reads_and_commits_within_the_interval(
+    redis: Redis, store: TickStore, settings: Settings, pg: asyncpg.Connection, per_s: int
+) -> None:
+    """No polling: after the first entries, one read when the batch should be full."""
+    from prometheus_client import REGISTRY
+
+    interval_s, size = 0.4, 200
+    settings = settings.replace(flush_interval_s=interval_s, flush_batch_size=size)
+    flusher = Flusher(ShardedStream.for_consumer(redis, settings, "lingers"), store, settings)
+    reads_before = REGISTRY.get_sample_value("tickpipe_flusher_reads_total") or 0.0
+    running = asyncio.create_task(flusher.run())
+    await asyncio.sleep(0.1)  # its first (idle) read
+    feeding = asyncio.create_task(feed(redis, settings, per_s, 2.0))
+    # Each entry's commit lag: from its id's time to its row's first sighting.
+    lags: dict[str, float] = {}
+    while not feeding.done() or len(lags) < feeding.result():
+        now = time.time()
+        for record in await pg.fetch("SELECT stream_id FROM md_ticks"):
+            entry_id = record["stream_id"]
+            lags.setdefault(entry_id, now - int(entry_id.split("-")[0]) / 1000)
+        await asyncio.sleep(0.01)
+    flusher.stop()
+    await running
+    assert max(lags.values()) < interval_s + 1.0  # the interval, plus commits on a busy machine
+    assert flusher.batches > 0
+    # Besides at most 3 per batch: the idle reads once all is written, until the stop.
+    assert flusher.reads <= 3 * flusher.batches + 2, (flusher.reads, flusher.batches)
+    if per_s * interval_s > size:  # the rate fills a batch before the interval is over
+        assert flusher.batches >= 0.8 * len(lags) / size
+    reads_after = REGISTRY.get_sample_value("tickpipe_flusher_reads_total")
+    assert reads_after == reads_before + flusher.reads
+
+
+@pytest.mark.services
+async def test_a_stop_ends_the_wait_for_more_entries_at_once(
+    redis: Redis, store: TickStore, settings: Settings, pg: asyncpg.Connection
+) -> None:
+    settings = settings.replace(flush_interval_s=30.0, flush_batch_size=1000)
+    flusher = Flusher(ShardedStream.for_consumer(redis, settings, "waits"), store, settings)
+    running = asyncio.create_task(flusher.run())
+    await asyncio.sleep(0.2)
+    writer = TickWriter(redis, settings.stream_name, settings.latest_key)
+    await writer.append([tick("W", 1, "1")])
+    await writer.close()
+    await asyncio.sleep(0.3)  # read, and waiting for the batch to fill
+    assert await pg.fetchval("SELECT count(*) FROM md_ticks") == 0
+    stopped_at = time.monotonic()
+    flusher.stop()
+    await asyncio.wait_for(running, 5)
+    assert time.monotonic() - stopped_at < 1.0
+    assert await pg.fetchval("SELECT count(*) FROM md_ticks") == 1  # the batch it held
+    assert (await redis.xpending(settings.stream_name, settings.group_name))["pending"] == 0
