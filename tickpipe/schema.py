@@ -8,11 +8,14 @@ usable on its own with ``psql -f``.
 
 from __future__ import annotations
 
+import logging
 from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+
+log = logging.getLogger("tickpipe")
 
 BASE = "schema.sql"
 ROLLUPS = "schema_rollups.sql"
@@ -35,12 +38,19 @@ def schema_files(*, rollups: bool = False, brin: bool = False) -> list[str]:
 async def apply_schema(database_url: str, *, rollups: bool = False, brin: bool = False) -> None:
     """Apply schema.sql and the chosen optional parts (all idempotent) in one transaction."""
     conn = await asyncpg.connect(database_url)
+    conn.add_log_listener(_log_warning)
     try:
         async with conn.transaction():
             for name in schema_files(rollups=rollups, brin=brin):
                 await conn.execute(schema_sql(name))
     finally:
         await conn.close()
+
+
+def _log_warning(_conn: object, message: asyncpg.PostgresLogMessage) -> None:
+    """Pass on what the schema files warn about (rows breaking a rule; NOTICEs are noise)."""
+    if message.severity == "WARNING":
+        log.warning("schema: %s", message.message)
 
 
 async def ensure_database(database_url: str) -> None:

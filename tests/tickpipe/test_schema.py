@@ -100,3 +100,46 @@ async def test_apply_with_options_is_idempotent_and_complete(stack: LocalStack) 
         assert await conn.fetchval("SELECT 1 FROM pg_extension WHERE extname = 'btree_gist'")
     finally:
         await conn.close()
+
+
+async def test_the_tick_rules_apply_to_an_existing_database_without_failing(
+    stack: LocalStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database from before the CHECK constraints, holding a row that breaks one: the
+    apply succeeds, warns, and checks new rows; once the row is fixed, the rule is valid."""
+    from tickpipe.schema import ensure_database
+
+    url = stack.database_url.rsplit("/", 1)[0] + "/tickpipe_schema_existing"
+    await ensure_database(url)
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("DROP TABLE IF EXISTS md_ticks")
+        await conn.execute(schema_sql().split("\n-- The tick rules")[0])
+        await conn.execute(
+            "INSERT INTO md_ticks VALUES ('BAD SYMBOL', now(), 1, 1, 's', NULL),"
+            " ('OK', now(), 1, 1, 's', NULL)"
+        )
+        await apply_schema(url)
+        assert "md_ticks holds rows that break md_ticks_symbol_check" in caplog.text
+        valid = dict(
+            await conn.fetch(
+                "SELECT conname, convalidated FROM pg_constraint"
+                " WHERE conrelid = 'md_ticks'::regclass AND contype = 'c'"
+            )
+        )
+        assert valid == {
+            "md_ticks_symbol_check": False,
+            "md_ticks_price_check": True,
+            "md_ticks_volume_check": True,
+            "md_ticks_source_check": True,
+        }
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute("INSERT INTO md_ticks VALUES ('A B', now(), 1, 1, 's', NULL)")
+        await conn.execute("DELETE FROM md_ticks WHERE symbol = 'BAD SYMBOL'")
+        await apply_schema(url)
+        assert await conn.fetchval(
+            "SELECT bool_and(convalidated) FROM pg_constraint"
+            " WHERE conrelid = 'md_ticks'::regclass AND contype = 'c'"
+        )
+    finally:
+        await conn.close()
