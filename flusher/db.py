@@ -69,64 +69,106 @@ WHERE md_ticks.stream_id IS NULL
 """
 
 
-_DECIMAL = rf"[0-9]{{1,{MAX_DECIMAL_INTEGER_DIGITS}}}(?:\.[0-9]{{1,{MAX_DECIMAL_SCALE}}})?"
-_CANONICAL_ROW = re.compile(
-    (
-        rf"{SYMBOL_PATTERN.removeprefix('^').removesuffix('$')}\t"
-        # Fewer digits than MAX_TS_US has, no leading zero: in range, one text per value.
-        rf"(?:0|[1-9][0-9]{{0,{len(str(MAX_TS_US)) - 2}}})\t"
-        rf"(?=[0.]*[1-9]){_DECIMAL}\t"  # a price has a digit other than 0
-        rf"{_DECIMAL}\t"
-        # Printable ASCII but the backslash: COPY text as it stands.
-        rf"[\x20-\x5b\x5d-\x7e]{{1,{MAX_SOURCE_CHARS}}}\t"
-        r"[0-9]+-[0-9]+"
-    ).encode()
+_DECIMAL = rf"[0-9]{{1,{MAX_DECIMAL_INTEGER_DIGITS}}}+(?:\.[0-9]{{1,{MAX_DECIMAL_SCALE}}}+)?+"
+_ROW = (
+    rf"{SYMBOL_PATTERN.removeprefix('^').removesuffix('$')}+\t"
+    # Fewer digits than MAX_TS_US has, no leading zero: in range, one text per value.
+    rf"(?:0|[1-9][0-9]{{0,{len(str(MAX_TS_US)) - 2}}}+)\t"
+    rf"(?=[0.]*+[1-9]){_DECIMAL}\t"  # a price has a digit other than 0
+    rf"{_DECIMAL}\t"
+    # Printable ASCII but the backslash: COPY text as it stands.
+    rf"[\x20-\x5b\x5d-\x7e]{{1,{MAX_SOURCE_CHARS}}}+\t"
+    r"[0-9]++-[0-9]++"
 )
+_CANONICAL_ROW = re.compile(_ROW.encode())
 """A staged row as ingest's entries give it (tickpipe.ticks.to_fields): the values
 and the entry id, tab-separated, each in its checked, canonical form."""
+_CANONICAL_ROWS = re.compile(f"(?:{_ROW}\n)*+".encode())
+"""Staged rows, one a line: a whole batch checked in one call."""
 _FIELD_NAMES = [name.encode() for name in ENTRY_FIELDS]
 
-
-def stage(
-    ids: Sequence[bytes],
-    fields: Sequence[Sequence[bytes] | None],
-    rows: dict[RowKey, bytes],
-) -> list[tuple[int, str | None]]:
-    """Add a staged row per entry to ``rows``; a later entry's row replaces its key's.
-
-    ``fields[i]`` is entry ``ids[i]``'s flat field/value list as Redis sent it.
-    Returns the entries that give no row, by index: with why they cannot be
-    decoded, or None when the entry was deleted from the stream (no fields).
-    """
-    skipped: list[tuple[int, str | None]] = []
-    canonical = _CANONICAL_ROW.fullmatch
-    names = _FIELD_NAMES
-    for index, values in enumerate(fields):
-        # An entry as ingest writes it: its values are the row's COPY text already.
-        if values and values[0::2] == names:
-            row = list(values[1::2])
-            row.append(ids[index])
-            line = b"\t".join(row)
-            if canonical(line) is not None:
-                rows[row[0], row[1]] = line
-                continue
-        if not values:
-            skipped.append((index, None))
-            continue
-        try:
-            key, line = _careful_row(ids[index], values)
-        except TickError as exc:
-            skipped.append((index, str(exc)))
-        else:
-            rows[key] = line
-    return skipped
+Entries: TypeAlias = tuple[Sequence[bytes], Sequence[list[bytes] | None]]
+"""Ids, and each one's flat field/value list as Redis sent it (None: deleted)."""
 
 
-def entry_key(entry_id: bytes, values: Sequence[bytes] | None) -> RowKey | None:
-    """The key of an entry's row, as :func:`stage` has it; None if it gives no row."""
-    rows: dict[RowKey, bytes] = {}
-    stage([entry_id], [values], rows)
-    return next(iter(rows), None)
+class StagedRows:
+    """A batch's rows in md_ticks_stage's COPY text form: one per (symbol, ts), the last
+    entry's. ``skipped``: the entries that give no row, as (list, index, why they cannot
+    be decoded), why being None for an entry deleted from the stream."""
+
+    __slots__ = ("_text", "rows", "skipped")
+
+    def __init__(self) -> None:
+        self.rows: dict[RowKey, bytes] = {}
+        self.skipped: list[tuple[int, int, str | None]] = []
+        self._text: bytes | None = None
+
+    @classmethod
+    def of(cls, batch: Sequence[Entries]) -> StagedRows:
+        """Stage lists of entries, in stream order."""
+        staged = cls()
+        if not staged._stage_as_ingest_writes(batch):
+            staged._stage_carefully(batch)
+        return staged
+
+    def text(self, keys: Sequence[RowKey] | None = None) -> bytes:
+        """The COPY text of the rows of ``keys`` (default: all), a line each."""
+        if keys is None:
+            if self._text is None:
+                self._text = _lines(self.rows.values())
+            return self._text
+        return _lines(self.rows[key] for key in keys)
+
+    def _stage_as_ingest_writes(self, batch: Sequence[Entries]) -> bool:
+        """The common case, entries as ingest writes them: their values are the rows'
+        COPY text already, checked all at once (no call per row). False if one is not."""
+        rows = self.rows
+        names = _FIELD_NAMES
+        for ids, fields in batch:
+            for entry_id, values in zip(ids, fields, strict=True):
+                if not values or values[0::2] != names:
+                    rows.clear()
+                    return False
+                row = values[1::2]
+                row.append(entry_id)
+                rows[row[0], row[1]] = b"\t".join(row)
+        text = _lines(rows.values())
+        if _CANONICAL_ROWS.fullmatch(text) is None:
+            rows.clear()
+            return False
+        self._text = text
+        return True
+
+    def _stage_carefully(self, batch: Sequence[Entries]) -> None:
+        """Entry by entry: one not in ingest's exact form is decoded and checked as a Tick."""
+        rows = self.rows
+        canonical = _CANONICAL_ROW.fullmatch
+        for number, (ids, fields) in enumerate(batch):
+            for index, (entry_id, values) in enumerate(zip(ids, fields, strict=True)):
+                if not values:
+                    self.skipped.append((number, index, None))
+                    continue
+                if values[0::2] == _FIELD_NAMES:
+                    line = b"\t".join([*values[1::2], entry_id])
+                    if canonical(line) is not None:
+                        rows[values[1], values[3]] = line
+                        continue
+                try:
+                    key, line = _careful_row(entry_id, values)
+                except TickError as exc:
+                    self.skipped.append((number, index, str(exc)))
+                else:
+                    rows[key] = line
+
+
+def _lines(rows: Iterable[bytes]) -> bytes:
+    text = b"\n".join(rows)
+    return text + b"\n" if text else text
+
+
+def entry_key(entry_id: bytes, values: list[bytes] | None) -> RowKey | None:
+    """The key of an entry's row, as :class:`StagedRows` has it; None if it gives no row."""
+    return next(iter(StagedRows.of([([entry_id], [values])]).rows), None)
 
 
 def _careful_row(entry_id: bytes, values: Sequence[bytes]) -> tuple[RowKey, bytes]:
@@ -192,18 +234,18 @@ class TickStore:
     async def close(self, timeout_s: float = 2.0) -> None:
         await close_pool(self._pool, timeout_s)
 
-    async def write(self, rows: Sequence[bytes]) -> None:
-        """Upsert staged rows (one per key, see :func:`stage`) in one transaction.
+    async def write(self, text: bytes) -> None:
+        """Upsert staged rows (COPY text, a key once; :class:`StagedRows`) in one transaction.
 
         Returns after COMMIT.
         """
-        if not rows:
+        if not text:
             return
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.copy_to_table(
                     "md_ticks_stage",
-                    source=_one_chunk(b"\n".join(rows) + b"\n"),
+                    source=_one_chunk(text),
                     columns=_STAGE_COLUMNS,
                     format="text",
                 )
@@ -213,7 +255,7 @@ class TickStore:
 
     async def upsert(self, rows: Sequence[Row]) -> None:
         """Write ticks (unique keys) in one transaction; returns after COMMIT."""
-        await self.write([staged_row(stream_id, tick)[1] for stream_id, tick in rows])
+        await self.write(_lines(staged_row(stream_id, tick)[1] for stream_id, tick in rows))
 
 
 async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import NamedTuple, TypeVar
 
 from flusher import metrics
-from flusher.db import RowKey, TickStore, entry_key, stage
+from flusher.db import RowKey, StagedRows, TickStore, entry_key
 from flusher.errors import RowsRejected, TransientError
 from flusher.faults import Faults
 from flusher.retention import Retention
@@ -412,18 +412,18 @@ class Flusher:
         started = time.perf_counter()
         # One row per key, built from the entries' bytes; the rare entry that gives
         # none is set aside (deleted while pending, or undecodable).
-        rows: dict[RowKey, bytes] = {}
+        staged = StagedRows.of([(part.ids, part.fields) for part in batch.parts])
         undecodable: list[tuple[Entry, str]] = []
         gone: list[Entry] = []
-        for part in batch.parts:
-            for index, why in stage(part.ids, part.fields, rows):
-                if why is None:
-                    gone.append(part.entry(index))
-                else:
-                    undecodable.append((part.entry(index), f"undecodable: {why}"))
+        for number, index, why in staged.skipped:
+            entry = batch.parts[number].entry(index)
+            if why is None:
+                gone.append(entry)
+            else:
+                undecodable.append((entry, f"undecodable: {why}"))
         await self.faults.hit("after_read")
 
-        rejected_keys = await self._upsert_isolating(rows, list(rows))
+        rejected_keys = await self._upsert_isolating(staged, None)
         rejected = _entries_with_keys(batch, rejected_keys) if rejected_keys else []
         await self.faults.hit("after_commit")
 
@@ -452,7 +452,7 @@ class Flusher:
         failed = await self._acknowledge(acks)
         await self.faults.hit("after_ack")
 
-        rows_written = len(rows) - len(rejected_keys)
+        rows_written = len(staged.rows) - len(rejected_keys)
         if rows_written:
             # The batch's oldest entry waited longest: its lag bounds every tick's.
             oldest = min(_entry_time(part.ids[0]) for part in batch.parts)
@@ -473,28 +473,30 @@ class Flusher:
             await self._handle_poison(undecodable, rejected)
 
     async def _upsert_isolating(
-        self, rows: Mapping[RowKey, bytes], keys: Sequence[RowKey]
+        self, staged: StagedRows, keys: Sequence[RowKey] | None
     ) -> dict[RowKey, str]:
-        """Upsert the rows of ``keys``; when Postgres rejects rows, bisect so the rest commits.
+        """Upsert the rows of ``keys`` (None: all); when Postgres rejects rows, bisect so
+        the rest commits.
 
         Returns the keys whose rows were rejected, with the reason. The entries of
         a key share the fate of its row (the last entry's).
         """
-        if not keys:
+        if not staged.rows or (keys is not None and not keys):
             return {}
         await self.faults.hit("before_commit")
-        lines = list(rows.values()) if len(keys) == len(rows) else [rows[key] for key in keys]
         try:
             await self._retry(
-                "write the batch to Postgres", functools.partial(self.store.write, lines)
+                "write the batch to Postgres",
+                functools.partial(self.store.write, staged.text(keys)),
             )
         except RowsRejected as exc:
+            keys = list(staged.rows) if keys is None else keys
             if len(keys) == 1:
                 return {keys[0]: str(exc)}
             middle = len(keys) // 2
             return {
-                **await self._upsert_isolating(rows, keys[:middle]),
-                **await self._upsert_isolating(rows, keys[middle:]),
+                **await self._upsert_isolating(staged, keys[:middle]),
+                **await self._upsert_isolating(staged, keys[middle:]),
             }
         return {}
 

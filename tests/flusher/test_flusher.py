@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from flusher.db import Row, TickStore, entry_key, last_per_key, stage, staged_row
+from flusher.db import Row, StagedRows, TickStore, entry_key, last_per_key, staged_row
 from flusher.stream import ShardedStream
 from flusher.worker import Flusher
 from ingest.writer import TickWriter
@@ -381,9 +381,10 @@ def test_entries_ingest_writes_are_staged_without_a_tick_object(
         raise AssertionError(f"took the careful path: {fields!r}")
 
     monkeypatch.setattr(flusher.db, "from_fields", no_tick)
-    rows: dict[tuple[bytes, bytes], bytes] = {}
-    assert stage([f"5-{i}".encode() for i in range(len(ticks))], entries, rows) == []
-    assert set(rows.items()) == careful
+    staged = StagedRows.of([([f"5-{i}".encode() for i in range(len(ticks))], entries)])
+    assert staged.skipped == []
+    assert set(staged.rows.items()) == careful
+    assert staged.text() == b"".join(line + b"\n" for line in staged.rows.values())
 
 
 def test_staging_keeps_the_last_entry_of_a_key_and_sets_aside_the_rest() -> None:
@@ -397,19 +398,24 @@ def test_staging_keeps_the_last_entry_of_a_key_and_sets_aside_the_rest() -> None
         flat({"symbol": "K", "ts": "7", "price": "1", "volume": "1", "source": "a\\b"}),
         flat({"symbol": "K", "ts": "8", "price": "1", "volume": "1"}),
     ]
-    rows: dict[tuple[bytes, bytes], bytes] = {}
-    skipped = stage(ids, fields, rows)
-    assert rows == {
+    staged = StagedRows.of([([b"0-1"], [fields[0]]), (ids, fields)])
+    assert staged.rows == {
         (b"K", b"5"): b"K\t5\t2.0\t2\ts\t1-2",
         (b"K", b"7"): b"K\t7\t1\t1\ta\\\\b\t1-4",  # COPY text escapes the backslash
     }
-    assert skipped == [
-        (1, None),
-        (3, "price must be > 0"),
-        (5, "stream entry lacks field 'source'"),
+    assert staged.skipped == [
+        (1, 1, None),
+        (1, 3, "price must be > 0"),
+        (1, 5, "stream entry lacks field 'source'"),
     ]
     assert entry_key(b"1-2", fields[2]) == (b"K", b"5")
     assert entry_key(b"1-3", fields[3]) is None
+    # An undecodable entry, even in ingest's order of fields, never replaces its key's row.
+    good = flat({"symbol": "K", "ts": "9", "price": "1", "volume": "1", "source": "s"})
+    bad = flat({"symbol": "K", "ts": "9", "price": "abc", "volume": "1", "source": "s"})
+    staged = StagedRows.of([([b"2-0", b"2-1"], [good, bad])])
+    assert staged.rows == {(b"K", b"9"): b"K\t9\t1\t1\ts\t2-0"}
+    assert staged.skipped == [(0, 1, "price is not a decimal number: 'abc'")]
 
 
 @pytest.mark.services
