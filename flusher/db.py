@@ -70,14 +70,23 @@ WHERE md_ticks.stream_id IS NULL
 
 
 _DECIMAL = rf"[0-9]{{1,{MAX_DECIMAL_INTEGER_DIGITS}}}+(?:\.[0-9]{{1,{MAX_DECIMAL_SCALE}}}+)?+"
+_SOURCE_CHAR = (
+    # One character of a source, in UTF-8 (none of its control characters, and not
+    # the backslash, which COPY's text format would take for an escape):
+    r"[\x20-\x5b\x5d-\x7e]"  # printable ASCII
+    r"|\xc2[\xa0-\xbf]|[\xc3-\xdf][\x80-\xbf]"  # two bytes, but U+0080-U+009F
+    r"|\xe0[\xa0-\xbf][\x80-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf]{2}"  # three, but no
+    r"|\xed[\x80-\x9f][\x80-\xbf]"  # surrogate
+    r"|\xf0[\x90-\xbf][\x80-\xbf]{2}|[\xf1-\xf3][\x80-\xbf]{3}|\xf4[\x80-\x8f][\x80-\xbf]{2}"
+)
 _ROW = (
     rf"{SYMBOL_PATTERN.removeprefix('^').removesuffix('$')}+\t"
     # Fewer digits than MAX_TS_US has, no leading zero: in range, one text per value.
     rf"(?:0|[1-9][0-9]{{0,{len(str(MAX_TS_US)) - 2}}}+)\t"
     rf"(?=[0.]*+[1-9]){_DECIMAL}\t"  # a price has a digit other than 0
     rf"{_DECIMAL}\t"
-    # Printable ASCII but the backslash: COPY text as it stands.
-    rf"[\x20-\x5b\x5d-\x7e]{{1,{MAX_SOURCE_CHARS}}}+\t"
+    # (An ASCII source, the common case, is matched without trying each alternative.)
+    rf"(?:[\x20-\x5b\x5d-\x7e]{{1,{MAX_SOURCE_CHARS}}}+|(?:{_SOURCE_CHAR}){{1,{MAX_SOURCE_CHARS}}}+)\t"
     r"[0-9]++-[0-9]++"
 )
 _CANONICAL_ROW = re.compile(_ROW.encode())

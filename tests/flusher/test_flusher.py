@@ -372,7 +372,7 @@ def test_entries_ingest_writes_are_staged_without_a_tick_object(
         # The largest ts it takes: one more digit (after the year 5138) is checked carefully.
         Tick("Z9._:/-" + "x" * 25, 10**17 - 1, Decimal(big), Decimal(big), "~" * 64),
         Tick("EURUSD", 1_714_564_800_000_001, Decimal("1.50"), Decimal("0.0000000"), "ecn 1"),
-        Tick("W", 2**53 + 1, Decimal(2**256 - 1), Decimal("1E+3"), "chain"),
+        Tick("W", 2**53 + 1, Decimal(2**256 - 1), Decimal("1E+3"), "Börse €😀"),
     ]
     entries = [flat(to_fields(t)) for t in ticks]
     careful = {staged_row(f"5-{i}", t) for i, t in enumerate(ticks)}
@@ -416,6 +416,47 @@ def test_staging_keeps_the_last_entry_of_a_key_and_sets_aside_the_rest() -> None
     staged = StagedRows.of([([b"2-0", b"2-1"], [good, bad])])
     assert staged.rows == {(b"K", b"9"): b"K\t9\t1\t1\ts\t2-0"}
     assert staged.skipped == [(0, 1, "price is not a decimal number: 'abc'")]
+
+
+def test_the_short_path_takes_a_source_exactly_when_the_tick_rules_do() -> None:
+    """Sources in UTF-8 are checked on their bytes: the same verdict as decoding them and
+    applying check_source (the backslash, escaped for COPY, takes the careful path)."""
+    import random
+
+    from flusher.db import _CANONICAL_ROW
+    from tickpipe.ticks import TickError, check_source
+
+    pieces = [
+        *(chr(c).encode() for c in range(0x80)),
+        *(c.encode() for c in "é\u00a0\u0085\u009f\u00ff€\ud7ff\ue000\uffff😀\U0010ffff"),
+        b"\xed\xa0\x80",  # a surrogate
+        b"\xf4\x90\x80\x80",  # beyond U+10FFFF
+        b"\xc0\x80",  # overlong
+        b"\xe0\x80\x80",
+        b"\xf0\x80\x80\x80",
+        b"\x80",  # a lone continuation byte
+        b"\xe2\x82",  # cut short
+        b"\xff",
+    ]
+
+    def valid(source: bytes) -> bool:
+        try:
+            check_source(source.decode())
+        except (UnicodeDecodeError, TickError):
+            return False
+        return b"\\" not in source
+
+    # Mostly characters a source may hold, so that long valid ones come up too.
+    weights = [1.0 if valid(piece) else 0.02 for piece in pieces]
+    rng = random.Random(7)
+    seen = set()
+    for _ in range(20_000):
+        length = rng.choice([1, 2, 5, 63, 64, 65, 70])
+        source = b"".join(rng.choices(pieces, weights, k=length))
+        row = b"S\t1\t1\t1\t" + source + b"\t1-0"
+        assert (_CANONICAL_ROW.fullmatch(row) is not None) == valid(source), source
+        seen.add((valid(source), source.isascii(), len(source.decode(errors="replace"))))
+    assert {(True, False, 64), (False, False, 64), (False, False, 65), (True, True, 64)} <= seen
 
 
 @pytest.mark.services
