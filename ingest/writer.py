@@ -189,7 +189,6 @@ class TickWriter:
         self._group_max_ticks = group_max_ticks
         self._group_max_bytes = group_max_bytes
         self._waiting: collections.deque[_Waiting] = collections.deque()
-        self._wake = asyncio.Event()
         self._committer: asyncio.Task[None] | None = None
         self.groups = 0
         """Groups written (one round trip each): requests per group = requests / groups."""
@@ -233,7 +232,6 @@ class TickWriter:
         self._waiting.append(_Waiting(ticks, size, token, done))
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_loop(), name="group-commit")
-        self._wake.set()
         return await done
 
     async def close(self) -> None:
@@ -245,14 +243,16 @@ class TickWriter:
             self._committer = None
 
     async def _commit_loop(self) -> None:
+        """Write groups while requests wait; then end (the next request starts it again).
+
+        Between the ``while`` test and the return nothing awaits, so a request
+        appended meanwhile is either seen here or finds the task done.
+        """
         try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
+            while self._waiting:
                 if self._linger_s:
                     await asyncio.sleep(self._linger_s)
-                while self._waiting:
-                    await self._commit(self._take_group())
+                await self._commit(self._take_group())
         finally:
             stopping = ConnectionError("ingest is stopping; nothing was stored, retry")
             while self._waiting:
