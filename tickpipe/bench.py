@@ -46,7 +46,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 class BenchConfig:
     state_dir: Path
     duration_s: float = 8.0
-    workers: int = 2
+    workers: int = 1
     flushers: int = 2
     connections: int = 32
     batch: int = 100

@@ -517,7 +517,7 @@ def _guarded(run: Coroutine[Any, Any, T], name: str) -> T:
 
 @main.command()
 @click.option("--duration-s", type=click.FloatRange(min=1), default=8.0, show_default=True)
-@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--flushers", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--connections", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
