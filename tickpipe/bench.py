@@ -36,7 +36,7 @@ from tickpipe.bench_wrk import Loader, default_loader, run_wrk
 from tickpipe.feeder import generate_ticks
 from tickpipe.settings import AppendFsync, Durability
 from tickpipe.stack import LocalStack, free_port
-from tickpipe.stall import STALL_AFTER_S, Stalled, log_tail, wait_ingest_ready
+from tickpipe.stall import STALL_AFTER_S, Stalled, log_tail, reaped, wait_ingest_ready
 from tickpipe.ticks import Tick, to_fields
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -246,12 +246,8 @@ class Bench:
             "--connections", str(self.config.connections), "--start-ts-ms", str(self._ts_ms),
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        try:
+        async with reaped(proc):
             out, _ = await proc.communicate()
-        finally:
-            if proc.returncode is None:  # cancelled: it must not outlive the bench
-                proc.kill()
-                await proc.wait()
         report: dict[str, Any] = json.loads(out)
         return report
 

@@ -18,7 +18,7 @@ import signal
 from pathlib import Path
 from typing import Any, Literal
 
-from tickpipe.stall import STALL_AFTER_S, Stalled
+from tickpipe.stall import STALL_AFTER_S, Stalled, reaped
 
 Loader = Literal["wrk", "python"]
 
@@ -78,13 +78,9 @@ async def run_wrk(
             else:
                 errors.append(line)
 
-    try:
+    async with reaped(proc):
         out, _ = await asyncio.gather(proc.stdout.read(), watch_stderr(proc.stderr))
         await proc.wait()
-    finally:
-        if proc.returncode is None:  # cancelled: it must not outlive the bench
-            proc.kill()
-            await proc.wait()
     text = out.decode(errors="replace")
     with log_path.open("a") as log:
         log.write(text + "".join(errors))

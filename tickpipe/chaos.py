@@ -531,12 +531,8 @@ async def _audit(cluster: Cluster) -> bool:
         sys.executable, "-m", "tickpipe", "audit", "--verify", "--json",
         env=cluster.env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
-    try:
+    async with stall.reaped(proc):
         out, _ = await proc.communicate()
-    finally:
-        if proc.returncode is None:  # cancelled: it must not outlive the run
-            proc.kill()
-            await proc.wait()
     with contextlib.suppress(ValueError):
         return bool(json.loads(out)["ok"])
     return False

@@ -8,9 +8,10 @@ the run in seconds with the reason, not let it retry until someone kills it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -61,6 +62,17 @@ async def first_of(work: Awaitable[T], watchdog: Awaitable[None]) -> T:
             if not task.done():
                 task.cancel()
         await asyncio.gather(work_task, watch_task, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def reaped(proc: asyncio.subprocess.Process) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``proc``, killed and waited for if the block ends before it exits (a cancelled run)."""
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:  # it must not outlive the run
+            proc.kill()
+            await proc.wait()
 
 
 def log_tail(path: Path, lines: int = 5) -> str:
