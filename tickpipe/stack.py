@@ -711,12 +711,9 @@ def _live_pid(
     also be a server of that name working in ``workdir`` (Redis chdirs to its
     --dir, the postmaster to its data directory).
     """
-    try:
-        first_line = pidfile.read_text().splitlines()[0].strip()
-    except (FileNotFoundError, IndexError):
+    first_line = _pidfile_line(pidfile)
+    if first_line is None:
         return None
-    except OSError as exc:
-        raise StackError(f"cannot read {pidfile}: {exc.strerror}; are you its owner?") from None
     pid = int(first_line) if first_line.isdigit() else -1
     if pid > 0 and _pid_alive(pid) and _is_our_server(pid, workdir, names):
         return pid
@@ -774,12 +771,19 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _pidfile_pid(pidfile: Path) -> int | None:
+def _pidfile_line(pidfile: Path) -> str | None:
+    """The first line of ``pidfile``; None when it is missing or empty."""
     try:
-        first_line = pidfile.read_text().splitlines()[0].strip()
-    except (OSError, IndexError):
+        return pidfile.read_text().splitlines()[0].strip()
+    except (FileNotFoundError, IndexError):
         return None
-    return int(first_line) if first_line.isdigit() else None
+    except OSError as exc:
+        raise StackError(f"cannot read {pidfile}: {exc.strerror}; are you its owner?") from None
+
+
+def _pidfile_pid(pidfile: Path) -> int | None:
+    first_line = _pidfile_line(pidfile)
+    return int(first_line) if first_line is not None and first_line.isdigit() else None
 
 
 def _size(path: Path) -> int:
