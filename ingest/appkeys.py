@@ -27,6 +27,7 @@ READ_AUTH = web.AppKey("read_auth", TokenAuth)
 """Tokens that may read: every ingest token and every read-only token."""
 INFLIGHT = web.AppKey("inflight", InFlight)
 REMINDERS = web.AppKey("reminders", Reminders)
-REQUEST_TIMES = web.AppKey("request_times", RequestTimes)
 """Refusals of a recurring kind (Redis down, misconfigured) are logged once, then reminded."""
+REQUEST_TIMES = web.AppKey("request_times", RequestTimes)
+"""Request durations, folded into the histogram every second (ingest/metrics.py)."""
 STORE = web.AppKey("store", TickStore)

@@ -224,10 +224,8 @@ class TickWriter:
         Redis error when nothing was stored, :class:`PartialWrite` when some
         shards of the group were, :class:`OutcomeUnknown` when the connection
         broke during a write of several shards (any of them may have stored),
-        :class:`NotDurable` when the durability wait fell short.
+        :class:`NotDurable` when the durability wait fell short or cannot be had.
         """
-        if self.not_durable is not None:
-            raise NotDurable(self.not_durable)
         done: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Waiting(ticks, size, token, done))
         if self._committer is None or self._committer.done():
@@ -302,6 +300,7 @@ class TickWriter:
             raise ConnectionError(f"connection closed under the write: {exc}") from exc
 
     async def _append(self, ticks: Sequence[Tick]) -> list[str]:
+        # Checked when the group is written: the durability may be lost while it waits.
         if self.not_durable is not None:
             raise NotDurable(self.not_durable)
         groups = self._group(ticks)
