@@ -11,9 +11,10 @@ import re
 import msgspec
 
 from ingest.errors import ApiError
-from tickpipe.ticks import Tick, TickError, tick_decoder, validate
+from tickpipe.ticks import Tick, TickError, TickIn, tick_decoder, validate
 
 _raw_list_decoder = msgspec.json.Decoder(list[msgspec.Raw])
+_tick_list_decoder = msgspec.json.Decoder(list[TickIn])
 
 _AT_PATH = re.compile(r" - at `\$(?:\[(?P<index>\d+)\])?(?:\.(?P<field>\w+))?")
 _NAMED_FIELD = re.compile(r"(?:missing required|unknown) field `(?P<field>\w+)`")
@@ -25,7 +26,18 @@ def decode_tick(body: bytes) -> Tick:
 
 
 def decode_json_array(body: bytes, max_batch: int) -> list[Tick]:
-    """``POST /ingest/ticks`` with ``application/json``: a non-empty array of ticks."""
+    """``POST /ingest/ticks`` with ``application/json``: a non-empty array of ticks.
+
+    A good batch is decoded in one pass; a bad one again tick by tick, so the
+    refusal names the first bad tick's index and field.
+    """
+    try:
+        decoded = _tick_list_decoder.decode(body)
+    except msgspec.DecodeError:
+        pass
+    else:
+        _check_count(len(decoded), max_batch)
+        return [_validate_item(item, index) for index, item in enumerate(decoded)]
     try:
         items = _raw_list_decoder.decode(body)
     except msgspec.ValidationError as exc:
@@ -54,7 +66,7 @@ def _check_count(count: int, max_batch: int) -> None:
 
 def _decode_item(raw: bytes | msgspec.Raw, index: int | None) -> Tick:
     try:
-        return validate(tick_decoder.decode(raw))
+        item = tick_decoder.decode(raw)
     except msgspec.ValidationError as exc:
         message = str(exc)
         named = _NAMED_FIELD.search(message)
@@ -63,5 +75,11 @@ def _decode_item(raw: bytes | msgspec.Raw, index: int | None) -> Tick:
         raise ApiError(422, "invalid_field", message, index=index, field=field) from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, "malformed_json", str(exc), index=index) from None
+    return _validate_item(item, index)
+
+
+def _validate_item(item: TickIn, index: int | None) -> Tick:
+    try:
+        return validate(item)
     except TickError as exc:
         raise ApiError(422, "invalid_field", exc.detail, index=index, field=exc.field) from None

@@ -47,6 +47,13 @@ _DECIMAL_TEXT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.
 _PLAIN_DECIMAL = re.compile(
     rf"\d{{1,{MAX_DECIMAL_INTEGER_DIGITS}}}(?:\.\d{{1,{MAX_DECIMAL_SCALE}}})?", re.ASCII
 )
+_CANONICAL_JSON_DECIMAL = re.compile(
+    rb'(?P<quote>"?)(?P<text>(?:0|[1-9][0-9]{0,%d})(?:\.[0-9]{1,%d})?)(?P=quote)'
+    % (MAX_DECIMAL_INTEGER_DIGITS - 1, MAX_DECIMAL_SCALE)
+)
+# What feeders send almost always: plain digits within the limits, no sign, no
+# exponent, no leading zero, as a JSON number or a string. Such text is already the
+# stored form, so it skips the careful path's checks (it could fail none of them).
 _MAX_JSON_DECIMAL = 6 * MAX_DECIMAL_TEXT + 2
 """The longest JSON value that may hold MAX_DECIMAL_TEXT characters (each as a \\uXXXX escape)."""
 _EXPAND = Context(prec=MAX_DECIMAL_DIGITS)
@@ -164,6 +171,11 @@ def decimal_from_json(raw: msgspec.Raw, field: str, *, allow_zero: bool) -> Deci
     The text is bounded before anything converts it, so a million digits or
     ``1e999999`` costs nothing but a refusal.
     """
+    canonical = _CANONICAL_JSON_DECIMAL.fullmatch(raw)
+    if canonical is not None:
+        value = Decimal(canonical["text"].decode())
+        if allow_zero or value:
+            return value
     if len(raw) > _MAX_JSON_DECIMAL:
         raise TickError(_too_long(field), field)
     data = bytes(raw)

@@ -1,3 +1,4 @@
+import random
 import time
 from decimal import Decimal
 
@@ -7,7 +8,9 @@ import pytest
 from tickpipe.ticks import (
     Tick,
     TickError,
+    decimal_from_json,
     from_fields,
+    parse_decimal,
     parse_ts,
     tick_decoder,
     to_fields,
@@ -238,3 +241,36 @@ def test_stream_entry_round_trip() -> None:
 def test_undecodable_entries(fields: dict[bytes, bytes]) -> None:
     with pytest.raises(TickError):
         from_fields(fields)
+
+
+def _careful(text: str, allow_zero: bool) -> str:
+    """The careful path's answer: the stored text, or the refusal."""
+    try:
+        return format(parse_decimal(text, "price", allow_zero=allow_zero), "f")
+    except TickError as exc:
+        return f"refused: {exc.detail}"
+
+
+@pytest.mark.parametrize("allow_zero", [True, False])
+def test_the_fast_path_for_plain_decimals_answers_as_the_careful_one(allow_zero: bool) -> None:
+    rng = random.Random(15)
+    texts = [
+        "0", "0.0", "0.5", "00.5", "05", "1", "10", "1.", ".5", "1.50", "-1", "-0", "+1",
+        "1e3", "9" * 78, "9" * 79, "1." + "0" * 18, "1." + "0" * 19, "1" * 78 + "." + "9" * 18,
+    ]  # fmt: skip
+    for _ in range(2000):
+        whole = rng.choice(["0", str(rng.randrange(10 ** rng.randrange(1, 80)))])
+        fraction = "".join(rng.choice("0123456789") for _ in range(rng.randrange(0, 20)))
+        texts.append(whole + ("." + fraction if fraction or rng.random() < 0.1 else ""))
+    for text in texts:
+        expected = _careful(text, allow_zero)
+        as_string = msgspec.json.encode(text)
+        wires = [as_string] + ([text.encode()] if text[:1].isdigit() and text[-1:] != "." else [])
+        for wire in wires:
+            try:
+                got = format(
+                    decimal_from_json(msgspec.Raw(wire), "price", allow_zero=allow_zero), "f"
+                )
+            except TickError as exc:
+                got = f"refused: {exc.detail}"
+            assert got == expected, wire
