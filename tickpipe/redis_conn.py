@@ -18,7 +18,9 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
+import hiredis
 from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
@@ -92,6 +94,38 @@ def shown_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
 
 
+class _CPacking(AbstractConnection):
+    """Packs commands with hiredis' C packer.
+
+    redis-py's asyncio connection packs every argument in Python: 0.9 µs each,
+    4.5 µs per tick of a group's script call (five arguments a tick), against
+    0.4 µs per tick here. Arguments hiredis does not take (``None``, ``bool``,
+    ...) go to redis-py's packer, which refuses them as it always has.
+    """
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        first = args[0]
+        if isinstance(first, str):
+            args = (*first.encode().split(), *args[1:])  # "CONFIG GET" is two words
+        elif b" " in first:
+            args = (*first.split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:
+            return super().pack_command(*args)
+
+
+_C_PACKING: dict[str, type[AbstractConnection]] = {}
+
+
+def _c_packing(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
+    """``connection_class`` (plain, TLS or unix socket) packing commands in C."""
+    name = f"CPacking{connection_class.__name__}"
+    if name not in _C_PACKING:
+        _C_PACKING[name] = type(name, (_CPacking, connection_class), {})
+    return _C_PACKING[name]
+
+
 def connect(url: str, *, client_name: str, socket_timeout_s: float | None = None) -> Redis:
     """A client that never retries by itself.
 
@@ -109,6 +143,8 @@ def connect(url: str, *, client_name: str, socket_timeout_s: float | None = None
         retry_on_error=[],
         health_check_interval=30,
     )
+    pool = client.connection_pool
+    pool.connection_class = _c_packing(pool.connection_class)
     return client
 
 

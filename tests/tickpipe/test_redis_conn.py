@@ -9,7 +9,8 @@ import time
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError
+from redis.asyncio.connection import Connection
+from redis.exceptions import ConnectionError, DataError
 
 from tickpipe import redis_conn
 from tickpipe.settings import Settings
@@ -78,3 +79,37 @@ async def test_ingest_told_redis_is_a_cluster_refuses_to_start(
     assert result.returncode == 1
     assert "is not a cluster" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_commands_are_packed_in_c_byte_for_byte_as_redis_py_packs_them() -> None:
+    client = redis_conn.connect("redis://127.0.0.1:1/0", client_name="tickpipe-tests")
+    connection = client.connection_pool.connection_class()
+    python_packer = Connection()
+    for command in [
+        ("EVALSHA", "f" * 40, 2, "ticks", "latest", "AAPL", "1714564800000000", "1.10", "0", "x"),
+        ("CONFIG GET", "appendfsync"),
+        (b"CLIENT SETNAME", "name"),
+        ("SET", "ünïcode", b"\x00\xff", 1.5, -7),
+    ]:
+        assert b"".join(connection.pack_command(*command)) == b"".join(
+            python_packer.pack_command(*command)
+        )
+    for bad in (None, True):
+        with pytest.raises(DataError):
+            connection.pack_command("SET", "key", bad)  # type: ignore[arg-type]
+
+
+async def test_a_c_packing_client_speaks_to_redis(settings: Settings) -> None:
+    client = redis_conn.connect(settings.redis_url, client_name="tickpipe-tests")
+    try:
+        await client.set("tickpipe-tests:packed", "ünïcode")
+        assert await client.get("tickpipe-tests:packed") == "ünïcode".encode()
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.incr("tickpipe-tests:packed-n")
+            pipe.config_get("appendonly")
+            count, config = await pipe.execute()
+        assert count >= 1
+        assert "appendonly" in config
+    finally:
+        await client.delete("tickpipe-tests:packed", "tickpipe-tests:packed-n")
+        await client.aclose()
