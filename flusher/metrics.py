@@ -48,7 +48,20 @@ COMMIT_LAG = Histogram(
         300.0,
     ),
 )
-RECLAIMED = Counter("tickpipe_flusher_reclaimed", "Entries reclaimed from idle consumers.")
+RECLAIMED = Counter(
+    "tickpipe_flusher_reclaimed",
+    "Entries reclaimed from other consumers (heartbeat expired, or idle past FLUSH_CLAIM_IDLE_S).",
+)
+LATE_COMMITS = Counter(
+    "tickpipe_flusher_late_commits",
+    "Batches committed after a peer had taken over and acknowledged some of their entries"
+    " (this flusher's heartbeat was silent: frozen, starved); harmless, md_ticks keeps each"
+    " key's latest entry.",
+)
+LATE_COMMIT_ENTRIES = Counter(
+    "tickpipe_flusher_late_commit_entries",
+    "Entries of late commits (see tickpipe_flusher_late_commits) found acknowledged already.",
+)
 DEAD_LETTERED = Counter(
     "tickpipe_flusher_dead_lettered", "Entries moved to the dead-letter stream."
 )

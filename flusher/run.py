@@ -83,13 +83,15 @@ async def run_flusher(settings: Settings, *, burst: bool = False) -> Flusher | N
         await redis.aclose()
     log.info(
         "flusher %s stopped: %d rows written, %d entries acknowledged, %d reclaimed,"
-        " %d dead-lettered, %d lost; %d batches, %d reads (XREADGROUP)",
+        " %d dead-lettered, %d lost, %d committed late (taken over by a peer meanwhile);"
+        " %d batches, %d reads (XREADGROUP)",
         consumer,
         flusher.rows_written,
         flusher.entries_acked,
         flusher.reclaimed,
         flusher.dead_lettered,
         flusher.lost,
+        flusher.late_entries,
         flusher.batches,
         flusher.reads,
     )
@@ -125,7 +127,8 @@ def burst_problems(flusher: Flusher) -> list[str]:
     elif flusher.left_pending:
         problems.append(
             f"{_entries(flusher.left_pending)} left pending by {consumer}, not in Postgres yet:"
-            " retried by the next run (or after FLUSH_CLAIM_IDLE_S by a running flusher),"
+            " retried by the next run (or by a running flusher once this one's heartbeat"
+            " expires),"
             " dead-lettered after FLUSH_MAX_DELIVERIES; see `tickpipe audit`"
         )
     return problems

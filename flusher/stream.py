@@ -176,6 +176,19 @@ class DeadLetter:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Claimed:
+    """What one claim from a consumer took (see :meth:`TickStream.claim_from`)."""
+
+    owner_state: str
+    """``alive`` (nothing taken), ``dead`` (heartbeat expired), ``never seen`` or ``own``."""
+    next_start: str
+    """Where the next page starts; '' when the consumer has no more to give now."""
+    entries: Delivery
+    deleted: list[str]
+    """Ids trimmed or XDELed while pending: dropped from the pending list, never written."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class GroupStats:
     pending: int
     lag: int | None
@@ -319,6 +332,7 @@ return result(by_age, redis.call('XTRIM', stream, 'MINID', cut), 0, safe, 'estim
 
 # Delete a consumer only if it still has nothing pending: XGROUP DELCONSUMER
 # drops a consumer's pending entries with it, so check and delete atomically.
+# Its record in the hash of consumers seen (KEYS[2]) goes with it.
 DELETE_IDLE_CONSUMER_LUA = """#!lua flags=allow-oom
 local consumers = redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
 for _, consumer in ipairs(consumers) do
@@ -326,6 +340,7 @@ for _, consumer in ipairs(consumers) do
   for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
   if info['name'] == ARGV[2] then
     if info['pending'] == 0 and info['idle'] >= tonumber(ARGV[3]) then
+      redis.call('HDEL', KEYS[2], ARGV[2])
       return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
     end
     return -1
@@ -353,6 +368,65 @@ for i = 1, #ARGV do added = added + redis.call('SADD', KEYS[2], ARGV[i]) end
 return redis.call('INCRBY', KEYS[1], added)
 """
 
+
+# A flusher's heartbeat on one shard: its key, alive for ARGV[1] ms, and the time
+# of this beat (Redis's clock, epoch ms) in the hash of consumers ever seen.
+# KEYS[1] heartbeat key, KEYS[2] seen hash; ARGV[1] ttl ms, ARGV[2] consumer.
+HEARTBEAT_LUA = """#!lua flags=allow-oom
+local now = redis.call('TIME')
+local ms = now[1] * 1000 + math.floor(now[2] / 1000)
+redis.call('SET', KEYS[1], ms, 'PX', ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[2], ms)
+return ms
+"""
+
+# Claim, in stream order, the pending entries of one consumer that may be taken:
+# all of a consumer whose heartbeat expired (it is in the seen hash, its key is
+# gone), those idle for ARGV[5] ms of one that never sent a heartbeat (the
+# backstop), and none of one whose key lives. The claimer's own entries are
+# taken after ARGV[5] ms too (rows Postgres rejected, retried). The check and
+# the claim are one step: a consumer cannot come back to life between them.
+# KEYS[1] stream, KEYS[2] owner's heartbeat key, KEYS[3] seen hash.
+# ARGV: group, owner, claimer, idle ms if dead, idle ms otherwise, start (exclusive
+# after the first page: "(id"), count.
+# Returns {state, next start ('' when done), entries, deleted ids}: entries as
+# XREADGROUP gives them; deleted ids were trimmed or XDELed while pending and are
+# dropped from the pending list by XCLAIM (Redis >= 7.0 leaves them out of its
+# reply; older versions answer nil).
+CLAIM_FROM_LUA = """#!lua
+local group, owner, claimer = ARGV[1], ARGV[2], ARGV[3]
+local state, min_idle = 'own', ARGV[5]
+if owner ~= claimer then
+  if redis.call('EXISTS', KEYS[2]) == 1 then return {'alive', '', {}, {}} end
+  if redis.call('HEXISTS', KEYS[3], owner) == 1 then
+    state, min_idle = 'dead', ARGV[4]
+  else
+    state = 'never seen'
+  end
+end
+local count = tonumber(ARGV[7])
+local rows = redis.call('XPENDING', KEYS[1], group, 'IDLE', min_idle, ARGV[6], '+', count, owner)
+if #rows == 0 then return {state, '', {}, {}} end
+local ids = {}
+for i, row in ipairs(rows) do ids[i] = row[1] end
+local claimed = redis.call('XCLAIM', KEYS[1], group, claimer, min_idle, unpack(ids))
+local entries, got = {}, {}
+for _, entry in ipairs(claimed) do
+  if type(entry) == 'table' then
+    entries[#entries + 1] = entry
+    got[entry[1]] = true
+  end
+end
+local deleted = {}
+for _, id in ipairs(ids) do
+  -- Neither claimed nor idle enough cannot happen here: the XPENDING above chose
+  -- them in this same step. What XCLAIM left out is gone from the stream.
+  if not got[id] then deleted[#deleted + 1] = id end
+end
+local next_start = ''
+if #rows == count then next_start = '(' .. ids[#ids] end
+return {state, next_start, entries, deleted}
+"""
 
 _RAW_REPLY = "tickpipe_raw_reply"
 """An option of the XREADGROUPs sent here: the reply is returned as Redis sent it."""
@@ -425,6 +499,11 @@ class TickStream:
         self._delete_idle_consumer = redis.register_script(DELETE_IDLE_CONSUMER_LUA)
         self._dead_letter = redis.register_script(DEAD_LETTER_LUA)
         self._count_lost = redis.register_script(COUNT_LOST_LUA)
+        self._heartbeat = redis.register_script(HEARTBEAT_LUA)
+        self._claim_from = redis.register_script(CLAIM_FROM_LUA)
+        self.heartbeat_key = keys.heartbeat(group, consumer)
+        """This consumer's heartbeat key on this shard (alive while it exists)."""
+        self.heartbeats_seen_key = keys.heartbeats_seen(group)
 
     @_transient
     async def ensure_group(self) -> None:
@@ -451,28 +530,43 @@ class TickStream:
         return acked
 
     @_transient
-    async def claim(
-        self, min_idle_ms: int, cursor: str, count: int
-    ) -> tuple[str, Delivery, list[str]]:
-        """XAUTOCLAIM entries idle for ``min_idle_ms``: (next cursor, entries, deleted ids).
+    async def beat(self, ttl_ms: int) -> None:
+        """Say this consumer is alive for ``ttl_ms`` more (its heartbeat key, refreshed)."""
+        await self._heartbeat(
+            keys=[self.heartbeat_key, self.heartbeats_seen_key], args=[ttl_ms, self.consumer]
+        )
 
-        Deleted ids are entries trimmed or XDELed while pending: Redis drops them
-        from the pending list and they can never be written.
+    @_transient
+    async def fall_silent(self) -> None:
+        """Drop this consumer's heartbeat key (at stop): what it left pending is claimed at once."""
+        await self.redis.delete(self.heartbeat_key)
+
+    @_transient
+    async def holders(self) -> dict[str, int]:
+        """The consumers of the group holding pending entries, with how many."""
+        summary: Any = await self.redis.xpending(self.stream, self.group)
+        return {
+            text(consumer["name"]): int(consumer["pending"])
+            for consumer in summary.get("consumers") or []
+        }
+
+    @_transient
+    async def claim_from(
+        self, owner: str, start: str, count: int, *, dead_idle_ms: int, idle_ms: int
+    ) -> Claimed:
+        """Claim up to ``count`` pending entries of ``owner`` from ``start`` on, in order.
+
+        All of them when ``owner``'s heartbeat expired (idle for ``dead_idle_ms``);
+        none while it lives; those idle for ``idle_ms`` when it never sent one, and
+        of this consumer itself (see CLAIM_FROM_LUA).
         """
-        reply: Any = await self.redis.xautoclaim(
-            self.stream, self.group, self.consumer, min_idle_ms, start_id=cursor, count=count
-        )
-        next_cursor, messages, deleted = reply[0], reply[1], reply[2] if len(reply) > 2 else []
-        # Rare (a consumer died or stalled): redis-py's parsed reply, flattened back.
-        claimed = Part(
-            self.shard,
-            [entry_id for entry_id, _ in messages],
-            [
-                [v for pair in fields.items() for v in pair] if fields else None
-                for _, fields in messages
-            ],
-        )
-        return text(next_cursor), Delivery([claimed]), [text(i) for i in deleted]
+        state, next_start, messages, deleted = await self._claim_from(
+            keys=[self.stream, self.keys.heartbeat(self.group, owner),
+                  self.heartbeats_seen_key],
+            args=[self.group, owner, self.consumer, dead_idle_ms, idle_ms, start, count],
+        )  # fmt: skip
+        entries = Delivery([Part(self.shard, [m[0] for m in messages], [m[1] for m in messages])])
+        return Claimed(text(state), text(next_start), entries, [text(i) for i in deleted])
 
     @_transient
     async def deliveries(self, ids: Sequence[str]) -> dict[str, int]:
@@ -575,7 +669,7 @@ class TickStream:
             if name == self.consumer or consumer["pending"] or consumer["idle"] < idle_ms:
                 continue
             removed = await self._delete_idle_consumer(
-                keys=[self.stream], args=[self.group, name, idle_ms]
+                keys=[self.stream, self.heartbeats_seen_key], args=[self.group, name, idle_ms]
             )
             if int(removed) >= 0:
                 deleted.append(name)
@@ -646,6 +740,12 @@ class ShardedStream:
     @property
     def names(self) -> list[str]:
         return [stream.stream for stream in self.shards]
+
+    async def fall_silent(self) -> None:
+        """Drop this consumer's heartbeat on every shard that answers (at stop)."""
+        for stream in self.shards:
+            with contextlib.suppress(TransientError):
+                await stream.fall_silent()
 
     @_transient
     async def claim_shape(self, settings: Settings) -> None:
@@ -786,32 +886,38 @@ class ShardedStream:
             task.cancel()
         self._reads.clear()
 
-    async def ack(self, by_shard: Mapping[int, Sequence[bytes | str]]) -> dict[int, TransientError]:
+    async def ack(
+        self, by_shard: Mapping[int, Sequence[bytes | str]]
+    ) -> tuple[dict[int, int], dict[int, TransientError]]:
         """XACK the ids of each shard on its shard's stream; one round trip per node.
 
-        Returns the failure of each shard whose XACK failed: the other shards'
-        entries are acknowledged all the same (XACK may be sent again safely).
+        Returns, per shard, how many ids XACK found pending (fewer than sent: others
+        were acknowledged already, by a peer that took them over), and the failure
+        of each shard whose XACK failed: the other shards' entries are
+        acknowledged all the same (XACK may be sent again safely).
         """
         by_shard = {shard: ids for shard, ids in by_shard.items() if ids}
         todo = dict(by_shard)
+        acked: dict[int, int] = {}
         if len(by_shard) > 1:
             try:
                 replies = await self._ack_pipelined(by_shard)
             except TransientError:
                 pass  # each shard on its own, below
             else:
-                todo = {
-                    shard: ids
-                    for (shard, ids), reply in zip(by_shard.items(), replies, strict=True)
-                    if isinstance(reply, Exception)
-                }
+                todo = {}
+                for (shard, ids), reply in zip(by_shard.items(), replies, strict=True):
+                    if isinstance(reply, Exception):
+                        todo[shard] = ids
+                    else:
+                        acked[shard] = int(reply)
         failures: dict[int, TransientError] = {}
         for shard, ids in todo.items():
             try:
-                await self._by_index[shard].ack(ids)
+                acked[shard] = await self._by_index[shard].ack(ids)
             except TransientError as exc:
                 failures[shard] = exc
-        return failures
+        return acked, failures
 
     @_transient
     async def _ack_pipelined(self, by_shard: Mapping[int, Sequence[bytes | str]]) -> list[Any]:

@@ -8,10 +8,12 @@ Its one invariant: an entry is acknowledged only after the transaction holding
 its row has committed. A crash anywhere leaves the entry pending, to be read
 again by this consumer on restart or reclaimed by another.
 
-Besides the main loop, three upkeep loops run: reclaim (XAUTOCLAIM entries other
-consumers left idle), upkeep (trim the stream, delete idle consumers, publish
-pending and lag) and the memory check (trim all acknowledged history while
-Redis memory is short; flusher/retention.py).
+Besides the main loop, upkeep loops run: the heartbeat (one per shard: this
+consumer's key, refreshed whatever the batches do), reclaim (the entries of
+consumers whose heartbeat expired, at once; of consumers that never sent one,
+once idle FLUSH_CLAIM_IDLE_S), upkeep (trim the stream, delete idle consumers,
+publish pending and lag) and the memory check (trim all acknowledged history
+while Redis memory is short; flusher/retention.py).
 
 A shard that fails (its master down, its key unusable) is set aside with a
 backoff of its own (:class:`~flusher.shard_health.ShardHealth`) while the
@@ -39,7 +41,15 @@ from flusher.errors import RowsRejected, TransientError
 from flusher.faults import Faults
 from flusher.retention import Retention
 from flusher.shard_health import ShardHealth
-from flusher.stream import DeadLetter, Delivery, Entry, GroupStats, ShardedStream, TickStream
+from flusher.stream import (
+    Claimed,
+    DeadLetter,
+    Delivery,
+    Entry,
+    GroupStats,
+    ShardedStream,
+    TickStream,
+)
 from tickpipe.backoff import Backoff
 from tickpipe.settings import Settings
 
@@ -76,6 +86,8 @@ class Flusher:
         """Batches being written by this process: the reclaim loop must not take them too."""
         self._health = ShardHealth({stream.shard: stream.stream for stream in streams.shards})
         self._retention = Retention(settings)
+        self._silent: set[int] = set()
+        """Shards whose last heartbeat failed."""
         self._drain_due: set[int] = {stream.shard for stream in streams.shards}
         """Shards whose own pending entries must be read (from 0) before anything else of theirs."""
         self._unacked: dict[int, list[bytes]] = {}
@@ -91,6 +103,8 @@ class Flusher:
         """Entries moved by this process, per dead-letter stream."""
         self.reclaimed = 0
         self.lost = 0
+        self.late_entries = 0
+        """Entries this process committed after a peer had acknowledged them (taken over)."""
         self.left_pending: int | None = 0
         """After a burst: this consumer's entries still pending (None: a shard could not say)."""
 
@@ -135,6 +149,23 @@ class Flusher:
             ", ".join(self.streams.names),
             self.streams.group,
         )
+        # Alive before the first read, and until the last ack: peers take nothing of ours.
+        await asyncio.gather(*(self._beat(stream) for stream in self.streams.shards))
+        hearts = [
+            asyncio.create_task(self._heartbeat_loop(stream), name=f"heartbeat {stream.shard}")
+            for stream in self.streams.shards
+        ]
+        try:
+            await self._work()
+        finally:
+            for heart in hearts:
+                heart.cancel()
+            await asyncio.gather(*hearts, return_exceptions=True)
+            # What this process leaves pending (a shutdown grace over) is claimed at once.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.streams.fall_silent(), _SILENCE_TIMEOUT_S)
+
+    async def _work(self) -> None:
         if self.burst:
             with contextlib.suppress(Stopping):
                 await self._reclaim_pass()
@@ -316,47 +347,110 @@ class Flusher:
                 )
 
     async def _reclaim_pass(self) -> None:
-        """XAUTOCLAIM, shard by shard, every entry idle longer than FLUSH_CLAIM_IDLE_S.
+        """Shard by shard, claim the pending entries of consumers that may be taken.
 
-        A shard that fails is left for a later pass; the others are reclaimed.
+        Every entry of a consumer whose heartbeat expired; those idle for longer
+        than FLUSH_CLAIM_IDLE_S of a consumer that never sent one, and of this
+        one (rows Postgres rejected, retried); none of a live consumer. A shard
+        that fails is left for a later pass; the others are reclaimed.
         """
         for stream in self.streams.shards:
             if self._health.ready(stream.shard):
                 await self._reclaim_shard(stream)
 
     async def _reclaim_shard(self, stream: TickStream) -> None:
-        min_idle_ms = int(self.settings.flush_claim_idle_s * 1000)
-        cursor = "0-0"
-        while not self.stopping:
+        try:
+            holders = await stream.holders()
+        except TransientError as exc:
+            self._health.failed(stream.shard, "list the consumers holding entries", exc)
+            return
+        for owner in sorted(holders):
+            if self.stopping:
+                return
+            if not await self._reclaim_from(stream, owner):
+                return
+
+    async def _reclaim_from(self, stream: TickStream, owner: str) -> bool:
+        """Claim and write what may be taken of ``owner``'s entries; False if the shard failed."""
+        idle_ms = int(self.settings.flush_claim_idle_s * 1000)
+        start = "-"
+        while start and not self.stopping:
             try:
-                cursor, entries, deleted = await stream.claim(
-                    min_idle_ms, cursor, self.settings.flush_batch_size
+                claimed = await stream.claim_from(
+                    owner, start, self.settings.flush_batch_size, dead_idle_ms=0, idle_ms=idle_ms
                 )
             except TransientError as exc:
-                self._health.failed(stream.shard, "reclaim idle entries", exc)
-                return
-            if deleted:
+                self._health.failed(stream.shard, f"reclaim the entries of {owner}", exc)
+                return False
+            start = claimed.next_start
+            if claimed.deleted:
                 # Redis dropped them from the pending list with this very reply: count
                 # them now, however long the shard takes (they cannot be seen again).
-                await self._count_lost(stream, deleted, _GONE)
-            # XAUTOCLAIM also hands back this process's own slow batch (a lock wait,
-            # a long drain after downtime) and entries whose ack is still due: they
-            # are written already, or being written.
+                await self._count_lost(stream, claimed.deleted, _GONE)
+            entries = claimed.entries
+            if entries and owner == stream.consumer:
+                # This process's own slow batch (a lock wait, a long drain after
+                # downtime) and entries whose ack is still due: written already, or
+                # being written.
+                entries = entries.without(stream.shard, self._busy_ids(stream.shard))
             if entries:
-                busy = self._busy_ids(stream.shard)
-                entries = entries.without(stream.shard, busy)
-            if entries:
-                log.info(
-                    "reclaimed %d entries of %s idle for over %.1fs",
-                    len(entries),
-                    stream.stream,
-                    min_idle_ms / 1000,
-                )
+                self._log_reclaim(stream, owner, claimed, len(entries))
                 self.reclaimed += len(entries)
                 metrics.RECLAIMED.inc(len(entries))
                 await self._flush(entries)
-            if cursor == "0-0":
-                return
+        return True
+
+    def _log_reclaim(self, stream: TickStream, owner: str, claimed: Claimed, count: int) -> None:
+        if claimed.owner_state == "dead":
+            log.warning(
+                "reclaimed %d entries of %s from %s: its heartbeat expired (no sign of life"
+                " for FLUSH_DEAD_AFTER_S)",
+                count,
+                stream.stream,
+                owner,
+            )
+        else:
+            log.info(
+                "reclaimed %d entries of %s from %s (%s): idle for over %.1fs",
+                count,
+                stream.stream,
+                owner,
+                claimed.owner_state,
+                self.settings.flush_claim_idle_s,
+            )
+
+    async def _heartbeat_loop(self, stream: TickStream) -> None:
+        """Refresh this consumer's heartbeat on ``stream``'s shard until cancelled.
+
+        Independent of the batches: a commit stuck on Postgres does not stop it,
+        only a frozen or dead process does.
+        """
+        interval = self.settings.flush_heartbeat_s
+        while True:
+            started = time.monotonic()
+            await self._beat(stream)
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    async def _beat(self, stream: TickStream) -> None:
+        try:
+            await stream.beat(int(self.settings.flush_dead_after_s * 1000))
+        except TransientError as exc:
+            if stream.shard not in self._silent:
+                self._silent.add(stream.shard)
+                log.warning(
+                    "cannot send the heartbeat on %s: %s; if it stays silent for"
+                    " FLUSH_DEAD_AFTER_S, peers take over this flusher's entries there"
+                    " (written twice, harmlessly)",
+                    stream.stream,
+                    exc,
+                )
+            return
+        except Exception:
+            log.exception("heartbeat on %s failed", stream.stream)
+            return
+        if stream.shard in self._silent:
+            self._silent.discard(stream.shard)
+            log.info("heartbeat on %s sent again", stream.stream)
 
     async def _upkeep_loop(self) -> None:
         interval = self.settings.flush_upkeep_interval_s
@@ -596,7 +690,10 @@ class Flusher:
         ids_by_shard = {shard: ids for shard, ids in ids_by_shard.items() if ids}
         if not ids_by_shard:
             return 0
-        failures = await self.streams.ack(ids_by_shard)
+        acked, failures = await self.streams.ack(ids_by_shard)
+        late = sum(len(ids_by_shard[shard]) - count for shard, count in acked.items())
+        if late > 0:
+            self._report_late(late)
         deferred = 0
         for shard, exc in failures.items():
             waiting = ids_by_shard[shard]
@@ -609,9 +706,23 @@ class Flusher:
             self._health.answered(shard)
         return deferred
 
+    def _report_late(self, entries: int) -> None:
+        """A batch committed after a peer took its entries over (and acknowledged them)."""
+        self.late_entries += entries
+        metrics.LATE_COMMITS.inc()
+        metrics.LATE_COMMIT_ENTRIES.inc(entries)
+        log.warning(
+            "%d entries of this batch were acknowledged already: a peer took them over while"
+            " this flusher's heartbeat was silent (frozen, starved or cut off for"
+            " FLUSH_DEAD_AFTER_S) and wrote them too; md_ticks keeps each key's latest entry",
+            entries,
+        )
+
     async def _ack_again(self, shard: int) -> None:
         entries = self._unacked.pop(shard)
-        failures = await self.streams.ack({shard: entries})
+        # Fewer acknowledged than sent is expected here: the XACK whose reply was
+        # lost may have run.
+        _acked, failures = await self.streams.ack({shard: entries})
         if shard in failures:
             # Others may have joined meanwhile (a reclaimed batch's).
             self._unacked.setdefault(shard, []).extend(entries)
@@ -670,6 +781,8 @@ class Flusher:
 
 
 _GONE = "deleted from the stream while pending"
+_SILENCE_TIMEOUT_S = 2.0
+"""At stop, how long dropping the heartbeat keys may take (Redis may be down)."""
 
 
 class _Poison(NamedTuple):

@@ -18,6 +18,16 @@ LOST = "ticks:lost"
 ENTRY_FIELDS = ("symbol", "ts", "price", "volume", "source")
 """The fields of one stream entry, in order; all strings, ``ts`` in epoch microseconds."""
 
+HEARTBEATS = ":heartbeat"
+"""Appended to a shard's stream name (before its hash tag): the base of its heartbeat keys.
+
+Each flusher refreshes ``<base>:alive:<group>:<consumer>`` (SET ... PX
+FLUSH_DEAD_AFTER_S) while it runs; while that key exists its pending entries
+are never claimed by another. The hash ``<base>:seen:<group>`` maps every
+consumer that ever sent a heartbeat to the time (epoch ms) of its last one:
+a consumer in it without a live key has died, one absent never sent any.
+Both sit in their shard's slot (see heartbeat_key)."""
+
 SHAPE = "tickpipe:shape"
 """Hash stream name -> the deployment's shape, ``"<shards> <tagged|plain>"`` (tickpipe/shape.py).
 
@@ -39,3 +49,18 @@ def shard_key(name: str, shard: int, shards: int, *, tagged: bool = False) -> st
     even a single shard is tagged: the plain names hash to different slots.
     """
     return name if shards == 1 and not tagged else f"{name}:{SHARD_TAG % shard}"
+
+
+def heartbeat_key(base: str, group: str, consumer: str) -> str:
+    """The key that says ``consumer`` of ``group`` is alive, in the shard of ``base``.
+
+    ``base`` ends in the shard's hash tag when there is one, so the tag is the
+    first brace of the name: a consumer or group name holding braces cannot
+    move the key to another slot.
+    """
+    return f"{base}:alive:{group}:{consumer}"
+
+
+def heartbeats_seen_key(base: str, group: str) -> str:
+    """The hash of the consumers of ``group`` that ever sent a heartbeat, in ``base``'s shard."""
+    return f"{base}:seen:{group}"

@@ -88,8 +88,16 @@ class Settings:
     flush_batch_size: int = 200
     flush_interval_s: float = 1.0
     flush_claim_idle_s: float = 30.0
+    """FLUSH_CLAIM_IDLE_S: entries idle this long are reclaimed from a consumer that never sent
+    a heartbeat (the backstop; a dead consumer's are claimed at once, a live one's never)."""
     flush_max_deliveries: int = 5
-    flush_claim_interval_s: float = 5.0
+    flush_claim_interval_s: float = 1.0
+    """FLUSH_CLAIM_INTERVAL_S: how often a flusher looks for dead consumers and idle entries."""
+    flush_heartbeat_s: float = 0.5
+    """FLUSH_HEARTBEAT_S: how often a flusher refreshes its heartbeat key."""
+    flush_dead_after_s: float = 1.5
+    """FLUSH_DEAD_AFTER_S: a heartbeat key expires this long after its last refresh; then the
+    flusher counts as dead and its pending entries are claimed by its peers."""
     flush_upkeep_interval_s: float = 10.0
     flush_consumer_idle_delete_s: float = 86400.0
     flusher_metrics_host: str = "127.0.0.1"
@@ -222,6 +230,12 @@ class Settings:
             flush_claim_interval_s=r.get(
                 "FLUSH_CLAIM_INTERVAL_S", _positive_float, defaults.flush_claim_interval_s
             ),
+            flush_heartbeat_s=r.get(
+                "FLUSH_HEARTBEAT_S", _positive_float, defaults.flush_heartbeat_s
+            ),
+            flush_dead_after_s=r.get(
+                "FLUSH_DEAD_AFTER_S", _positive_float, defaults.flush_dead_after_s
+            ),
             flush_upkeep_interval_s=r.get(
                 "FLUSH_UPKEEP_INTERVAL_S", _positive_float, defaults.flush_upkeep_interval_s
             ),
@@ -282,6 +296,12 @@ class Settings:
                         f"key name {name!r} holds a brace: with STREAM_SHARDS > 1 or on a Redis"
                         " Cluster tickpipe adds the hash tag {shard} itself"
                     )
+        if self.flush_heartbeat_s >= self.flush_dead_after_s:
+            raise SettingsError(
+                f"FLUSH_HEARTBEAT_S={self.flush_heartbeat_s:g} must be below FLUSH_DEAD_AFTER_S="
+                f"{self.flush_dead_after_s:g} (a third of it is usual): a flusher whose heartbeat"
+                " expires between two refreshes would be taken for dead"
+            )
         try:
             self.shard_map.select(self.flusher_shards)
         except ValueError as exc:

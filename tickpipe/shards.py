@@ -74,11 +74,21 @@ class Shard:
     latest: str
     dead_stream: str
     lost: str
+    heartbeats: str
+    """The base of the shard's heartbeat keys (keys.heartbeat_key)."""
 
     @property
     def lost_ids(self) -> str:
         """The set of the lost ids counted in ``lost`` (each counted once)."""
         return f"{self.lost}:ids"
+
+    def heartbeat(self, group: str, consumer: str) -> str:
+        """The key that says ``consumer`` is alive, refreshed while it reads this shard."""
+        return keys.heartbeat_key(self.heartbeats, group, consumer)
+
+    def heartbeats_seen(self, group: str) -> str:
+        """The hash of the consumers of ``group`` that ever sent a heartbeat on this shard."""
+        return keys.heartbeats_seen_key(self.heartbeats, group)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -109,6 +119,7 @@ class ShardMap:
                     keys.shard_key(latest, index, count, tagged=tagged),
                     keys.shard_key(dead_stream, index, count, tagged=tagged),
                     keys.shard_key(lost, index, count, tagged=tagged),
+                    keys.shard_key(stream + keys.HEARTBEATS, index, count, tagged=tagged),
                 )
                 for index in range(count)
             )

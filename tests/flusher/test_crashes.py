@@ -500,12 +500,15 @@ async def test_an_older_version_replayed_late_does_not_win(
     original = Tick("K", 1_750_000_000_000_000, Decimal("1"), Decimal(1), "original")
     correction = Tick("K", 1_750_000_000_000_000, Decimal("2"), Decimal(1), "correction")
     await append(redis, settings, [original])
-    victim = flushers.start("victim", TICKPIPE_FAULT="after_commit")
+    # Its heartbeat outlives it for two minutes: nobody takes its entry until it expires.
+    victim = flushers.start("victim", TICKPIPE_FAULT="after_commit", FLUSH_DEAD_AFTER_S="120")
     assert await wait_exit(victim) == -signal.SIGKILL  # original committed, not acked
     await append(redis, settings, [correction])
     other = flushers.start("other", "--burst")  # no reclaim: writes the correction
     assert await wait_exit(other) == 0
-    rescuer = flushers.start("rescuer", "--burst", FLUSH_CLAIM_IDLE_S="0.1")
+    assert stopped_line(other)["reclaimed"] == 0
+    await redis.delete(settings.shard_map.shards[0].heartbeat(GROUP, "victim"))  # expired
+    rescuer = flushers.start("rescuer", "--burst")
     assert await wait_exit(rescuer) == 0  # replays the original, older entry
     assert stopped_line(rescuer)["reclaimed"] == 1
     assert await rows(pg) == expected([correction])

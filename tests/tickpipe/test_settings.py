@@ -13,6 +13,10 @@ def test_defaults_point_at_the_local_stack() -> None:
     assert settings.group_name == "flushers"
     assert settings.flush_batch_size == 200
     assert settings.flush_interval_s == 1.0
+    assert settings.flush_heartbeat_s == 0.5
+    assert settings.flush_dead_after_s == 1.5
+    assert settings.flush_claim_interval_s == 1.0
+    assert settings.flush_claim_idle_s == 30.0
     assert settings.ingest_max_batch == 5000
     assert settings.ingest_durability == "everysec"
     assert settings.state_dir == Path(".tickpipe")
@@ -40,6 +44,30 @@ def test_environment_overrides() -> None:
     assert settings.stream_name == "ticks.test"
     assert settings.flusher_consumer == "flusher-1"
     assert dict(settings.ingest_tokens) == {"a": "tok1", "b": "tok2"}
+
+
+def test_heartbeat_settings() -> None:
+    settings = Settings.from_env({"FLUSH_HEARTBEAT_S": "0.2", "FLUSH_DEAD_AFTER_S": "0.8"})
+    assert settings.flush_heartbeat_s == 0.2
+    assert settings.flush_dead_after_s == 0.8
+    with pytest.raises(SettingsError, match="FLUSH_DEAD_AFTER_S: must be a positive number"):
+        Settings.from_env({"FLUSH_DEAD_AFTER_S": "0"})
+    # A refresh as slow as the expiry would let a live flusher pass for dead.
+    with pytest.raises(SettingsError, match="FLUSH_HEARTBEAT_S=2 must be below FLUSH_DEAD_AFTER_S"):
+        Settings.from_env({"FLUSH_HEARTBEAT_S": "2"})
+
+
+def test_heartbeat_keys_share_their_shard_slot() -> None:
+    single = Settings.from_env({})
+    [shard] = single.shard_map.shards
+    assert shard.heartbeat("flushers", "f1") == "ticks.received:heartbeat:alive:flushers:f1"
+    assert shard.heartbeats_seen("flushers") == "ticks.received:heartbeat:seen:flushers"
+    sharded = Settings.from_env({"STREAM_SHARDS": "4"})
+    third = sharded.shard_map.shards[3]
+    assert third.stream == "ticks.received:{3}"
+    # The shard's tag comes first: a brace in a consumer's name cannot move the key.
+    assert third.heartbeat("flushers", "a{b}") == "ticks.received:heartbeat:{3}:alive:flushers:a{b}"
+    assert third.heartbeats_seen("flushers") == "ticks.received:heartbeat:{3}:seen:flushers"
 
 
 def test_local_urls_follow_the_stack_ports() -> None:
