@@ -256,13 +256,18 @@ def to_json(tick: Tick) -> dict[str, str]:
 
 def to_fields(tick: Tick) -> dict[str, str]:
     """The stream entry of a tick: readable strings, so ``XRANGE`` output is useful."""
-    return {
-        "symbol": tick.symbol,
-        "ts": str(tick.ts_us),
-        "price": format(tick.price, "f"),
-        "volume": format(tick.volume, "f"),
-        "source": tick.source,
-    }
+    return dict(zip(ENTRY_FIELDS, entry_values(tick), strict=True))
+
+
+def entry_values(tick: Tick) -> tuple[str, str, str, str, str]:
+    """The values of :func:`to_fields`, in ENTRY_FIELDS order (ingest's script takes these)."""
+    return (
+        tick.symbol,
+        str(tick.ts_us),
+        format(tick.price, "f"),
+        format(tick.volume, "f"),
+        tick.source,
+    )
 
 
 def from_fields(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Tick:

@@ -472,3 +472,25 @@ async def test_an_internal_error_is_a_json_500(
             "detail": "an internal error occurred; see the log",
         }
     assert "a defect" in caplog.text
+
+
+async def test_latest_holds_any_source_exactly(client: Client, redis: Redis) -> None:
+    source = 'quote " backslash \\ slash / ünïcode ☃ tab-free'
+    response = await client.post("/ingest/tick", json=tick_at(1, source=source), headers=AUTH)
+    assert response.status == 200
+    assert json.loads(await redis.hget("ticks:latest", "AAPL"))["source"] == source
+    latest = await client.get("/ticks/AAPL/latest", headers=AUTH)
+    assert (await latest.json())["source"] == source
+
+
+async def test_latest_written_in_another_key_order_is_still_compared_by_ts(
+    client: Client, redis: Redis
+) -> None:
+    # Values of earlier versions (cjson's key order) are read for their ts as well.
+    older = {"price": "1", "id": "1-0", "source": "x", "volume": "0", "ts": "1714564801000000"}
+    await redis.hset("ticks:latest", "AAPL", json.dumps(older))
+    response = await client.post("/ingest/tick", json=tick_at(0, price="2"), headers=AUTH)
+    assert response.status == 200
+    assert json.loads(await redis.hget("ticks:latest", "AAPL"))["price"] == "1"
+    response = await client.post("/ingest/tick", json=tick_at(2, price="3"), headers=AUTH)
+    assert json.loads(await redis.hget("ticks:latest", "AAPL"))["price"] == "3"
