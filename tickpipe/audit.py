@@ -135,10 +135,13 @@ async def shard_report(redis: RedisClient, shard: Shard, limits: Thresholds) -> 
                     "idle_ms": int(first_pending["time_since_delivered"]),
                     "deliveries": int(first_pending["times_delivered"]),
                 }
+            liveness, heartbeat_age_ms = await _liveness(redis, shard, name, consumer_name, now_ms)
             consumers.append(
                 {
                     "name": consumer_name,
                     "pending": int(consumer["pending"]),
+                    "liveness": liveness,
+                    "heartbeat_age_ms": heartbeat_age_ms,
                     "idle_ms": int(consumer["idle"]),
                     "oldest_pending": oldest,
                 }
@@ -198,6 +201,22 @@ async def shard_report(redis: RedisClient, shard: Shard, limits: Thresholds) -> 
     }
     report["lost"] = int(await redis.get(shard.lost) or 0)
     return report
+
+
+LIVENESS = ("alive", "expired", "never seen")
+"""A consumer's heartbeat: its key lives; it sent some, its key expired; it never sent one."""
+
+
+async def _liveness(
+    redis: RedisClient, shard: Shard, group: str, consumer: str, now_ms: int
+) -> tuple[str, int | None]:
+    """The consumer's liveness, and how long ago (ms) its last heartbeat was sent."""
+    alive = await redis.exists(shard.heartbeat(group, consumer))
+    last = await redis.hget(shard.heartbeats_seen(group), consumer)
+    age_ms = None if last is None else max(0, now_ms - int(last))
+    if alive:
+        return "alive", age_ms
+    return ("never seen" if last is None else "expired"), age_ms
 
 
 def _shard_figures(report: dict[str, Any]) -> dict[str, Any]:
@@ -267,10 +286,19 @@ def _totals(shards: list[dict[str, Any]]) -> dict[str, Any]:
             for consumer in group["consumers"]:
                 seen = total["consumers"].setdefault(
                     consumer["name"],
-                    {"name": consumer["name"], "pending": 0, "idle_ms": consumer["idle_ms"],
+                    {"name": consumer["name"], "pending": 0, "liveness": "never seen",
+                     "heartbeat_age_ms": None, "idle_ms": consumer["idle_ms"],
                      "oldest_pending": None},
                 )  # fmt: skip
                 seen["pending"] += consumer["pending"]
+                # Alive if its heartbeat lives on any shard; its latest heartbeat.
+                seen["liveness"] = min(seen["liveness"], consumer["liveness"], key=LIVENESS.index)
+                ages = [
+                    a
+                    for a in (seen["heartbeat_age_ms"], consumer["heartbeat_age_ms"])
+                    if a is not None
+                ]
+                seen["heartbeat_age_ms"] = min(ages) if ages else None
                 seen["idle_ms"] = min(seen["idle_ms"], consumer["idle_ms"])
                 oldest = consumer["oldest_pending"]
                 if oldest and (

@@ -75,13 +75,16 @@ def render(report: dict[str, Any], console: Console) -> None:
         )
         console.print(table)
         consumers = Table(title=f"consumers of {group['name']}", title_justify="left")
-        for column in ("consumer", "pending", "idle", "oldest pending", "its age", "deliveries"):
-            consumers.add_column(column)
+        for column in ("consumer", "pending", "liveness", "idle", "oldest pending", "its age",
+                       "deliveries"):  # fmt: skip
+            # alive, expired (its heartbeat), never seen (sent none): kept whole.
+            consumers.add_column(column, no_wrap=column == "liveness")
         for consumer in group["consumers"]:
             oldest = consumer["oldest_pending"] or {}
             consumers.add_row(
                 consumer["name"],
                 str(consumer["pending"]),
+                consumer["liveness"],
                 _age(consumer["idle_ms"]),
                 oldest.get("id", "-"),
                 _age(oldest.get("age_ms")),

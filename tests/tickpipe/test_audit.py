@@ -15,6 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from flusher.run import run_flusher
+from flusher.stream import TickStream
 from ingest.writer import TickWriter
 from tickpipe.settings import Settings
 from tickpipe.stack import free_port
@@ -189,21 +190,42 @@ async def test_stuck_consumer_until_reclaimed(
         timeout=60,
     )
     assert victim.returncode == -signal.SIGKILL
-    await asyncio.sleep(0.3)
+    # A consumer that never sent a heartbeat (a flusher of an older version, say),
+    # and one whose heartbeat lives.
+    await redis.xgroup_createconsumer("ticks.received", "flushers", "silent")
+    await redis.xgroup_createconsumer("ticks.received", "flushers", "beating")
+    beating = TickStream(redis, settings.shard_map.shards[0], "flushers", "beating")
+    await beating.beat(60_000)
+
+    async def doomed_has_expired() -> bool:
+        _code, report = await audit_json(subprocess_env, "--stuck-idle-s", "0.2")
+        [group] = report["groups"]
+        doomed = next(c for c in group["consumers"] if c["name"] == "doomed")
+        return bool(doomed["liveness"] == "expired")
+
+    deadline = asyncio.get_running_loop().time() + 30
+    while not await doomed_has_expired():  # its heartbeat lives FLUSH_DEAD_AFTER_S
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.2)
     code, report = await audit_json(subprocess_env, "--stuck-idle-s", "0.2")
     assert code == 1
     [group] = report["groups"]
     doomed = next(c for c in group["consumers"] if c["name"] == "doomed")
     assert doomed["pending"] in (50, 80)  # its batch, and the next one if already read
+    assert doomed["heartbeat_age_ms"] >= 1500
     assert doomed["oldest_pending"]["idle_ms"] >= 200
+    liveness = {c["name"]: c["liveness"] for c in group["consumers"]}
+    assert liveness == {"doomed": "expired", "silent": "never seen", "beating": "alive"}
     assert report["stuck"]["count"] == doomed["pending"]
     assert report["stuck"]["entries"][0]["consumer"] == "doomed"
     assert report["stuck"]["entries"][0]["fields"]["symbol"].startswith("A")
     table = await tickpipe(subprocess_env, "audit", "--stuck-idle-s", "0.2")
     assert table.returncode == 1
     assert "doomed" in table.stdout
+    assert "liveness" in table.stdout
+    assert "expired" in table.stdout
 
-    await run_flusher(settings.replace(flush_claim_idle_s=0.1), burst=True)  # reclaims
+    await run_flusher(settings, burst=True)  # takes over the dead consumer's entries at once
     code, report = await audit_json(subprocess_env, "--verify", "--stuck-idle-s", "0.2")
     assert code == 0, report["problems"]
     assert report["verify"]["checked"] == 80
