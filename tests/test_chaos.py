@@ -56,8 +56,13 @@ def test_every_fault_kind_loses_nothing(tmp_path: Path) -> None:
     assert result["audit_ok"] is True
     faults = result["faults"]
     assert isinstance(faults, dict)
-    assert len(faults) == 6
+    assert len(faults) == 7
     assert all(count == 2 for count in faults.values())
+    recovery = result["recovery_after_kill9"]
+    assert isinstance(recovery, dict)
+    assert len(recovery["kills"]) == 2
+    assert recovery["not_recovered"] == 0
+    print(f"recovery after flusher_kill9: {recovery}; late commits: {result['late_commits']}")
 
 
 @pytest.mark.parametrize("server", REDIS_SERVERS, ids=server_id)

@@ -1,11 +1,12 @@
 """`tickpipe chaos`: a Jepsen-style history of the whole pipeline under faults.
 
 Feeders POST ticks and record every tick that got a 200; meanwhile faults are
-injected at seeded random moments (kill -9 and SIGTERM of flushers, a flusher
-killed between COMMIT and XACK, Postgres stop/start, Redis kill -9 and restart
-from its AOF, ingest restart), and a fuzzer sends bad requests alongside. At
-the end the history is checked against Postgres: every acknowledged tick must
-be there with its exact value.
+injected at seeded random moments (kill -9, SIGTERM and SIGSTOP/SIGCONT of
+flushers, a flusher killed between COMMIT and XACK, Postgres stop/start, Redis
+kill -9 and restart from its AOF, ingest restart), and a fuzzer sends bad
+requests alongside. At the end the history is checked against Postgres: every
+acknowledged tick must be there with its exact value. After each kill -9, the
+time until the killed flusher's entries are committed by its peers is measured.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from redis.asyncio import Redis
 from rich.console import Console
 from rich.table import Table
 
-from tickpipe import redis_conn, stall
-from tickpipe.settings import AppendFsync
+from tickpipe import keys, redis_conn, stall
+from tickpipe.settings import AppendFsync, Settings
 from tickpipe.stack import LocalStack, free_port
 from tickpipe.ticks import Tick, datetime_to_us
 
@@ -45,10 +46,13 @@ FAULT_KINDS = (
     "flusher_kill9",
     "flusher_kill_after_commit",
     "flusher_sigterm",
+    "flusher_freeze",
     "postgres_restart",
     "redis_kill9",
     "ingest_restart",
 )
+RECOVERY_TIMEOUT_S = 60.0
+"""How long a flusher_kill9 waits for the peers to commit the killed flusher's entries."""
 SYMBOLS = ("AAPL", "MSFT", "EURUSD", "BTC-USD", "ES:F", "GC.Z5", "NVDA", "USD/JPY")
 _json = msgspec.json.Encoder(decimal_format="string")
 T = TypeVar("T")
@@ -91,6 +95,19 @@ class History:
     """The last answer other than 200 a feeder got, with its body: why it waits."""
     feeding: int = 0
     """Feeders still sending."""
+    recoveries: list[Recovery] = dataclasses.field(default_factory=list)
+    """One per flusher_kill9."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Recovery:
+    """After a kill -9: the entries the flusher held, and when the last was acknowledged."""
+
+    held: int
+    seconds: float | None
+    """From the kill until every entry it held was committed and acknowledged (by its
+    peers, or by itself restarted when it is the only flusher); None: not within
+    RECOVERY_TIMEOUT_S."""
 
 
 class Cluster:
@@ -132,8 +149,6 @@ class Cluster:
             "INGEST_DURABILITY": self.config.durability,
             "INGEST_WAITAOF_TIMEOUT_MS": "2000",
             "FLUSH_INTERVAL_S": "0.1",
-            "FLUSH_CLAIM_IDLE_S": "1.5",
-            "FLUSH_CLAIM_INTERVAL_S": "0.5",
             "FLUSH_SHUTDOWN_GRACE_S": "5",
             "TICKPIPE_LOG_LEVEL": "warning",
             **extra,
@@ -198,12 +213,29 @@ class Cluster:
 
     # -- faults -----------------------------------------------------------------------------
 
-    async def inject(self, kind: str, rng: random.Random) -> None:
+    async def inject(self, kind: str, rng: random.Random, history: History) -> None:
         name = rng.choice(sorted(self.flushers))
         if kind == "flusher_kill9":
+            await self._until_holding(name, rng.uniform(0.5, 2.0))
+            killed_at = time.monotonic()
             await self._kill(name)
-            await asyncio.sleep(rng.uniform(0.1, 1.0))
-            self.start_flusher(name)
+            if len(self.flushers) == 1:
+                # Nobody else to take over: it recovers its own entries, restarted.
+                await asyncio.sleep(rng.uniform(0.1, 1.0))
+                self.start_flusher(name)
+            history.recoveries.append(await self._recovery(name, killed_at))
+            if len(self.flushers) > 1:
+                self.start_flusher(name)
+        elif kind == "flusher_freeze":
+            # Frozen past its heartbeat: its peers take over its batch, then it wakes
+            # up inside that batch and commits it late.
+            proc = self.flushers[name]
+            dead_after_s = Settings.from_env(self.env()).flush_dead_after_s
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                await asyncio.sleep(dead_after_s + rng.uniform(0.5, 2.0))
+            finally:
+                proc.send_signal(signal.SIGCONT)
         elif kind == "flusher_kill_after_commit":
             await self._kill(name)
             self.start_flusher(name, TICKPIPE_FAULT="after_commit")
@@ -238,6 +270,47 @@ class Cluster:
         if proc.poll() is None:
             proc.kill()
         await asyncio.to_thread(proc.wait)
+
+    async def _until_holding(self, name: str, at_most_s: float) -> None:
+        """Wait (at most ``at_most_s``) until ``name`` holds pending entries: a kill then
+        leaves its peers something to take over."""
+        redis = redis_conn.connect(self.stack.redis_url, client_name="tickpipe-chaos")
+        deadline = time.monotonic() + at_most_s
+        try:
+            while time.monotonic() < deadline:
+                summary: Any = await redis.xpending(keys.STREAM, keys.GROUP)
+                holders = {redis_conn.text(c["name"]) for c in summary.get("consumers") or []}
+                if name in holders:
+                    return
+                await asyncio.sleep(0.005)
+        except redis_conn.FAILURES:
+            return
+        finally:
+            await redis.aclose()
+
+    async def _recovery(self, name: str, killed_at: float) -> Recovery:
+        """Wait until every entry ``name`` held when it was killed is acknowledged."""
+        redis = redis_conn.connect(self.stack.redis_url, client_name="tickpipe-chaos")
+        try:
+            rows = await redis.xpending_range(
+                keys.STREAM, keys.GROUP, min="-", max="+", count=1_000_000, consumername=name
+            )
+            held = [redis_conn.text(row["message_id"]) for row in rows]
+            left = list(held)
+            while time.monotonic() - killed_at < RECOVERY_TIMEOUT_S:
+                # Oldest first: each poll looks only at the first one still pending.
+                while left and not await redis.xpending_range(
+                    keys.STREAM, keys.GROUP, min=left[0], max=left[0], count=1
+                ):
+                    left.pop(0)
+                if not left:
+                    return Recovery(len(held), round(time.monotonic() - killed_at, 3))
+                await asyncio.sleep(0.02)
+            return Recovery(len(held), None)
+        except redis_conn.FAILURES:
+            return Recovery(0, None)
+        finally:
+            await redis.aclose()
 
 
 # -- traffic ----------------------------------------------------------------------------------
@@ -401,6 +474,8 @@ async def run_chaos(config: ChaosConfig, console: Console) -> dict[str, Any]:
             None if drained_in is None else round(drained_at - history.last_ack_at, 2)
         )
         result["audit_ok"] = await _audit(cluster)
+        result["recovery_after_kill9"] = recovery_summary(history.recoveries)
+        result["late_commits"] = _late_commits(cluster.logs)
     finally:
         await cluster.stop()
     result["elapsed_s"] = round(time.monotonic() - started, 1)
@@ -438,7 +513,7 @@ async def _traffic_and_faults(
     try:
         for number, kind in enumerate(plan, 1):
             await asyncio.sleep(rng.uniform(*config.gap_s))
-            await cluster.inject(kind, rng)
+            await cluster.inject(kind, rng, history)
             history.faults[kind] += 1
             history.last_fault_at = time.monotonic()
             if number % 10 == 0 or number == len(plan):
@@ -538,6 +613,25 @@ async def _audit(cluster: Cluster) -> bool:
     return False
 
 
+def recovery_summary(recoveries: list[Recovery]) -> dict[str, Any]:
+    """p50 and max of the recovery times of the kills that left entries to take over."""
+    timed = sorted(r.seconds for r in recoveries if r.held and r.seconds is not None)
+    return {
+        "kills": [{"held": r.held, "recovered_s": r.seconds} for r in recoveries],
+        "p50_s": timed[(len(timed) - 1) // 2] if timed else None,
+        "max_s": timed[-1] if timed else None,
+        "not_recovered": sum(1 for r in recoveries if r.seconds is None),
+    }
+
+
+def _late_commits(logs: Path) -> int:
+    """Batches the flushers committed after a peer had taken them over (their logs say so)."""
+    return sum(
+        path.read_text(errors="replace").count("acknowledged already: a peer took them over")
+        for path in logs.glob("chaos-f*.log")
+    )
+
+
 def render(result: dict[str, Any], console: Console) -> None:
     table = Table(title="chaos result", title_justify="left")
     table.add_column("measure")
@@ -553,12 +647,24 @@ def render(result: dict[str, Any], console: Console) -> None:
         ("faults injected", "faults_total"),
         ("drain after last fault (s)", "drain_after_last_fault_s"),
         ("drain after last acknowledged tick (s)", "drain_after_last_ack_s"),
+        ("late commits (a frozen flusher's batch, taken over)", "late_commits"),
         ("bad requests answered 5xx", "fuzz_5xx"),
         ("bad ticks written", "fuzz_rows_written"),
         ("audit --verify ok", "audit_ok"),
         ("elapsed (s)", "elapsed_s"),
     ):
         table.add_row(label, str(result.get(key)))
+    recovery = result.get("recovery_after_kill9") or {}
+    if recovery.get("kills"):
+        table.add_row(
+            "recovery after flusher_kill9, p50 / max (s)",
+            f"{recovery['p50_s']} / {recovery['max_s']}"
+            + (
+                f" ({recovery['not_recovered']} not within 60 s)"
+                if recovery["not_recovered"]
+                else ""
+            ),
+        )
     console.print(table)
     faults = Table(title="faults by kind", title_justify="left")
     faults.add_column("kind")
