@@ -16,7 +16,7 @@ import asyncpg
 from flusher.errors import FatalError, RowsRejected, TransientError
 from tickpipe.keys import ENTRY_FIELDS
 from tickpipe.pgerrors import is_transient
-from tickpipe.pgpool import close_pool, open_pool
+from tickpipe.pgpool import close_pool, keep_session, open_pool
 from tickpipe.ticks import (
     MAX_DECIMAL_INTEGER_DIGITS,
     MAX_DECIMAL_SCALE,
@@ -238,7 +238,11 @@ class TickStore:
 
     @classmethod
     async def open(cls, database_url: str, *, max_size: int = 4) -> TickStore:
-        return cls(await open_pool(database_url, max_size=max_size, init=_init_connection))
+        # Its sessions hold nothing but the staging table: no reset query per batch.
+        pool = await open_pool(
+            database_url, max_size=max_size, init=_init_connection, reset=keep_session
+        )
+        return cls(pool)
 
     async def close(self, timeout_s: float = 2.0) -> None:
         await close_pool(self._pool, timeout_s)

@@ -18,6 +18,16 @@ class InitConnection(Protocol):
     async def __call__(self, con: asyncpg.Connection, /) -> None: ...
 
 
+async def keep_session(con: asyncpg.Connection, /) -> None:
+    """A ``reset`` that keeps the session as it is when a connection returns to the pool.
+
+    asyncpg's default resets each returned connection with one more query
+    (``RESET ALL``, ``UNLISTEN *``, advisory locks released): a round trip per
+    use. A pool whose users set nothing on the session may skip it; an open
+    transaction is still rolled back.
+    """
+
+
 async def open_pool(
     database_url: str,
     *,
@@ -25,6 +35,7 @@ async def open_pool(
     command_timeout_s: float = COMMAND_TIMEOUT_S,
     connect_timeout_s: float = CONNECT_TIMEOUT_S,
     init: InitConnection | None = None,
+    reset: InitConnection | None = None,
     server_settings: Mapping[str, str] | None = None,
 ) -> asyncpg.Pool:
     """A pool that connects nothing until first use (min_size=0).
@@ -38,6 +49,7 @@ async def open_pool(
         min_size=0,
         max_size=max_size,
         init=init,
+        reset=reset,
         timeout=connect_timeout_s,
         command_timeout=command_timeout_s,
         server_settings=dict(server_settings) if server_settings else None,
