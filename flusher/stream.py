@@ -392,8 +392,9 @@ return ms
 # Returns {state, next start ('' when done), entries, deleted ids}: entries as
 # XREADGROUP gives them; deleted ids were trimmed or XDELed while pending and are
 # dropped from the pending list by XCLAIM (Redis >= 7.0 leaves them out of its
-# reply; older versions answer nil).
-CLAIM_FROM_LUA = """#!lua
+# reply; older versions answer nil). allow-oom: a dead flusher's entries must be
+# taken over when Redis memory is full too (claiming adds no data).
+CLAIM_FROM_LUA = """#!lua flags=allow-oom
 local group, owner, claimer = ARGV[1], ARGV[2], ARGV[3]
 local state, min_idle = 'own', ARGV[5]
 if owner ~= claimer then

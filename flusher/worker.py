@@ -151,16 +151,25 @@ class Flusher:
         )
         # Alive before the first read, and until the last ack: peers take nothing of ours.
         await asyncio.gather(*(self._beat(stream) for stream in self.streams.shards))
+        silence = asyncio.Event()
         hearts = [
-            asyncio.create_task(self._heartbeat_loop(stream), name=f"heartbeat {stream.shard}")
+            asyncio.create_task(
+                self._heartbeat_loop(stream, silence), name=f"heartbeat {stream.shard}"
+            )
             for stream in self.streams.shards
         ]
         try:
             await self._work()
         finally:
-            for heart in hearts:
+            # Each heart ends after the beat it may be sending (a cancellation could
+            # land inside the client's connection set-up, which does not always pass
+            # it on); only one that does not end in time is cancelled.
+            silence.set()
+            _done, late = await asyncio.wait(hearts, timeout=_SILENCE_TIMEOUT_S)
+            for heart in late:
                 heart.cancel()
-            await asyncio.gather(*hearts, return_exceptions=True)
+            if late:
+                await asyncio.wait(late, timeout=_SILENCE_TIMEOUT_S)
             # What this process leaves pending (a shutdown grace over) is claimed at once.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.streams.fall_silent(), _SILENCE_TIMEOUT_S)
@@ -419,17 +428,20 @@ class Flusher:
                 self.settings.flush_claim_idle_s,
             )
 
-    async def _heartbeat_loop(self, stream: TickStream) -> None:
-        """Refresh this consumer's heartbeat on ``stream``'s shard until cancelled.
+    async def _heartbeat_loop(self, stream: TickStream, silence: asyncio.Event) -> None:
+        """Refresh this consumer's heartbeat on ``stream``'s shard until ``silence`` is set.
 
         Independent of the batches: a commit stuck on Postgres does not stop it,
         only a frozen or dead process does.
         """
         interval = self.settings.flush_heartbeat_s
-        while True:
+        while not silence.is_set():
             started = time.monotonic()
             await self._beat(stream)
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    silence.wait(), max(0.0, interval - (time.monotonic() - started))
+                )
 
     async def _beat(self, stream: TickStream) -> None:
         try:
@@ -782,7 +794,8 @@ class Flusher:
 
 _GONE = "deleted from the stream while pending"
 _SILENCE_TIMEOUT_S = 2.0
-"""At stop, how long dropping the heartbeat keys may take (Redis may be down)."""
+"""At stop, how long ending the heartbeats, then dropping their keys, may take (Redis may
+be down)."""
 
 
 class _Poison(NamedTuple):
