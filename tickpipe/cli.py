@@ -302,6 +302,89 @@ def demo(ticks: int) -> None:
     sys.exit(0 if ok else 1)
 
 
+# -- feeding ------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("files", nargs=-1, type=click.Path(allow_dash=True, dir_okay=False))
+@click.option(
+    "--url",
+    envvar="TICKPIPE_URL",
+    required=True,
+    help="The ingest service, e.g. http://127.0.0.1:8080 [env TICKPIPE_URL].",
+)
+@click.option(
+    "--token", envvar="TICKPIPE_TOKEN", required=True, help="Bearer token [env TICKPIPE_TOKEN]."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "ndjson"]),
+    default=None,
+    help="Default: by each file's name (.csv, .ndjson, .jsonl; .gz too), else its first line.",
+)
+@click.option(
+    "--columns",
+    default="",
+    help="CSV columns with other names, as field=column: symbol=ticker,ts=time,price=px.",
+)
+@click.option("--source", default=None, help="The source of every tick, for CSV without one.")
+@click.option("--batch", type=click.IntRange(1, 5000), default=1000, show_default=True)
+@click.option("--in-flight", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option(
+    "--give-up-after-s",
+    type=click.FloatRange(min=0),
+    default=300.0,
+    show_default=True,
+    help="How long a batch is resent while ingest is unreachable or answers 503.",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar (on stderr).")
+def feed(
+    files: tuple[str, ...],
+    url: str,
+    token: str,
+    fmt: str | None,
+    columns: str,
+    source: str | None,
+    batch: int,
+    in_flight: int,
+    give_up_after_s: float,
+    no_progress: bool,
+) -> None:
+    """Send the ticks of FILES (CSV with a header, NDJSON; none or - for stdin) to ingest.
+
+    Ends with a summary; exit 0 only if every tick was accepted.
+    """
+    from rich.console import Console
+
+    from tickpipe.client.feed import FeedOptions, render
+    from tickpipe.client.feed import feed as run_feed
+    from tickpipe.client.sources import SourceError, parse_columns
+
+    try:
+        mapping = parse_columns(columns)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--columns") from None
+    options = FeedOptions(
+        url=url,
+        token=token,
+        files=files or ("-",),
+        fmt=fmt,  # type: ignore[arg-type]
+        columns=mapping,
+        source=source,
+        max_batch=batch,
+        max_in_flight=in_flight,
+        give_up_after_s=give_up_after_s,
+        progress=not no_progress,
+    )
+    try:
+        summary = asyncio.run(run_feed(options, Console(stderr=True)))
+    except (SourceError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    render(summary, Console(highlight=False))
+    sys.exit(0 if summary.ok else 1)
+
+
 # -- audit and dead letters -------------------------------------------------------------
 
 
