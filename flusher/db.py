@@ -14,10 +14,10 @@ from typing import NamedTuple, TypeAlias
 import asyncpg
 
 from flusher.errors import FatalError, RowsRejected, TransientError
-from tickpipe.keys import ENTRY_FIELDS
-from tickpipe.pgerrors import is_transient
-from tickpipe.pgpool import close_pool, keep_session, open_pool
-from tickpipe.ticks import (
+from tickpipe.core.keys import ENTRY_FIELDS
+from tickpipe.core.pgerrors import is_transient
+from tickpipe.core.pgpool import close_pool, keep_session, open_pool
+from tickpipe.core.ticks import (
     MAX_DECIMAL_INTEGER_DIGITS,
     MAX_DECIMAL_SCALE,
     MAX_SOURCE_CHARS,
@@ -90,7 +90,7 @@ _ROW = (
     r"[0-9]++-[0-9]++"
 )
 _CANONICAL_ROW = re.compile(_ROW.encode())
-"""A staged row as ingest's entries give it (tickpipe.ticks.to_fields): the values
+"""A staged row as ingest's entries give it (tickpipe.core.ticks.to_fields): the values
 and the entry id, tab-separated, each in its checked, canonical form."""
 _CANONICAL_ROWS = re.compile(f"(?:{_ROW}\n)*+".encode())
 """Staged rows, one a line: a whole batch checked in one call."""

@@ -20,7 +20,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from flusher import metrics
 from flusher.errors import TransientError
 from flusher.stream import TickStream, Trimmed
-from tickpipe.settings import Settings
+from tickpipe.core.settings import Settings
+from tickpipe.core.stream_ids import id_time_ms
 
 log = logging.getLogger("tickpipe.flusher")
 
@@ -63,7 +64,10 @@ class Retention:
         floor = self.floor()
         trimmed = await stream.trim(floor, self.max_entries, pressure_pct=self.pressure_pct)
         self._report(stream, trimmed)
-        if trimmed.safe_id and _id_time(trimmed.safe_id) < _id_time(floor) - HELD_BACK_S:
+        if (
+            trimmed.safe_id
+            and id_time_ms(trimmed.safe_id) / 1000 < id_time_ms(floor) / 1000 - HELD_BACK_S
+        ):
             # Retention is not what bounds the stream: a pending entry or a group
             # that stopped reading is. Say so, or memory grows with no word why.
             log.warning(
@@ -168,11 +172,6 @@ class Retention:
                 _mib(trimmed.used_memory),
                 _mib(trimmed.maxmemory),
             )
-
-
-def _id_time(entry_id: str) -> float:
-    """The wall-clock time (seconds) at which Redis created a stream entry."""
-    return int(entry_id.split("-", 1)[0]) / 1000
 
 
 def _mib(size: int) -> str:

@@ -13,9 +13,9 @@ from flusher.errors import FatalError
 from flusher.faults import Faults
 from flusher.stream import ShardedStream
 from flusher.worker import Flusher
-from tickpipe import redis_conn, shape
-from tickpipe.settings import Settings
-from tickpipe.signals import SIGNALS, Interrupted, run_until_signalled
+from tickpipe.core import redis_conn, shape
+from tickpipe.core.settings import Settings
+from tickpipe.core.signals import SIGNALS, Interrupted, run_until_signalled
 
 log = logging.getLogger("tickpipe.flusher")
 

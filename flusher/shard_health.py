@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Iterable
 
-from tickpipe.backoff import Backoff
+from tickpipe.core.backoff import Backoff
 
 log = logging.getLogger("tickpipe.flusher")
 

@@ -31,10 +31,10 @@ from redis.client import NEVER_DECODE
 from redis.exceptions import ReadOnlyError, ResponseError
 
 from flusher.errors import FatalError, TransientError
-from tickpipe import redis_conn, shape
-from tickpipe.redis_conn import RedisClient, text
-from tickpipe.settings import Settings
-from tickpipe.shards import Shard
+from tickpipe.core import redis_conn, shape
+from tickpipe.core.redis_conn import RedisClient, text
+from tickpipe.core.settings import Settings
+from tickpipe.core.shards import Shard
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -487,7 +487,7 @@ class TickStream:
     def __init__(self, redis: RedisClient, keys: Shard, group: str, consumer: str) -> None:
         self.redis = redis
         self.keys = keys
-        """The shard's stream, dead-letter stream and lost counter (tickpipe/shards.py)."""
+        """The shard's stream, dead-letter stream and lost counter (tickpipe/core/shards.py)."""
         self.stream = keys.stream
         self.dead_stream = keys.dead_stream
         self.shard = keys.index

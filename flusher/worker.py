@@ -50,8 +50,8 @@ from flusher.stream import (
     ShardedStream,
     TickStream,
 )
-from tickpipe.backoff import Backoff
-from tickpipe.settings import Settings
+from tickpipe.core.backoff import Backoff
+from tickpipe.core.settings import Settings
 
 log = logging.getLogger("tickpipe.flusher")
 

@@ -27,10 +27,10 @@ from ingest.inflight import InFlight
 from ingest.link import RedisLink
 from ingest.openapi import openapi_document
 from ingest.writer import NotDurable, OutcomeUnknown, PartialWrite
-from tickpipe import loop, redis_conn
-from tickpipe.redis_conn import RedisClient
-from tickpipe.settings import Settings
-from tickpipe.ticks import Tick
+from tickpipe.core import loop, redis_conn
+from tickpipe.core.redis_conn import RedisClient
+from tickpipe.core.settings import Settings
+from tickpipe.core.ticks import Tick
 
 log = logging.getLogger("tickpipe.ingest")
 

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 
 from ingest.auth import TokenAuth
 from ingest.errors import Reminders
 from ingest.inflight import InFlight
+from ingest.link import RedisLink
 from ingest.metrics import RequestTimes
 from ingest.tickstore import TickStore
-from tickpipe.redis_conn import RedisClient
-from tickpipe.settings import Settings
-
-if TYPE_CHECKING:
-    from ingest.link import RedisLink  # it needs modules that import these keys
+from tickpipe.core.redis_conn import RedisClient
+from tickpipe.core.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS: web.AppKey[RedisClient] = web.AppKey("redis")

@@ -16,7 +16,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from ingest.metrics import BACKLOG_ENTRIES
-from tickpipe.redis_conn import FAILURES, RedisClient, text
+from tickpipe.core.redis_conn import FAILURES, RedisClient, text
 
 log = logging.getLogger("tickpipe.ingest")
 

@@ -16,7 +16,7 @@ from string import Template
 from aiohttp import web
 
 from ingest.errors import ApiError
-from ingest.queries import path_symbol
+from ingest.params import path_symbol
 
 STATIC_DIR = Path(__file__).parent / "static"
 

@@ -11,7 +11,7 @@ import re
 import msgspec
 
 from ingest.errors import ApiError
-from tickpipe.ticks import Tick, TickError, TickIn, tick_decoder, validate
+from tickpipe.core.ticks import Tick, TickError, TickIn, tick_decoder, validate
 
 _raw_list_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _tick_list_decoder = msgspec.json.Decoder(list[TickIn])

@@ -17,8 +17,8 @@ from typing import Any, Literal
 from redis.asyncio import RedisCluster
 from redis.exceptions import ResponseError
 
-from tickpipe import redis_conn
-from tickpipe.redis_conn import RedisClient, RedisConfigError
+from tickpipe.core import redis_conn
+from tickpipe.core.redis_conn import RedisClient, RedisConfigError
 
 log = logging.getLogger("tickpipe.ingest")
 

@@ -11,7 +11,7 @@ import msgspec
 from aiohttp import web
 from redis.exceptions import ResponseError
 
-from tickpipe.redis_conn import UNAVAILABLE
+from tickpipe.core.redis_conn import UNAVAILABLE
 
 log = logging.getLogger("tickpipe.ingest")
 

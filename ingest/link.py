@@ -6,7 +6,7 @@ say. Ingest starts whether Redis answers or not: when it does not, requests
 that need Redis get 503 while a background task asks again with backoff and
 links everything once it answers. A configuration that contradicts the server
 (``REDIS_CLUSTER=1`` on a single Redis, a STREAM_SHARDS other than the one
-recorded for the deployment, tickpipe/shape.py) stops ingest at start; found
+recorded for the deployment, tickpipe/core/shape.py) stops ingest at start; found
 later, it is logged and every such request gets 503 saying what to fix.
 """
 
@@ -20,12 +20,12 @@ import logging
 from ingest import durability
 from ingest.backpressure import BacklogMonitor
 from ingest.errors import ApiError
-from ingest.sse import StreamHubs
+from ingest.hubs import StreamHubs
 from ingest.writer import TickWriter
-from tickpipe import redis_conn, shape
-from tickpipe.backoff import Backoff
-from tickpipe.redis_conn import RedisClient
-from tickpipe.settings import Settings
+from tickpipe.core import redis_conn, shape
+from tickpipe.core.backoff import Backoff
+from tickpipe.core.redis_conn import RedisClient
+from tickpipe.core.settings import Settings
 
 log = logging.getLogger("tickpipe.ingest")
 
@@ -59,7 +59,7 @@ class RedisLink:
     async def start(self) -> None:
         """Link now if Redis answers, else in the background.
 
-        Raises :class:`~tickpipe.redis_conn.RedisConfigError` when the
+        Raises :class:`~tickpipe.core.redis_conn.RedisConfigError` when the
         configuration contradicts the server: ingest must not start.
         """
         redis = self._client

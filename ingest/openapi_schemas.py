@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tickpipe.ticks import (
+from tickpipe.core.ticks import (
     DECIMAL_OUT_PATTERN,
     DECIMAL_RULE,
     DECIMAL_TEXT_PATTERN,

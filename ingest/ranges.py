@@ -14,15 +14,10 @@ from aiohttp import web
 
 from ingest.appkeys import STORE
 from ingest.errors import ApiError, json_response
-from ingest.queries import (
-    authenticate_read,
-    check_known,
-    parse_time,
-    path_symbol,
-    store_unavailable_as_503,
-)
-from tickpipe.rollup.ranges import covering
-from tickpipe.ticks import EPOCH, format_ts
+from ingest.params import authenticate_read, check_known, path_symbol
+from ingest.queries import parse_time, store_unavailable_as_503
+from tickpipe.core.md_ranges import covering
+from tickpipe.core.ticks import EPOCH, format_ts
 
 
 async def get_ranges(request: web.Request) -> web.Response:

@@ -32,10 +32,8 @@ is one hub per shard (each a single-key XREAD, so it works on a cluster too).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
-from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -43,218 +41,25 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
 from redis.exceptions import RedisError
 
-from ingest import metrics
 from ingest.appkeys import LINK
 from ingest.errors import ApiError
-from ingest.queries import authenticate_read, check_known, small_uint
-from tickpipe import redis_conn
-from tickpipe.backoff import Backoff
-from tickpipe.redis_conn import FAILURES, RedisClient
-from tickpipe.shards import ShardMap
-from tickpipe.ticks import SYMBOL, TickError, from_fields, to_json
+from ingest.hubs import READ_PAGE, Event, StreamHub, decode_entries
+from ingest.params import authenticate_read, check_known, small_uint
+from tickpipe.core import redis_conn
+from tickpipe.core.redis_conn import FAILURES, RedisClient
+from tickpipe.core.shards import ShardMap
+from tickpipe.core.stream_ids import StreamId, parse_id
+from tickpipe.core.ticks import SYMBOL
 
 log = logging.getLogger("tickpipe.sse")
 
-READ_PAGE = 500
-"""Entries per XREAD / XRANGE call."""
-BLOCK_MS = 1000
+_json = msgspec.json.Encoder()
+
 MAX_SYMBOLS = 100
 LAST_EVENT_ID_PATTERN = r"^([0-9]{1,19}-[0-9]{1,19})?$"
 """Last-Event-ID as the OpenAPI document states it: a stream id (each part below 2**64,
 as every id this endpoint sends), or empty for none."""
 _LAST_EVENT_ID = re.compile(LAST_EVENT_ID_PATTERN)  # used with fullmatch: no "\n" after "$"
-
-_json = msgspec.json.Encoder()
-
-StreamId = tuple[int, int]
-Entry = tuple[bytes, dict[bytes, bytes]]
-
-
-def parse_id(raw: str) -> StreamId:
-    """``<ms>-<seq>`` as a comparable pair; ValueError if it is not a stream id."""
-    ms, sep, seq = raw.partition("-")
-    if not (ms.isdigit() and seq.isdigit() and sep):
-        raise ValueError(raw)
-    return int(ms), int(seq)
-
-
-class Event(msgspec.Struct, frozen=True):
-    """One tick ready to send: its stream id and its JSON text."""
-
-    id: str
-    symbol: str
-    data: str
-
-
-def decode_entries(entries: Iterable[Entry]) -> list[Event]:
-    """Stream entries as events; an entry that is not a valid tick is skipped."""
-    events = []
-    for raw_id, fields in entries:
-        entry_id = raw_id.decode()
-        try:
-            tick = from_fields(fields)
-        except TickError as exc:
-            log.debug("sse: skipping entry %s: %s", entry_id, exc)
-            continue
-        events.append(Event(entry_id, tick.symbol, _json.encode(to_json(tick)).decode()))
-    return events
-
-
-class Subscription:
-    """One client's view of the hub: the symbols it wants and its bounded queue.
-
-    ``None`` in the queue means the subscription ended (see :attr:`reason`).
-    """
-
-    def __init__(self, symbols: frozenset[str] | None, size: int) -> None:
-        self.symbols = symbols
-        self.queue: asyncio.Queue[Event | None] = asyncio.Queue(size + 1)
-        self._size = size
-        self.reason = ""
-
-    @property
-    def ended(self) -> bool:
-        return bool(self.reason)
-
-    def end(self, reason: str) -> None:
-        """Stop now: what is still queued is dropped (the client resumes by id)."""
-        if self.reason:
-            return
-        self.reason = reason
-        while not self.queue.empty():
-            self.queue.get_nowait()
-        self.queue.put_nowait(None)
-
-    def offer(self, event: Event) -> None:
-        if self.reason:
-            return
-        if self.queue.qsize() >= self._size:
-            metrics.SSE_DROPPED.inc()
-            self.end("too slow: the client's buffer is full")
-            return
-        self.queue.put_nowait(event)
-
-
-class StreamHub:
-    """Reads the stream once for every SSE client of this process."""
-
-    def __init__(self, redis: RedisClient, stream: str) -> None:
-        self._redis = redis
-        self._stream = stream
-        self._subs: set[Subscription] = set()
-        self._cursor: str | None = None
-        self._active = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
-
-    @property
-    def clients(self) -> int:
-        return len(self._subs)
-
-    async def tail(self) -> str:
-        """The id of the newest entry ("0-0" when the stream is empty)."""
-        newest: Any = await self._redis.xrevrange(self._stream, count=1)
-        return newest[0][0].decode() if newest else "0-0"
-
-    async def subscribe(self, symbols: frozenset[str] | None, size: int) -> Subscription:
-        """A new subscription; it receives every entry after the hub's position now."""
-        if self._cursor is None:
-            cursor = await self.tail()
-            if self._cursor is None:  # no one else started the hub meanwhile
-                self._cursor = cursor
-        sub = Subscription(symbols, size)
-        if self._closed:
-            sub.end("server shutting down")
-            return sub
-        self._subs.add(sub)
-        metrics.SSE_CLIENTS.set(len(self._subs))
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="sse-hub")
-        self._active.set()
-        return sub
-
-    def unsubscribe(self, sub: Subscription) -> None:
-        self._subs.discard(sub)
-        metrics.SSE_CLIENTS.set(len(self._subs))
-
-    def close(self) -> None:
-        """End every subscription, and any made later (the server is stopping)."""
-        self._closed = True
-        for sub in list(self._subs):
-            sub.end("server shutting down")
-
-    async def stop(self) -> None:
-        """Close, and stop reading the stream."""
-        self.close()
-        if self._task is None:
-            return
-        # The flag as well as the cancel: on Python 3.11 a cancel that lands as a
-        # Redis reply arrives can be swallowed inside redis-py's timeouts.
-        self._active.set()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-
-    async def _run(self) -> None:
-        backoff = Backoff(base_s=0.1, cap_s=5.0)
-        while not self._closed:
-            await self._active.wait()
-            if self._closed:
-                return
-            cursor = self._cursor
-            assert cursor is not None
-            try:
-                reply: Any = await self._redis.xread(
-                    {self._stream: cursor}, count=READ_PAGE, block=BLOCK_MS
-                )
-            except FAILURES as exc:
-                delay = backoff.next_delay()
-                log.warning("sse: cannot read the stream (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                continue
-            backoff.reset()
-            entries: list[Entry] = reply[0][1] if reply else []
-            if entries:
-                self._cursor = entries[-1][0].decode()
-                wanted = self._wanted()
-                for event in decode_entries(
-                    e for e in entries if wanted is None or e[1].get(b"symbol") in wanted
-                ):
-                    for sub in list(self._subs):
-                        if sub.symbols is None or event.symbol in sub.symbols:
-                            sub.offer(event)
-            if not self._subs:
-                # Nobody listens: stop reading; the next subscriber starts from the tail.
-                self._cursor = None
-                self._active.clear()
-
-    def _wanted(self) -> set[bytes] | None:
-        """The symbols some client wants (None: some client wants all)."""
-        wanted: set[bytes] = set()
-        for sub in self._subs:
-            if sub.symbols is None:
-                return None
-            wanted.update(s.encode() for s in sub.symbols)
-        return wanted
-
-
-class StreamHubs:
-    """One hub per shard, started only when a client listens to that shard."""
-
-    def __init__(self, redis: RedisClient, streams: Iterable[str]) -> None:
-        self.hubs = [StreamHub(redis, stream) for stream in streams]
-
-    @property
-    def clients(self) -> int:
-        return sum(hub.clients for hub in self.hubs)
-
-    def close(self) -> None:
-        for hub in self.hubs:
-            hub.close()
-
-    async def stop(self) -> None:
-        for hub in self.hubs:
-            await hub.stop()
 
 
 async def end_streams(app: web.Application) -> None:

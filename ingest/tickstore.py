@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from tickpipe.pgpool import close_pool, open_pool
-from tickpipe.ticks import EPOCH, Tick, datetime_to_us
+from tickpipe.core.pgpool import close_pool, open_pool
+from tickpipe.core.ticks import EPOCH, Tick, datetime_to_us
 
 LATEST_SQL = """
 SELECT ts, price, volume, source FROM md_ticks

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from tickpipe.backoff import Backoff
-from tickpipe.settings import Settings
+from tickpipe.core.backoff import Backoff
+from tickpipe.core.settings import Settings
 
 log = logging.getLogger("tickpipe.ingest")
 

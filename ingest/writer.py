@@ -10,7 +10,7 @@ requests (503; resending is harmless, see below).
 
 With one shard (the default) a request is one script call: all its ticks are
 appended or none. With ``STREAM_SHARDS=N`` the ticks of a group are grouped by shard (a
-symbol's shard is fixed, see tickpipe/shards.py) and each group is one script
+symbol's shard is fixed, see tickpipe/core/shards.py) and each group is one script
 call on its shard's keys, which share one cluster slot. The calls travel in one
 pipeline (one round trip per Redis node); each is atomic, the request as a
 whole is not: when a shard fails after another succeeded, ingest answers 503
@@ -41,11 +41,11 @@ from redis.exceptions import (
 
 from ingest import metrics
 from ingest.durability import FsyncBy
-from tickpipe import redis_conn
-from tickpipe.redis_conn import RedisClient
-from tickpipe.settings import Durability, Settings
-from tickpipe.shards import ShardMap
-from tickpipe.ticks import Tick, entry_values
+from tickpipe.core import redis_conn
+from tickpipe.core.redis_conn import RedisClient
+from tickpipe.core.settings import Durability, Settings
+from tickpipe.core.shards import ShardMap
+from tickpipe.core.ticks import Tick, entry_values
 
 # The "#!lua" shebang (Redis 7 script flags, here none) makes Redis refuse the
 # script whole when it cannot write (OOM, read-only replica) instead of failing

@@ -1,6 +1,6 @@
 """Shared fixtures: one real Redis and one real Postgres for the whole test session.
 
-They are started by the same code as `tickpipe up` (tickpipe.stack), in a
+They are started by the same code as `tickpipe up` (tickpipe.lab.stack), in a
 temporary state directory on free ports, and stopped at the end.
 """
 
@@ -15,11 +15,11 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from tickpipe import redis_conn
-from tickpipe.cluster_stack import LocalCluster
-from tickpipe.gate import Gate, MakeGate
-from tickpipe.settings import Settings
-from tickpipe.stack import (
+from tickpipe.core import redis_conn
+from tickpipe.core.settings import Settings
+from tickpipe.lab.cluster_stack import LocalCluster
+from tickpipe.lab.gate import Gate, MakeGate
+from tickpipe.lab.stack import (
     LocalStack,
     RedisServer,
     free_port,
@@ -149,7 +149,7 @@ async def pg(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
 
 @pytest.fixture
 async def make_gate() -> AsyncIterator[MakeGate]:
-    """Gates in front of a Redis port (tickpipe/gate.py), closed at the end of the test."""
+    """Gates in front of a Redis port (tickpipe/lab/gate.py), closed at the end of the test."""
     gates: list[Gate] = []
 
     def make(target: int, *, lose_replies_after: bytes | None = None) -> Gate:

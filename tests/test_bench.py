@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner
 
 from tests.processes import leftovers, run_to_end
-from tickpipe import bench_wrk
-from tickpipe.bench import redis_report
 from tickpipe.cli import main
+from tickpipe.lab import bench_wrk
+from tickpipe.lab.bench import redis_report
 
 # Only the load generators this machine has: the suite skips none.
 LOADERS = ["python", *(["wrk"] if shutil.which("wrk") else [])]

@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import REDIS_SERVERS, server_id
 from tests.processes import alive, descendants, leftovers, read_pid, run_to_end
-from tickpipe.stack import RedisServer
+from tickpipe.lab.stack import RedisServer
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(900)]
 

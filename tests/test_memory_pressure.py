@@ -28,9 +28,9 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from ingest.writer import TickWriter
-from tickpipe.settings import Settings
-from tickpipe.stack import LocalStack, free_port
-from tickpipe.ticks import Tick
+from tickpipe.core.settings import Settings
+from tickpipe.core.ticks import Tick
+from tickpipe.lab.stack import LocalStack, free_port
 
 pytestmark = pytest.mark.services
 

@@ -19,10 +19,10 @@ from redis.asyncio import Redis
 
 from flusher.run import run_flusher
 from ingest.app import create_app
-from ingest.sse import decode_entries
-from tickpipe.feeder import wait_ready
-from tickpipe.settings import Settings
-from tickpipe.stack import LocalStack, free_port
+from ingest.hubs import decode_entries
+from tickpipe.core.settings import Settings
+from tickpipe.lab.feeder import wait_ready
+from tickpipe.lab.stack import LocalStack, free_port
 
 pytestmark = pytest.mark.services
 
@@ -174,7 +174,7 @@ async def test_real_processes_ingest_and_flusher(
 async def test_flusher_without_md_ticks_says_what_to_do(
     subprocess_env: dict[str, str], redis: Redis, stack: LocalStack
 ) -> None:
-    from tickpipe.schema import ensure_database
+    from tickpipe.core.schema import ensure_database
 
     bare = stack.database_url.rsplit("/", 1)[0] + "/tickpipe_bare"
     await ensure_database(bare)

@@ -12,13 +12,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from tickpipe import loop
-from tickpipe.settings import AppendFsync, Settings, SettingsError
-from tickpipe.shards import MAX_SHARDS
-from tickpipe.stack import LocalStack, StackError
+from tickpipe.core import loop
+from tickpipe.core.settings import AppendFsync, Settings, SettingsError
+from tickpipe.core.shards import MAX_SHARDS
 
 if TYPE_CHECKING:
-    from tickpipe.bench_wrk import Loader
+    from tickpipe.lab.bench_wrk import Loader
 
 T = TypeVar("T")
 
@@ -67,6 +66,8 @@ def up(appendfsync: AppendFsync | None) -> None:
 
     Use as: eval "$(tickpipe up)"
     """
+    from tickpipe.lab.stack import LocalStack, StackError
+
     settings = load_settings()
     stack = LocalStack.from_settings(settings)
     if appendfsync is not None:
@@ -92,6 +93,8 @@ def up(appendfsync: AppendFsync | None) -> None:
 @main.command()
 def down() -> None:
     """Stop the local Redis and Postgres (their data stays in the state directory)."""
+    from tickpipe.lab.stack import LocalStack, StackError
+
     try:
         LocalStack.from_settings(load_settings()).down()
     except StackError as exc:
@@ -101,6 +104,8 @@ def down() -> None:
 @main.command()
 def status() -> None:
     """Show whether the local Redis and Postgres are running. Exit 1 if either is not."""
+    from tickpipe.lab.stack import LocalStack
+
     services = LocalStack.from_settings(load_settings()).status()
     for service in services:
         state = f"running (pid {service.pid})" if service.running else "stopped"
@@ -126,7 +131,7 @@ def schema() -> None:
 @click.option("--brin", is_flag=True, help="Also a BRIN index on md_ticks(ts), for time scans.")
 def schema_apply(rollups: bool, brin: bool) -> None:
     """Apply schema.sql (and the chosen options) to DATABASE_URL (idempotent)."""
-    from tickpipe.schema import schema_files
+    from tickpipe.core.schema import schema_files
 
     _apply_schema(load_settings().database_url, rollups=rollups, brin=brin)
     click.echo(f"schema applied: {', '.join(schema_files(rollups=rollups, brin=brin))}", err=True)
@@ -135,7 +140,7 @@ def schema_apply(rollups: bool, brin: bool) -> None:
 def _apply_schema(database_url: str, *, rollups: bool = False, brin: bool = False) -> None:
     import asyncpg
 
-    from tickpipe.schema import apply_schema
+    from tickpipe.core.schema import apply_schema
 
     try:
         asyncio.run(apply_schema(database_url, rollups=rollups, brin=brin))
@@ -162,7 +167,7 @@ def ingest(host: str | None, port: int | None, workers: int | None, reuse_port: 
     """Serve the ingest HTTP API."""
     from ingest.app import ListenError, run
     from ingest.workers import EXIT_CONFIG, Supervisor
-    from tickpipe.redis_conn import RedisConfigError
+    from tickpipe.core.redis_conn import RedisConfigError
 
     settings = load_settings(ingest_host=host, ingest_port=port, ingest_workers=workers)
     if not settings.ingest_tokens:
@@ -232,7 +237,7 @@ def _moment(
     _ctx: click.Context, param: click.Parameter, value: str | None
 ) -> datetime.datetime | None:
     """A --since/--until value: RFC 3339 with an offset, or epoch milliseconds (like tick ts)."""
-    from tickpipe.ticks import EPOCH, TickError, parse_ts
+    from tickpipe.core.ticks import EPOCH, TickError, parse_ts
 
     if value is None:
         return None
@@ -271,8 +276,8 @@ def rollup(
 
     Needs `tickpipe schema apply --rollups`. Run as many as you like: they compete.
     """
+    from tickpipe.core.settings import parse_widths
     from tickpipe.rollup.run import Backfill, RollupError, run_rollup
-    from tickpipe.settings import parse_widths
 
     if (since or until) and not backfill:
         raise click.UsageError("--since and --until go with --backfill")
@@ -293,7 +298,8 @@ def rollup(
 @click.option("--ticks", default=4000, show_default=True, help="How many ticks to feed.")
 def demo(ticks: int) -> None:
     """Feeder -> ingest -> two flushers (one killed midway) -> Postgres, on the local stack."""
-    from tickpipe.demo import run_demo
+    from tickpipe.lab.demo import run_demo
+    from tickpipe.lab.stack import StackError
 
     try:
         ok = run_demo(load_settings(), ticks=ticks)
@@ -407,7 +413,7 @@ def audit(
     as_json: bool, verify: bool, stuck_idle_s: float | None, stuck_deliveries: int | None
 ) -> None:
     """Prove that nothing was lost: exit 0 if so, 1 if not, 2 if a server is unreachable."""
-    from tickpipe.audit_run import run_audit
+    from tickpipe.ops.audit_run import run_audit
 
     settings = load_settings()
     limits_idle = stuck_idle_s if stuck_idle_s is not None else 2 * settings.flush_claim_idle_s
@@ -435,7 +441,7 @@ def dlq() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def dlq_list(limit: int, as_json: bool) -> None:
     """Show the oldest dead letters with their reason and original fields."""
-    from tickpipe.audit_run import dlq_command
+    from tickpipe.ops.audit_run import dlq_command
 
     sys.exit(asyncio.run(dlq_command(load_settings(), "list", limit=limit, as_json=as_json)))
 
@@ -445,7 +451,7 @@ def dlq_list(limit: int, as_json: bool) -> None:
 @click.option("--all", "everything", is_flag=True, help="Replay every dead letter.")
 def dlq_replay(ids: tuple[str, ...], everything: bool) -> None:
     """Put dead letters back on the stream (atomically: never lost, never doubled)."""
-    from tickpipe.audit_run import dlq_command
+    from tickpipe.ops.audit_run import dlq_command
 
     if bool(ids) == everything:
         raise click.UsageError("give dead-letter ids or --all (not both)")
@@ -460,7 +466,7 @@ def dlq_replay(ids: tuple[str, ...], everything: bool) -> None:
 @click.option("--yes", is_flag=True, help="Confirm dropping with --all.")
 def dlq_drop(ids: tuple[str, ...], everything: bool, yes: bool) -> None:
     """Delete dead letters for good."""
-    from tickpipe.audit_run import dlq_command
+    from tickpipe.ops.audit_run import dlq_command
 
     if bool(ids) == everything:
         raise click.UsageError("give dead-letter ids or --all (not both)")
@@ -479,7 +485,7 @@ def shards() -> None:
 @shards.command("show")
 def shards_show() -> None:
     """Show the recorded shape, this environment's, and streams outside the shard map."""
-    from tickpipe.audit_run import shards_command
+    from tickpipe.ops.audit_run import shards_command
 
     sys.exit(asyncio.run(shards_command(load_settings(), None)))
 
@@ -493,7 +499,7 @@ def shards_set(count: int) -> None:
     the streams; this refuses while any stream still holds undelivered or
     pending entries, or dead letters.
     """
-    from tickpipe.audit_run import shards_command
+    from tickpipe.ops.audit_run import shards_command
 
     sys.exit(asyncio.run(shards_command(load_settings(), count)))
 
@@ -540,7 +546,7 @@ def chaos(
 
     from rich.console import Console
 
-    from tickpipe.chaos import FAULT_KINDS, ChaosConfig, passed, render, run_chaos
+    from tickpipe.lab.chaos import FAULT_KINDS, ChaosConfig, passed, render, run_chaos
 
     settings = load_settings()
     chosen = FAULT_KINDS if kinds == "all" else tuple(k.strip() for k in kinds.split(","))
@@ -580,8 +586,9 @@ def _guarded(run: Coroutine[Any, Any, T], name: str) -> T:
     started, then this exits 128+signal. A run that cannot make progress exits 2
     with the reason.
     """
-    from tickpipe.signals import Stopped, cancel_on_signal
-    from tickpipe.stall import EXIT_STALLED, Stalled
+    from tickpipe.core.signals import Stopped, cancel_on_signal
+    from tickpipe.lab.stack import StackError
+    from tickpipe.lab.stall import EXIT_STALLED, Stalled
 
     try:
         return asyncio.run(cancel_on_signal(run))
@@ -657,8 +664,8 @@ def bench(
 
     from rich.console import Console
 
-    from tickpipe.bench import BenchConfig, chart, render, run_bench
-    from tickpipe.bench_wrk import INSTALL_HINT, default_loader
+    from tickpipe.lab.bench import BenchConfig, chart, render, run_bench
+    from tickpipe.lab.bench_wrk import INSTALL_HINT, default_loader
 
     if loader is None:
         loader = default_loader()
@@ -689,7 +696,7 @@ def bench(
     # Into a file or a pipe, rich would wrap the tables at 80 columns: cell by cell.
     console = Console(width=None if sys.stdout.isatty() else 200)
     if shards > 1:
-        from tickpipe.bench_scale import render_scale, run_scale
+        from tickpipe.lab.bench_scale import render_scale, run_scale
 
         scaled = _guarded(run_scale(config, shards, Console(stderr=True)), "bench")
         render_scale(scaled, console)

@@ -34,14 +34,14 @@ from flusher.run import FlusherError, run_flusher
 from flusher.stream import ShardedStream
 from ingest.app import create_app
 from ingest.writer import TickWriter
-from tickpipe import redis_conn
-from tickpipe.cluster_stack import LocalCluster
-from tickpipe.feeder import generate_ticks, tick_json, wait_ready
-from tickpipe.gate import Gate, MakeGate
-from tickpipe.settings import Settings
-from tickpipe.shards import shard_of
-from tickpipe.stack import LocalStack, free_port
-from tickpipe.ticks import Tick, datetime_to_us, to_fields
+from tickpipe.core import redis_conn
+from tickpipe.core.settings import Settings
+from tickpipe.core.shards import shard_of
+from tickpipe.core.ticks import Tick, datetime_to_us, to_fields
+from tickpipe.lab.cluster_stack import LocalCluster
+from tickpipe.lab.feeder import generate_ticks, tick_json, wait_ready
+from tickpipe.lab.gate import Gate, MakeGate
+from tickpipe.lab.stack import LocalStack, free_port
 
 pytestmark = pytest.mark.services
 

@@ -22,9 +22,9 @@ import pytest
 from redis.asyncio import Redis
 
 from ingest.writer import TickWriter
-from tickpipe.settings import Settings
-from tickpipe.stack import LocalStack, free_port
-from tickpipe.ticks import Tick
+from tickpipe.core.settings import Settings
+from tickpipe.core.ticks import Tick
+from tickpipe.lab.stack import LocalStack, free_port
 
 pytestmark = pytest.mark.services
 
@@ -103,7 +103,7 @@ async def append(redis: Redis, settings: Settings, ticks: list[Tick]) -> None:
 
 
 async def rows(pg: asyncpg.Connection) -> dict[tuple[str, int], tuple[Decimal, Decimal, str]]:
-    from tickpipe.ticks import datetime_to_us
+    from tickpipe.core.ticks import datetime_to_us
 
     records = await pg.fetch("SELECT symbol, ts, price, volume, source FROM md_ticks")
     return {

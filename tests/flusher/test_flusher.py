@@ -15,8 +15,8 @@ from flusher.db import Row, StagedRows, TickStore, entry_key, last_per_key, stag
 from flusher.stream import ShardedStream
 from flusher.worker import Flusher
 from ingest.writer import TickWriter
-from tickpipe.settings import Settings
-from tickpipe.ticks import Tick, to_fields
+from tickpipe.core.settings import Settings
+from tickpipe.core.ticks import Tick, to_fields
 
 
 def tick(symbol: str, ts_us: int, price: str, source: str = "test") -> Tick:
@@ -424,7 +424,7 @@ def test_the_short_path_takes_a_source_exactly_when_the_tick_rules_do() -> None:
     import random
 
     from flusher.db import _CANONICAL_ROW
-    from tickpipe.ticks import TickError, check_source
+    from tickpipe.core.ticks import TickError, check_source
 
     pieces = [
         *(chr(c).encode() for c in range(0x80)),
@@ -463,7 +463,7 @@ def test_the_short_path_takes_a_source_exactly_when_the_tick_rules_do() -> None:
 async def test_rows_hold_the_values_sent_digit_for_digit_and_to_the_microsecond(
     redis: Redis, store: TickStore, settings: Settings, pg: asyncpg.Connection
 ) -> None:
-    from tickpipe.ticks import MAX_TS_US, datetime_to_us
+    from tickpipe.core.ticks import MAX_TS_US, datetime_to_us
 
     big = "9" * 78 + "." + "9" * 18
     sent = [

@@ -34,9 +34,9 @@ from tests.flusher.test_crashes import (
     stopped_line,
     wait_exit,
 )
-from tickpipe.settings import Settings
-from tickpipe.stack import free_port
-from tickpipe.ticks import Tick
+from tickpipe.core.settings import Settings
+from tickpipe.core.ticks import Tick
+from tickpipe.lab.stack import free_port
 
 pytestmark = pytest.mark.services
 

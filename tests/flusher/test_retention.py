@@ -15,10 +15,10 @@ from redis.asyncio import Redis, RedisCluster
 
 from flusher.retention import PRESSURE_QUIET_S, Retention
 from flusher.stream import TickStream
-from tickpipe import redis_conn
-from tickpipe.cluster_stack import LocalCluster
-from tickpipe.settings import Settings, SettingsError
-from tickpipe.shards import ShardMap
+from tickpipe.core import redis_conn
+from tickpipe.core.settings import Settings, SettingsError
+from tickpipe.core.shards import ShardMap
+from tickpipe.lab.cluster_stack import LocalCluster
 
 STREAM = "ticks.received"
 GROUP = "flushers"

@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
 from ingest.app import create_app
-from tickpipe.settings import Settings
+from tickpipe.core.settings import Settings
 
 READ_TOKENS = {"dashboard": "read-token-0123456789"}
 """A read-only token beside the session's ingest token (tests/conftest.py)."""

@@ -15,8 +15,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
 from ingest.app import create_app
-from tickpipe.settings import Settings
-from tickpipe.stack import LocalStack, free_port
+from tickpipe.core.settings import Settings
+from tickpipe.lab.stack import LocalStack, free_port
 
 pytestmark = pytest.mark.services
 

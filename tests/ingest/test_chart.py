@@ -38,8 +38,8 @@ from redis.asyncio import Redis
 from ingest import chart
 from ingest.app import create_app
 from ingest.writer import TickWriter
-from tickpipe.settings import Settings
-from tickpipe.ticks import EPOCH, Tick
+from tickpipe.core.settings import Settings
+from tickpipe.core.ticks import EPOCH, Tick
 
 pytestmark = pytest.mark.services
 

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from ingest.app import create_app
-from tickpipe.settings import Settings
-from tickpipe.ticks import (
+from tickpipe.core.settings import Settings
+from tickpipe.core.ticks import (
     EPOCH,
     MAX_DECIMAL_INTEGER_DIGITS,
     MAX_DECIMAL_SCALE,

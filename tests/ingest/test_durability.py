@@ -22,10 +22,10 @@ from ingest import durability
 from ingest.app import create_app
 from ingest.appkeys import LINK
 from tests.conftest import TEST_TOKEN
-from tickpipe import redis_conn
-from tickpipe.redis_conn import RedisConfigError
-from tickpipe.settings import Settings
-from tickpipe.stack import LocalStack, free_port
+from tickpipe.core import redis_conn
+from tickpipe.core.redis_conn import RedisConfigError
+from tickpipe.core.settings import Settings
+from tickpipe.lab.stack import LocalStack, free_port
 
 pytestmark = pytest.mark.services
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from ingest.app import create_app
-from tickpipe.settings import Settings
+from tickpipe.core.settings import Settings
 
 pytestmark = pytest.mark.services
 

@@ -27,10 +27,10 @@ from redis.asyncio import Redis
 from ingest.app import create_app
 from ingest.appkeys import LINK
 from ingest.openapi import openapi_document
+from tickpipe.core.schema import apply_schema, ensure_database
+from tickpipe.core.settings import Settings
+from tickpipe.lab.stack import LocalStack, free_port
 from tickpipe.rollup.store import RollupStore
-from tickpipe.schema import apply_schema, ensure_database
-from tickpipe.settings import Settings
-from tickpipe.stack import LocalStack, free_port
 
 pytestmark = pytest.mark.services
 

@@ -15,8 +15,8 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from ingest import tickstore
-from tickpipe.stack import free_port
-from tickpipe.ticks import EPOCH
+from tickpipe.core.ticks import EPOCH
+from tickpipe.lab.stack import free_port
 
 pytestmark = pytest.mark.services
 

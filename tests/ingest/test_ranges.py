@@ -13,10 +13,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from flusher.db import Row, TickStore, last_per_key
+from tickpipe.core.schema import apply_schema, ensure_database
+from tickpipe.core.ticks import Tick, datetime_to_us
+from tickpipe.lab.stack import LocalStack, free_port
 from tickpipe.rollup.store import RollupStore
-from tickpipe.schema import apply_schema, ensure_database
-from tickpipe.stack import LocalStack, free_port
-from tickpipe.ticks import Tick, datetime_to_us
 
 pytestmark = pytest.mark.services
 

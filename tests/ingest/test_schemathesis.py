@@ -45,10 +45,10 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 from ingest.openapi import openapi_document
 from tests.conftest import TEST_TOKEN, service_env
 from tests.ingest.conftest import READ_TOKENS
-from tickpipe import redis_conn
-from tickpipe.schema import apply_schema, ensure_database
-from tickpipe.settings import Settings
-from tickpipe.stack import LocalStack, free_port
+from tickpipe.core import redis_conn
+from tickpipe.core.schema import apply_schema, ensure_database
+from tickpipe.core.settings import Settings
+from tickpipe.lab.stack import LocalStack, free_port
 
 pytestmark = pytest.mark.services
 

@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from tickpipe.feeder import wait_ready
-from tickpipe.stack import free_port
+from tickpipe.lab.feeder import wait_ready
+from tickpipe.lab.stack import free_port
 
 pytestmark = pytest.mark.services
 

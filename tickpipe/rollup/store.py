@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from tickpipe.pgerrors import is_transient
-from tickpipe.pgpool import close_pool, open_pool
-from tickpipe.settings import ROLLUP_MAX_SYMBOLS_PER_PASS
+from tickpipe.core.pgerrors import is_transient
+from tickpipe.core.pgpool import close_pool, open_pool
+from tickpipe.core.settings import ROLLUP_MAX_SYMBOLS_PER_PASS
 
 # Up to $3 symbols among the oldest $2 marks of symbols not tried yet ($1), oldest
 # first, and a try of each one's lock: never a wait, so passes never queue behind

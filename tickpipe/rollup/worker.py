@@ -16,10 +16,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from tickpipe.backoff import Backoff
+from tickpipe.core.backoff import Backoff
+from tickpipe.core.settings import Settings, format_width
 from tickpipe.rollup import metrics
 from tickpipe.rollup.store import PassResult, RollupStore, TransientError
-from tickpipe.settings import Settings, format_width
 
 log = logging.getLogger("tickpipe.rollup")
 
