@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint browser down clean
+.PHONY: demo test lint browser promtool down clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tickpipe needs Python >= 3.11; set PYTHON=python3.11")'
@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/tickpipe demo
 
 ## test: lint, type-check and run the whole test suite (real Redis and Postgres, headless Chromium)
-test: lint browser
+test: lint browser promtool
 	$(BIN)/pytest
 
 # The live chart's tests drive a real headless Chromium (tests/ingest/test_chart.py).
@@ -32,6 +32,21 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else \
 		echo "tickpipe: the browser tests need Chromium: run 'sudo apt-get install chromium' (or set CHROMIUM=/path/to/chromium); they fail without it" >&2; \
+	fi
+
+# The alert rules' test runs `promtool check rules` (tests/test_observability.py).
+# As root with apt, take promtool from Debian's prometheus package (the binary only:
+# no Prometheus service is installed or started); otherwise say how, and that test fails.
+promtool:
+	@if command -v promtool >/dev/null 2>&1; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing promtool from Debian's prometheus package for the alert rules' test"; \
+		dir=$$(mktemp -d) && apt-get update -qq && (cd $$dir && apt-get download -qq prometheus 2>/dev/null) \
+			&& dpkg-deb --fsys-tarfile $$dir/prometheus_*.deb | tar -xO ./usr/bin/promtool > /usr/local/bin/promtool \
+			&& chmod 755 /usr/local/bin/promtool; rm -rf $$dir; \
+	else \
+		echo "tickpipe: the alert rules' test needs promtool: run 'sudo apt-get install prometheus' (or put promtool on PATH); it fails without it" >&2; \
 	fi
 
 lint: $(STAMP)

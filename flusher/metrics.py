@@ -69,6 +69,11 @@ LOST = Counter("tickpipe_flusher_lost", "Entries found deleted while pending (ne
 TRIMMED = Counter("tickpipe_flusher_trimmed", "Acknowledged entries trimmed from the stream.")
 PENDING = Gauge("tickpipe_flusher_pending", "Entries delivered and not yet acknowledged (group).")
 LAG = Gauge("tickpipe_flusher_lag", "Entries not yet delivered to any consumer (group).")
+OLDEST_PENDING = Gauge(
+    "tickpipe_flusher_oldest_pending_seconds",
+    "Age (from its stream id) of the oldest entry delivered and not yet acknowledged, over all"
+    " shards (group); 0 when none is pending. Past FLUSH_CLAIM_IDLE_S an entry is stuck.",
+)
 TRIMMED_UNDER_PRESSURE = Counter(
     "tickpipe_flusher_trimmed_under_pressure",
     "Acknowledged entries trimmed because Redis memory was over STREAM_RETENTION_PRESSURE_PCT"

@@ -192,6 +192,8 @@ class Claimed:
 class GroupStats:
     pending: int
     lag: int | None
+    oldest_pending_id: str | None = None
+    """The smallest id delivered and not yet acknowledged; None when nothing is pending."""
 
 
 TRIM_EXACT_MAX = 5000
@@ -680,8 +682,12 @@ class TickStream:
     async def stats(self) -> GroupStats:
         for group in await self.redis.xinfo_groups(self.stream):
             if text(group["name"]) == self.group:
-                lag = group.get("lag")
-                return GroupStats(int(group["pending"]), None if lag is None else int(lag))
+                lag, pending = group.get("lag"), int(group["pending"])
+                oldest = None
+                if pending:
+                    summary: Any = await self.redis.xpending(self.stream, self.group)
+                    oldest = text(summary["min"]) if summary.get("min") else None
+                return GroupStats(pending, None if lag is None else int(lag), oldest)
         return GroupStats(0, None)
 
     async def _read(self, start: str, count: int, block_ms: int | None) -> Delivery:

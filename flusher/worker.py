@@ -475,11 +475,12 @@ class Flusher:
                 log.exception("upkeep failed; next one in %.1fs", interval)
 
     async def upkeep(self) -> None:
-        """Per shard: trim what no group needs, delete idle consumers; publish pending and lag.
+        """Per shard: trim what no group needs, delete idle consumers; publish pending and lag,
+        and the age of the oldest pending entry.
 
         A shard that fails is skipped (its figures are missing from the totals).
         """
-        pending, lag = 0, 0
+        pending, lag, oldest_s = 0, 0, 0.0
         for stream in self.streams.shards:
             try:
                 stats = await self._upkeep_shard(stream)
@@ -488,8 +489,12 @@ class Flusher:
                 continue
             pending += stats.pending
             lag += stats.lag or 0
+            if stats.oldest_pending_id is not None:
+                age_s = time.time() - _entry_time(stats.oldest_pending_id.encode())
+                oldest_s = max(oldest_s, age_s)
         metrics.PENDING.set(pending)
         metrics.LAG.set(lag)
+        metrics.OLDEST_PENDING.set(oldest_s)
 
     async def _upkeep_shard(self, stream: TickStream) -> GroupStats:
         await self._retention.trim(stream)
