@@ -13,7 +13,8 @@ from typing import NamedTuple, TypeAlias
 
 import asyncpg
 
-from flusher.errors import FatalError, RowsRejected, TransientError
+from flusher.errors import RowsRejected
+from tickpipe.core.errors import FatalError, TransientError
 from tickpipe.core.keys import ENTRY_FIELDS
 from tickpipe.core.pgerrors import is_transient
 from tickpipe.core.pgpool import close_pool, keep_session, open_pool

@@ -18,8 +18,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from flusher import metrics
-from flusher.errors import TransientError
 from flusher.stream import TickStream, Trimmed
+from tickpipe.core.errors import TransientError
 from tickpipe.core.settings import Settings
 from tickpipe.core.stream_ids import id_time_ms
 

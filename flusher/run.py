@@ -9,11 +9,11 @@ import asyncpg
 from prometheus_client import start_http_server
 
 from flusher.db import TickStore
-from flusher.errors import FatalError
 from flusher.faults import Faults
 from flusher.stream import ShardedStream
 from flusher.worker import Flusher
 from tickpipe.core import redis_conn, shape
+from tickpipe.core.errors import FatalError
 from tickpipe.core.settings import Settings
 from tickpipe.core.signals import SIGNALS, Interrupted, run_until_signalled
 

@@ -30,8 +30,8 @@ from redis.asyncio import RedisCluster
 from redis.client import NEVER_DECODE
 from redis.exceptions import ReadOnlyError, ResponseError
 
-from flusher.errors import FatalError, TransientError
-from tickpipe.core import redis_conn, shape
+from tickpipe.core import dead_letter, redis_conn, shape
+from tickpipe.core.errors import FatalError, TransientError
 from tickpipe.core.redis_conn import RedisClient, text
 from tickpipe.core.settings import Settings
 from tickpipe.core.shards import Shard
@@ -600,15 +600,14 @@ class TickStream:
         """
         moved = 0
         for letter in letters:
-            fields: list[bytes | str] = [
-                "original_id", letter.entry.id,
-                "stream", self.stream,
-                "reason", letter.reason,
-                "deliveries", str(letter.deliveries),
-            ]  # fmt: skip
             # The original bytes, as they were: an entry may be dead for not being UTF-8.
-            for key, value in (letter.entry.fields or {}).items():
-                fields.extend((b"field:" + key, value))
+            fields = dead_letter.encode(
+                letter.entry.id,
+                self.stream,
+                letter.reason,
+                letter.deliveries,
+                letter.entry.fields or {},
+            )
             moved += int(
                 await self._dead_letter(
                     keys=[self.stream, self.dead_stream],

@@ -37,7 +37,7 @@ from typing import NamedTuple, TypeVar
 
 from flusher import metrics
 from flusher.db import RowKey, StagedRows, TickStore, entry_key
-from flusher.errors import RowsRejected, TransientError
+from flusher.errors import RowsRejected
 from flusher.faults import Faults
 from flusher.retention import Retention
 from flusher.shard_health import ShardHealth
@@ -51,15 +51,13 @@ from flusher.stream import (
     TickStream,
 )
 from tickpipe.core.backoff import Backoff
+from tickpipe.core.errors import Stopping, TransientError
 from tickpipe.core.settings import Settings
+from tickpipe.core.stream_ids import id_time_ms
 
 log = logging.getLogger("tickpipe.flusher")
 
 T = TypeVar("T")
-
-
-class Stopping(Exception):
-    """Raised out of a retry loop when the shutdown grace has passed."""
 
 
 class Flusher:
@@ -860,4 +858,4 @@ def _entries_with_keys(batch: Delivery, reasons: Mapping[RowKey, str]) -> list[t
 
 def _entry_time(entry_id: bytes) -> float:
     """The wall-clock time (seconds) at which Redis created a stream entry."""
-    return int(entry_id.split(b"-", 1)[0]) / 1000
+    return id_time_ms(entry_id.decode()) / 1000

@@ -26,7 +26,6 @@ from ingest.errors import ApiError, Reminders, error_middleware, json_response, 
 from ingest.inflight import InFlight
 from ingest.link import RedisLink
 from ingest.openapi import openapi_document
-from ingest.writer import NotDurable, OutcomeUnknown, PartialWrite
 from tickpipe.core import loop, redis_conn
 from tickpipe.core.redis_conn import RedisClient
 from tickpipe.core.settings import Settings
@@ -90,30 +89,8 @@ def check_backlog(request: web.Request) -> None:
 async def store(
     request: web.Request, token_name: str, ticks: list[Tick], size: int
 ) -> web.Response:
-    try:
-        ids = await request.app[LINK].get().writer.append(ticks, size=size, token=token_name)
-    except NotDurable as exc:
-        raise ApiError(
-            503,
-            "not_durable",
-            f"{exc}; the ticks may or may not be stored: resend them (resending is idempotent)",
-            headers={"Retry-After": "1"},
-        ) from None
-    except OutcomeUnknown as exc:
-        raise ApiError(
-            503,
-            "redis_unavailable",
-            f"the connection to the tick store (Redis) broke during the write ({exc}); some"
-            " of the ticks may be stored: resend the whole request (resending is idempotent)",
-            headers={"Retry-After": "1"},
-        ) from None
-    except PartialWrite as exc:
-        raise ApiError(
-            503,
-            "partially_stored",
-            f"{exc}; resend the whole request (resending is idempotent)",
-            headers={"Retry-After": "1"},
-        ) from None
+    """Append the ticks and answer their ids; a failure is answered by error_middleware."""
+    ids = await request.app[LINK].get().writer.append(ticks, size=size, token=token_name)
     log.debug("accepted %d ticks from %s, first id %s", len(ticks), token_name, ids[0])
     return json_response({"accepted": len(ids), "ids": ids})
 

@@ -6,10 +6,10 @@ from aiohttp import web
 
 from ingest.auth import TokenAuth
 from ingest.errors import Reminders
+from ingest.history import TickHistory
 from ingest.inflight import InFlight
 from ingest.link import RedisLink
 from ingest.metrics import RequestTimes
-from ingest.tickstore import TickStore
 from tickpipe.core.redis_conn import RedisClient
 from tickpipe.core.settings import Settings
 
@@ -26,4 +26,4 @@ REMINDERS = web.AppKey("reminders", Reminders)
 """Refusals of a recurring kind (Redis down, misconfigured) are logged once, then reminded."""
 REQUEST_TIMES = web.AppKey("request_times", RequestTimes)
 """Request durations, folded into the histogram every second (ingest/metrics.py)."""
-STORE = web.AppKey("store", TickStore)
+STORE = web.AppKey("store", TickHistory)

@@ -47,6 +47,16 @@ class ApiError(Exception):
         """What went wrong underneath, for the log (never sent to the client)."""
 
 
+class WriteFailed(Exception):
+    """A write to the tick store that failed in a way the client must hear about (503)."""
+
+    code = "redis_unavailable"
+
+    @property
+    def detail(self) -> str:
+        return str(self)
+
+
 class Reminders:
     """Log a recurring problem once, then at most one reminder per ``interval_s``.
 
@@ -100,7 +110,10 @@ OnError = Callable[[web.Request, ApiError], None]
 
 
 def error_middleware(max_body_bytes: int, on_error: OnError) -> Any:
-    """Turn ours, aiohttp's (404, 405, 413) and Redis outages into JSON errors."""
+    """Turn ours, aiohttp's (404, 405, 413), failed writes and Redis outages into JSON errors.
+
+    The one place where a failure becomes the client's answer.
+    """
 
     @web.middleware
     async def middleware(
@@ -110,6 +123,8 @@ def error_middleware(max_body_bytes: int, on_error: OnError) -> Any:
             return await handler(request)
         except ApiError as exc:
             error = exc
+        except WriteFailed as exc:
+            error = ApiError(503, exc.code, exc.detail, headers={"Retry-After": "1"})
         except web.HTTPRequestEntityTooLarge:
             error = ApiError(413, "too_large", f"request body exceeds {max_body_bytes} bytes")
         except web.HTTPException as exc:

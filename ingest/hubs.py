@@ -28,7 +28,7 @@ BLOCK_MS = 1000
 
 _json = msgspec.json.Encoder()
 
-Entry = tuple[bytes, dict[bytes, bytes]]
+RawEntry = tuple[bytes, dict[bytes, bytes]]
 
 
 class Event(msgspec.Struct, frozen=True):
@@ -39,7 +39,7 @@ class Event(msgspec.Struct, frozen=True):
     data: str
 
 
-def decode_entries(entries: Iterable[Entry]) -> list[Event]:
+def decode_entries(entries: Iterable[RawEntry]) -> list[Event]:
     """Stream entries as events; an entry that is not a valid tick is skipped."""
     events = []
     for raw_id, fields in entries:
@@ -166,7 +166,7 @@ class StreamHub:
                 await asyncio.sleep(delay)
                 continue
             backoff.reset()
-            entries: list[Entry] = reply[0][1] if reply else []
+            entries: list[RawEntry] = reply[0][1] if reply else []
             if entries:
                 self._cursor = entries[-1][0].decode()
                 wanted = self._wanted()

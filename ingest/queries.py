@@ -16,16 +16,15 @@ import binascii
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator, Mapping
-from decimal import Decimal
 from urllib.parse import urlencode
 
-import msgspec
 from aiohttp import web
 
 from ingest.appkeys import LINK, SETTINGS, STORE
 from ingest.errors import ApiError, json_response
+from ingest.history import TickHistory
 from ingest.params import authenticate_read, check_known, path_symbol, small_uint
-from ingest.tickstore import TickStore
+from tickpipe.core.latest_price import decode_latest
 from tickpipe.core.pgerrors import is_transient
 from tickpipe.core.redis_conn import FAILURES, RedisClient
 from tickpipe.core.ticks import MAX_TS_US, Tick, TickError, parse_ts, to_json
@@ -130,16 +129,6 @@ async def get_latest(request: web.Request) -> web.Response:
     return json_response({**to_json(tick), "origin": origin})
 
 
-class _Latest(msgspec.Struct):
-    ts: str
-    price: str
-    volume: str
-    source: str
-
-
-_latest_decoder = msgspec.json.Decoder(_Latest)
-
-
 async def latest_from_redis(redis: RedisClient, key: str, symbol: str) -> Tick | None:
     """The symbol's entry in the latest-price hash (written with every XADD), or None."""
     try:
@@ -149,8 +138,7 @@ async def latest_from_redis(redis: RedisClient, key: str, symbol: str) -> Tick |
         return None
     if raw is None:
         return None
-    entry = _latest_decoder.decode(raw)
-    return Tick(symbol, int(entry.ts), Decimal(entry.price), Decimal(entry.volume), entry.source)
+    return decode_latest(symbol, raw)
 
 
 async def get_ticks(request: web.Request) -> web.Response:
@@ -200,7 +188,7 @@ def page(ticks: list[Tick]) -> list[dict[str, str]]:
 async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     """The read-only Postgres pool (no connection until the first query)."""
     settings = app[SETTINGS]
-    store = TickStore(
+    store = TickHistory(
         settings.database_url,
         max_size=settings.query_pool_size,
         timeout_s=settings.query_timeout_s,

@@ -41,7 +41,10 @@ from redis.exceptions import (
 
 from ingest import metrics
 from ingest.durability import FsyncBy
+from ingest.errors import WriteFailed
 from tickpipe.core import redis_conn
+from tickpipe.core.keys import ENTRY_FIELDS
+from tickpipe.core.latest_price import LATEST_FIELDS
 from tickpipe.core.redis_conn import RedisClient
 from tickpipe.core.settings import Durability, Settings
 from tickpipe.core.shards import ShardMap
@@ -51,14 +54,48 @@ from tickpipe.core.ticks import Tick, entry_values
 # script whole when it cannot write (OOM, read-only replica) instead of failing
 # at some XADD midway: a group's ticks are appended all together or not at all.
 # KEYS[1] the stream, KEYS[2] the latest-price hash (one shard: one cluster slot).
-# ARGV: five strings per tick (symbol, ts, price, volume, source).
+# ARGV: the ENTRY_FIELDS of each tick, in order (symbol ts price volume source).
 # Each tick becomes one entry; the hash keeps, per symbol, the tick with the
 # greatest ts (a tick with an equal ts replaces it, as it replaces the row).
 # The group's newest tick per symbol is found first, so the hash costs one HMGET
 # and one HSET per 1000 symbols of a group, not two calls per tick.
 # ts are non-negative integers without leading zeros, compared as strings by
 # length then lexically: exact where Lua's doubles are not (above 2^53).
-APPEND_LUA = """#!lua
+# The entry's field names and the latest-price JSON come from core (keys.ENTRY_FIELDS,
+# latest_price.LATEST_FIELDS): the script is built from them below.
+
+
+def _arg(name: str, base: str = "i") -> str:
+    """The Lua expression of field ``name`` of the tick whose first ARGV index is ``base``."""
+    offset = ENTRY_FIELDS.index(name)
+    return f"ARGV[{base} + {offset}]" if offset else f"ARGV[{base}]"
+
+
+def _latest_json_lua() -> str:
+    """The Lua expression that writes a latest-price value (core/latest_price.py)."""
+    values = {
+        "ts": "ts",
+        "price": _arg("price"),
+        "volume": _arg("volume"),
+        "source": _arg("source"),
+        "id": "best_id[symbol]",
+    }
+    parts, literal = [], "{"
+    for n, name in enumerate(LATEST_FIELDS):
+        literal += ("," if n else "") + f'"{name}":'
+        if name == "source":  # free text: escaped by cjson
+            parts += [f"'{literal}'", f"quote({values[name]})"]
+            literal = ""
+        else:  # digits, decimals and stream ids need no escaping
+            parts += [f"'{literal}\"'", values[name]]
+            literal = '"'
+    parts.append(f"'{literal}}}'")
+    return " .. ".join(parts)
+
+
+assert LATEST_FIELDS[0] == "ts", "the script reads ts from the start of the text"
+
+APPEND_LUA = f"""#!lua
 local stream, latest = KEYS[1], KEYS[2]
 local function newer(ts, than)
   return #ts > #than or (#ts == #than and ts >= than)
@@ -66,9 +103,9 @@ end
 -- The hash's JSON is read for its ts alone and written by concatenation: both
 -- cost half of cjson.decode and cjson.encode of the whole object.
 local function ts_of(json)
-  return string.match(json, '^{"ts":"(%d+)"') or cjson.decode(json).ts
+  return string.match(json, '^{{"ts":"(%d+)"') or cjson.decode(json).ts
 end
-local quoted = {}
+local quoted = {{}}
 local function quote(text)
   local q = quoted[text]
   if q == nil then
@@ -77,33 +114,30 @@ local function quote(text)
   end
   return q
 end
-local ids, best, best_id, symbols = {}, {}, {}, {}
-for i = 1, #ARGV, 5 do
-  local symbol, ts = ARGV[i], ARGV[i + 1]
+local ids, best, best_id, symbols = {{}}, {{}}, {{}}, {{}}
+for i = 1, #ARGV, {len(ENTRY_FIELDS)} do
+  local symbol, ts = {_arg("symbol")}, {_arg("ts")}
   local id = redis.call('XADD', stream, '*',
-    'symbol', symbol, 'ts', ts, 'price', ARGV[i + 2], 'volume', ARGV[i + 3],
-    'source', ARGV[i + 4])
+    {", ".join(f"'{name}', {_arg(name)}" for name in ENTRY_FIELDS)})
   ids[#ids + 1] = id
   local b = best[symbol]
   if b == nil then
     symbols[#symbols + 1] = symbol
   end
-  if b == nil or newer(ts, ARGV[b + 1]) then
+  if b == nil or newer(ts, {_arg("ts", "b")}) then
     best[symbol], best_id[symbol] = i, id
   end
 end
 for first = 1, #symbols, 1000 do
-  local chunk = {unpack(symbols, first, math.min(first + 999, #symbols))}
+  local chunk = {{unpack(symbols, first, math.min(first + 999, #symbols))}}
   local current = redis.call('HMGET', latest, unpack(chunk))
-  local updates = {}
+  local updates = {{}}
   for j, symbol in ipairs(chunk) do
     local i = best[symbol]
-    local ts = ARGV[i + 1]
+    local ts = {_arg("ts")}
     if not current[j] or newer(ts, ts_of(current[j])) then
       updates[#updates + 1] = symbol
-      updates[#updates + 1] = '{"ts":"' .. ts .. '","price":"' .. ARGV[i + 2] ..
-        '","volume":"' .. ARGV[i + 3] .. '","source":' .. quote(ARGV[i + 4]) ..
-        ',"id":"' .. best_id[symbol] .. '"}'
+      updates[#updates + 1] = {_latest_json_lua()}
     end
   end
   if #updates > 0 then
@@ -117,16 +151,31 @@ CLUSTER_ATTEMPTS = 8
 """Rounds a cluster write may take to follow MOVED/ASK/TRYAGAIN before giving up (503)."""
 
 
-class NotDurable(Exception):
+class NotDurable(WriteFailed):
     """WAITAOF or WAIT did not confirm the write in time (INGEST_DURABILITY=fsync/replica)."""
 
+    code = "not_durable"
 
-class OutcomeUnknown(Exception):
+    @property
+    def detail(self) -> str:
+        return f"{self}; the ticks may or may not be stored: resend them (resending is idempotent)"
+
+
+class OutcomeUnknown(WriteFailed):
     """The connection broke with the write under way: some or all shards may have stored."""
 
+    @property
+    def detail(self) -> str:
+        return (
+            f"the connection to the tick store (Redis) broke during the write ({self}); some"
+            " of the ticks may be stored: resend the whole request (resending is idempotent)"
+        )
 
-class PartialWrite(Exception):
+
+class PartialWrite(WriteFailed):
     """Some shards of a request were appended and others were not."""
+
+    code = "partially_stored"
 
     def __init__(self, stored: Sequence[int], failed: Sequence[int], cause: Exception) -> None:
         super().__init__(
@@ -134,6 +183,10 @@ class PartialWrite(Exception):
             f" {', '.join(map(str, failed))} did not ({cause})"
         )
         self.cause = cause
+
+    @property
+    def detail(self) -> str:
+        return f"{self}; resend the whole request (resending is idempotent)"
 
 
 @dataclasses.dataclass

@@ -166,7 +166,7 @@ def _apply_schema(database_url: str, *, rollups: bool = False, brin: bool = Fals
 def ingest(host: str | None, port: int | None, workers: int | None, reuse_port: bool) -> None:
     """Serve the ingest HTTP API."""
     from ingest.app import ListenError, run
-    from ingest.workers import EXIT_CONFIG, Supervisor
+    from ingest.supervisor import EXIT_CONFIG, Supervisor
     from tickpipe.core.redis_conn import RedisConfigError
 
     settings = load_settings(ingest_host=host, ingest_port=port, ingest_workers=workers)

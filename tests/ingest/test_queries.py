@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from ingest import tickstore
+from ingest import history
 from tickpipe.core.ticks import EPOCH
 from tickpipe.lab.stack import free_port
 
@@ -258,9 +258,9 @@ async def test_every_query_is_an_index_range_scan(pg: asyncpg.Connection) -> Non
     await pg.execute("ANALYZE md_ticks")
     end = T0 + dt.timedelta(seconds=60)
     for sql, args in [
-        (tickstore.LATEST_SQL, ("S042",)),
-        (tickstore.NEWEST_SQL, ("S042", 1000)),
-        (tickstore.BETWEEN_SQL, ("S042", T0, end, 1001)),
+        (history.LATEST_SQL, ("S042",)),
+        (history.NEWEST_SQL, ("S042", 1000)),
+        (history.BETWEEN_SQL, ("S042", T0, end, 1001)),
     ]:
         [explained] = json.loads(await pg.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args))
         nodes = plan_nodes(explained["Plan"])

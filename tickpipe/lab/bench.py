@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 from rich.console import Console
 from rich.table import Table
 
-from tickpipe.core import redis_conn
+from tickpipe.core import keys, redis_conn
 from tickpipe.core.settings import AppendFsync, Durability
 from tickpipe.core.ticks import Tick, to_fields
 from tickpipe.lab.bench_wrk import Loader, default_loader, run_wrk
@@ -418,7 +418,7 @@ class Bench:
         for start in range(0, len(fields), 1000):
             async with redis.pipeline(transaction=False) as pipe:
                 for entry in fields[start : start + 1000]:
-                    pipe.xadd("ticks.received", entry)  # type: ignore[arg-type]
+                    pipe.xadd(keys.STREAM, entry)  # type: ignore[arg-type]
                 await pipe.execute()
         await redis.aclose()
         servers = Components()

@@ -20,13 +20,13 @@ from rich.console import Console
 from rich.table import Table
 
 from ingest.writer import TickWriter
-from tickpipe.core import redis_conn
+from tickpipe.core import keys, redis_conn
 from tickpipe.lab.bench import Bench, BenchConfig, Components, ratio, sample_ticks
 from tickpipe.lab.cluster_stack import LocalCluster
 
 
 @dataclasses.dataclass(frozen=True)
-class Shape:
+class Topology:
     shards: int
     flushers: int
 
@@ -37,9 +37,14 @@ class Shape:
         )
 
 
-def shapes(shards: int, flushers: int) -> list[Shape]:
+def shapes(shards: int, flushers: int) -> list[Topology]:
     """1x1, then more flushers on one stream, then more shards with as many flushers."""
-    found = [Shape(1, 1), Shape(1, flushers), Shape(shards, flushers), Shape(shards, shards)]
+    found = [
+        Topology(1, 1),
+        Topology(1, flushers),
+        Topology(shards, flushers),
+        Topology(shards, shards),
+    ]
     return list(dict.fromkeys(found))
 
 
@@ -49,7 +54,7 @@ class ScaleBench(Bench):
     def __init__(self, config: BenchConfig, console: Console) -> None:
         super().__init__(config, console)
         self.cluster = LocalCluster(config.state_dir / "cluster", replicas=0)
-        self.shape = Shape(1, config.flushers)
+        self.shape = Topology(1, config.flushers)
 
     def env(self, **extra: str) -> dict[str, str]:
         return super().env(
@@ -93,7 +98,7 @@ class ScaleBench(Bench):
         """K flushers against a backlog spread over the shards: committed rows/s."""
         await self.reset_data()
         redis = redis_conn.connect_cluster(self.cluster.url, client_name="tickpipe-bench")
-        writer = TickWriter(redis, "ticks.received", "ticks:latest", shards=self.shape.shards)
+        writer = TickWriter(redis, keys.STREAM, keys.LATEST, shards=self.shape.shards)
         ticks = sample_ticks(self.config.drain_entries, 3 * 10**15)
         for start in range(0, len(ticks), 1000):
             await writer.append(ticks[start : start + 1000])

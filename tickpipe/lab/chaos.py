@@ -548,7 +548,7 @@ async def _drain(cluster: Cluster, timeout_s: float) -> float | None:
     try:
         while time.monotonic() - started < timeout_s:
             with contextlib.suppress(Exception):
-                [group] = await redis.xinfo_groups("ticks.received")
+                [group] = await redis.xinfo_groups(keys.STREAM)
                 if group["pending"] == 0 and (group.get("lag") or 0) == 0:
                     return time.monotonic() - started
             await asyncio.sleep(0.2)
@@ -569,9 +569,9 @@ async def _check(cluster: Cluster, history: History, config: ChaosConfig) -> dic
         duplicates = await conn.fetchval(
             "SELECT count(*) - count(DISTINCT (symbol, ts)) FROM md_ticks"
         )
-        dead = await redis.xlen("ticks.dead")
-        pending = (await redis.xpending("ticks.received", "flushers"))["pending"]
-        lost_counter = int(await redis.get("ticks:lost") or 0)
+        dead = await redis.xlen(keys.DEAD_STREAM)
+        pending = (await redis.xpending(keys.STREAM, keys.GROUP))["pending"]
+        lost_counter = int(await redis.get(keys.LOST) or 0)
     finally:
         await conn.close()
         await redis.aclose()

@@ -20,6 +20,8 @@ import asyncpg
 from redis.exceptions import ResponseError
 
 from tickpipe.core import shape
+from tickpipe.core.dead_letter import ORIGINAL_ID
+from tickpipe.core.dead_letter import decode as decode_dead_letter
 from tickpipe.core.redis_conn import RedisClient, text, xrange_pages
 from tickpipe.core.settings import Settings
 from tickpipe.core.shards import Shard
@@ -184,11 +186,14 @@ async def shard_report(redis: RedisClient, shard: Shard, limits: Thresholds) -> 
             {
                 "id": text(dead_id),
                 "dead_stream": shard.dead_stream,
-                "original_id": text(fields.get(b"original_id", b"")),
-                "reason": text(fields.get(b"reason", b"")),
-                "deliveries": int(fields.get(b"deliveries", b"0")),
+                "original_id": letter.original_id or "",
+                "reason": letter.reason or "",
+                "deliveries": letter.deliveries,
             }
-            for dead_id, fields in newest
+            for dead_id, letter in (
+                (dead_id, decode_dead_letter({text(k): text(v) for k, v in fields.items()}))
+                for dead_id, fields in newest
+            )
         ],
     }
     report["lost"] = int(await redis.get(shard.lost) or 0)
@@ -422,7 +427,7 @@ async def verify_shard(
     )
     dead_ids: set[str] = set()
     async for dead_page in xrange_pages(redis, shard.dead_stream, PAGE_SIZE):
-        dead_ids.update(text(fields.get(b"original_id", b"")) for _, fields in dead_page)
+        dead_ids.update(text(fields.get(ORIGINAL_ID.encode(), b"")) for _, fields in dead_page)
 
     checked = skipped_unacked = skipped_dead = undecodable = 0
     missing: list[str] = []

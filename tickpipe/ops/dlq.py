@@ -5,19 +5,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from tickpipe.core.dead_letter import FIELD_PREFIX
+from tickpipe.core.dead_letter import decode as decode_dead_letter
 from tickpipe.core.redis_conn import RedisClient, text, xrange_pages
 from tickpipe.core.shards import Shard
 from tickpipe.core.stream_ids import StreamId, id_key, is_id
 
 # Re-append a dead letter's original fields to the stream and delete it from
 # the dead-letter stream in one atomic step: a replay is never lost or doubled.
-REPLAY_LUA = """#!lua
+REPLAY_LUA = f"""#!lua
 local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
 if #found == 0 then return false end
-local fields, out = found[1][2], {}
+local fields, out = found[1][2], {{}}
 for i = 1, #fields, 2 do
-  if string.sub(fields[i], 1, 6) == 'field:' then
-    out[#out + 1] = string.sub(fields[i], 7)
+  if string.sub(fields[i], 1, {len(FIELD_PREFIX)}) == '{FIELD_PREFIX}' then
+    out[#out + 1] = string.sub(fields[i], {len(FIELD_PREFIX) + 1})
     out[#out + 1] = fields[i + 1]
   end
 end
@@ -66,20 +68,20 @@ class DeadLetters:
 
     async def oldest(self, limit: int) -> list[dict[str, Any]]:
         """The oldest ``limit`` dead letters (by the time they were dead-lettered)."""
-        letters = []
+        letters: list[dict[str, Any]] = []
         for shard in self.shards:
             found: Any = await self.redis.xrange(shard.dead_stream, count=limit)
             for dead_id, raw in found:
-                fields = {text(k): text(v) for k, v in raw.items()}
+                letter = decode_dead_letter({text(k): text(v) for k, v in raw.items()})
                 letters.append(
                     {
                         "id": self._name(shard, text(dead_id)),
                         "shard": shard.index,
-                        "original_id": fields.pop("original_id", None),
-                        "stream": fields.pop("stream", None),
-                        "reason": fields.pop("reason", None),
-                        "deliveries": int(fields.pop("deliveries", 0)),
-                        "fields": {k.removeprefix("field:"): v for k, v in fields.items()},
+                        "original_id": letter.original_id,
+                        "stream": letter.stream,
+                        "reason": letter.reason,
+                        "deliveries": letter.deliveries,
+                        "fields": letter.fields,
                     }
                 )
         letters.sort(key=lambda letter: _id_key(letter["id"].rpartition("/")[2]))

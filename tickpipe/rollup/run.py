@@ -8,10 +8,11 @@ import logging
 
 from prometheus_client import start_http_server
 
+from tickpipe.core.errors import FatalError, Stopping
 from tickpipe.core.settings import Settings
 from tickpipe.core.signals import Interrupted, run_until_signalled
-from tickpipe.rollup.store import FatalError, RollupStore
-from tickpipe.rollup.worker import RollupWorker, Stopping
+from tickpipe.rollup.store import RollupStore
+from tickpipe.rollup.worker import RollupWorker
 
 log = logging.getLogger("tickpipe.rollup")
 

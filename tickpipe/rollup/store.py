@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from tickpipe.core.errors import FatalError, TransientError
 from tickpipe.core.pgerrors import is_transient
 from tickpipe.core.pgpool import close_pool, open_pool
 from tickpipe.core.settings import ROLLUP_MAX_SYMBOLS_PER_PASS
@@ -122,14 +123,6 @@ FROM md_ticks
 WHERE symbol = $1
   AND ts >= coalesce($2::timestamptz, '-infinity') AND ts < coalesce($3::timestamptz, 'infinity')
 """
-
-
-class TransientError(Exception):
-    """Postgres is unavailable or busy: retry with backoff; nothing was committed."""
-
-
-class FatalError(Exception):
-    """Rollups cannot work with this database; the message says what to do."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -17,17 +17,14 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from tickpipe.core.backoff import Backoff
+from tickpipe.core.errors import Stopping, TransientError
 from tickpipe.core.settings import Settings, format_width
 from tickpipe.rollup import metrics
-from tickpipe.rollup.store import PassResult, RollupStore, TransientError
+from tickpipe.rollup.store import PassResult, RollupStore
 
 log = logging.getLogger("tickpipe.rollup")
 
 T = TypeVar("T")
-
-
-class Stopping(Exception):
-    """Raised out of a retry loop when a stop was requested: give up, nothing is lost."""
 
 
 class RollupWorker:

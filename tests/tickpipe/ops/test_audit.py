@@ -17,9 +17,11 @@ from redis.asyncio import Redis
 from flusher.run import run_flusher
 from flusher.stream import TickStream
 from ingest.writer import TickWriter
+from tickpipe.core import dead_letter
 from tickpipe.core.settings import Settings
 from tickpipe.core.ticks import Tick
 from tickpipe.lab.stack import free_port
+from tickpipe.ops.dlq import REPLAY_LUA
 
 pytestmark = pytest.mark.services
 
@@ -332,3 +334,22 @@ async def test_redis_7_0_nil_lag_is_handled() -> None:
     assert group["lag"] == 4
     assert group["lag_reported_by_redis"] is False
     await redis.aclose()
+
+
+def test_a_dead_letter_reads_back_as_it_was_written() -> None:
+    written = dead_letter.encode("5-1", "ticks.received", "undecodable", 3, {b"symbol": b"\xff"})
+    as_text = {
+        (k.decode(errors="replace") if isinstance(k, bytes) else k): (
+            v.decode(errors="replace") if isinstance(v, bytes) else v
+        )
+        for k, v in zip(written[::2], written[1::2], strict=True)
+    }
+    letter = dead_letter.decode(as_text)
+    assert (letter.original_id, letter.stream, letter.reason, letter.deliveries) == (
+        "5-1",
+        "ticks.received",
+        "undecodable",
+        3,
+    )
+    assert letter.fields == {"symbol": "\ufffd"}
+    assert f"'{dead_letter.FIELD_PREFIX}'" in REPLAY_LUA

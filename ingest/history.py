@@ -57,7 +57,7 @@ def _ticks(symbol: str, rows: Sequence[asyncpg.Record]) -> list[Tick]:
     ]
 
 
-class TickStore:
+class TickHistory:
     """Read-only queries on ``md_ticks`` through a small pool opened on first use.
 
     The pool holds no connection until a query needs one, so ingest starts,
@@ -89,7 +89,7 @@ class TickStore:
     @property
     def pool(self) -> asyncpg.Pool:
         if self._pool is None:
-            raise RuntimeError("TickStore.open() was not called")
+            raise RuntimeError("TickHistory.open() was not called")
         return self._pool
 
     async def latest(self, symbol: str) -> Tick | None:
