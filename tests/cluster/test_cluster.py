@@ -87,6 +87,9 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        log = LOGS.pop(proc.pid, None)
+        if log is not None:
+            log.close()
 
 
 def spawn(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
