@@ -387,7 +387,7 @@ def feed(
         summary = asyncio.run(run_feed(options, Console(stderr=True)))
     except (SourceError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
-    render(summary, Console(highlight=False))
+    render(summary, Console(highlight=False, soft_wrap=True))  # a line per line, even in a pipe
     sys.exit(0 if summary.ok else 1)
 
 

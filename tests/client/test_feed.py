@@ -72,6 +72,7 @@ async def test_csv_backfill_reports_refused_lines_and_keeps_decimals_exact(
     assert "accepted  3" in out
     assert "refused   2" in out
     assert "invalid_field (price): 1 (lines ticks.csv:4)" in out
+    assert "e.g. price must be > 0\n" in out
     assert "bad_line: 1 (lines ticks.csv:6)" in out
     assert "expected 5 columns, found 3" in out
     assert "Traceback" not in err

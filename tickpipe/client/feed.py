@@ -174,7 +174,8 @@ def _head(stream: object) -> bytes:
 def _record(summary: FeedSummary, failures: Sequence[TickFailure]) -> None:
     for failure in failures:
         line = failure.tag if isinstance(failure.tag, Line) else Line("?", 0)
-        summary.refuse(failure.reason, line, str(failure.error))
+        detail = getattr(failure.error, "detail", None) or str(failure.error)
+        summary.refuse(failure.reason, line, detail)
 
 
 def render(summary: FeedSummary, console: Console) -> None:
