@@ -6,16 +6,15 @@ import asyncio
 import logging
 
 import asyncpg
-from prometheus_client import start_http_server
 
 from flusher.db import TickStore
 from flusher.faults import Faults
 from flusher.stream import ShardedStream
 from flusher.worker import Flusher
 from tickpipe.core import redis_conn, shape
-from tickpipe.core.errors import FatalError
+from tickpipe.core.service import serve
 from tickpipe.core.settings import Settings
-from tickpipe.core.signals import SIGNALS, Interrupted, run_until_signalled
+from tickpipe.core.signals import SIGNALS
 
 log = logging.getLogger("tickpipe.flusher")
 
@@ -46,41 +45,26 @@ async def run_flusher(settings: Settings, *, burst: bool = False) -> Flusher | N
     store = await TickStore.open(settings.database_url)
     streams = ShardedStream.for_consumer(redis, settings, consumer)
     flusher = Flusher(streams, store, settings, burst=burst, faults=faults)
-    metrics_server = None
-    if settings.flusher_metrics_port is not None:
-        try:
-            metrics_server, _thread = start_http_server(
-                settings.flusher_metrics_port, addr=settings.flusher_metrics_host
-            )
-        except OSError as exc:
-            await store.close()
-            await redis.aclose()
-            raise FlusherError(
-                f"cannot serve metrics on port {settings.flusher_metrics_port}: {exc.strerror}"
-            ) from None
-    try:
-        await run_until_signalled(
-            flusher.run(),
-            flusher,
-            grace_s=settings.flush_shutdown_grace_s + 2,
-            name="flusher",
-            log=log,
-            second_signal="stopping now; unacknowledged entries stay pending",
-        )
-    except Interrupted:
-        raise FlusherError(
-            "stopped before the in-flight batch could finish; its entries stay pending"
-            " and will be written by this or another flusher"
-        ) from None
-    except FatalError as exc:
-        raise FlusherError(
-            f"{exc}. Nothing was acknowledged: the entries wait in the stream."
-        ) from None
-    finally:
-        if metrics_server is not None:
-            metrics_server.shutdown()
+
+    async def close() -> None:
         await store.close()
         await redis.aclose()
+
+    await serve(
+        flusher.run(),
+        flusher,
+        name="flusher",
+        log=log,
+        grace_s=settings.flush_shutdown_grace_s + 2,
+        metrics_port=settings.flusher_metrics_port,
+        metrics_host=settings.flusher_metrics_host,
+        close=close,
+        error=FlusherError,
+        second_signal="stopping now; unacknowledged entries stay pending",
+        interrupted="stopped before the in-flight batch could finish; its entries stay pending"
+        " and will be written by this or another flusher",
+        fatal_suffix=". Nothing was acknowledged: the entries wait in the stream.",
+    )
     log.info(
         "flusher %s stopped: %d rows written, %d entries acknowledged, %d reclaimed,"
         " %d dead-lettered, %d lost, %d committed late (taken over by a peer meanwhile);"

@@ -22,6 +22,7 @@ from ingest.app import create_app
 from ingest.hubs import decode_entries
 from tickpipe.core.settings import Settings
 from tickpipe.lab.feeder import wait_ready
+from tickpipe.lab.processes import Processes
 from tickpipe.lab.stack import LocalStack, free_port
 
 pytestmark = pytest.mark.services
@@ -118,37 +119,21 @@ async def test_78_digit_decimals_stay_exact_from_post_to_every_read(
 
 
 @pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
-
-
-def spawn(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tickpipe", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+def processes() -> Iterator[Processes]:
+    with Processes() as started:
+        yield started
 
 
 async def test_real_processes_ingest_and_flusher(
     subprocess_env: dict[str, str],
     redis: Redis,
     pg: asyncpg.Connection,
-    processes: list[subprocess.Popen[bytes]],
+    processes: Processes,
 ) -> None:
     port = free_port()
     env = {**subprocess_env, "INGEST_PORT": str(port)}
-    processes.append(spawn(env, "ingest"))
-    flusher = spawn(env, "flusher", "run", "--consumer", "proc-flusher")
-    processes.append(flusher)
+    processes.tickpipe("ingest", ["ingest"], env)
+    flusher = processes.tickpipe("flusher", ["flusher", "run", "--consumer", "proc-flusher"], env)
     base = f"http://127.0.0.1:{port}"
     await wait_ready(f"{base}/readyz", 30.0)
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -41,6 +39,7 @@ from tickpipe.core.ticks import Tick, datetime_to_us, to_fields
 from tickpipe.lab.cluster_stack import LocalCluster
 from tickpipe.lab.feeder import generate_ticks, tick_json, wait_ready
 from tickpipe.lab.gate import Gate, MakeGate
+from tickpipe.lab.processes import Processes, stop
 from tickpipe.lab.stack import LocalStack, free_port
 
 pytestmark = pytest.mark.services
@@ -75,48 +74,16 @@ async def cluster_client(redis_cluster: LocalCluster) -> AsyncIterator[RedisClus
 
 
 @pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            # SIGTERM: `ingest --workers N` passes it on to its workers (SIGKILL would orphan them).
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log = LOGS.pop(proc.pid, None)
-        if log is not None:
-            log.close()
+def processes() -> Iterator[Processes]:
+    # Stopped with SIGTERM: `ingest --workers N` passes it on to its workers.
+    with Processes() as started:
+        yield started
 
 
-def spawn(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
-    """A tickpipe process; its log goes to a temporary file that :func:`stopped` shows."""
-    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stopped() or at exit
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tickpipe", *args],
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
-    LOGS[proc.pid] = log
-    return proc
-
-
-LOGS: dict[int, Any] = {}
-
-
-async def stopped(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
+async def stopped(processes: Processes, proc: subprocess.Popen[bytes]) -> tuple[int, str]:
     """SIGTERM ``proc`` and wait: its exit status and the end of its log."""
-    proc.send_signal(signal.SIGTERM)
-    code = await asyncio.to_thread(proc.wait, 60)
-    log = LOGS.pop(proc.pid)
-    log.seek(0)
-    tail = log.read().decode(errors="replace")[-4000:]
-    log.close()
-    return code, tail
+    code = await asyncio.to_thread(stop, proc, 60)
+    return code, processes.log_tail(proc)
 
 
 async def rows(pg: asyncpg.Connection) -> dict[tuple[str, int], tuple[Decimal, Decimal, str]]:
@@ -241,15 +208,15 @@ async def test_master_killed_mid_run_loses_no_acknowledged_tick(
     redis_cluster: LocalCluster,
     cluster_client: RedisCluster,
     pg: asyncpg.Connection,
-    processes: list[subprocess.Popen[bytes]],
+    processes: Processes,
 ) -> None:
     port = free_port()
     env = cluster_env(
         stack, redis_cluster, REDIS_CLUSTER="1", INGEST_DURABILITY="replica", INGEST_PORT=str(port)
     )
-    processes.append(spawn(env, "ingest", "--workers", "2"))
+    processes.tickpipe("ingest", ["ingest", "--workers", "2"], {**os.environ, **env})
     for name in ("cl-a", "cl-b"):
-        processes.append(spawn(env, "flusher", "run", "--consumer", name))
+        processes.tickpipe(name, ["flusher", "run", "--consumer", name], {**os.environ, **env})
     await wait_ready(f"http://127.0.0.1:{port}/readyz", 60.0)
     shard0 = Settings.from_env(env).shard_map.shards[0]
     victim = redis_cluster.owner_of(redis_cluster.keyslot(shard0.stream))
@@ -276,8 +243,8 @@ async def test_master_killed_mid_run_loses_no_acknowledged_tick(
     assert answers["200"] == 48
     assert sum(answers.values()) > 48, answers  # the outage was felt, and retried
     assert await wait_rows(pg, len(acked)) == len(acked)
-    for flusher in processes[1:]:
-        code, log = await stopped(flusher)
+    for flusher in processes.started[1:]:
+        code, log = await stopped(processes, flusher)
         assert code == 0, log
     assert await rows(pg) == expected(acked)
     assert await pg.fetchval("SELECT count(*) - count(DISTINCT (symbol, ts)) FROM md_ticks") == 0
@@ -292,13 +259,13 @@ async def test_resharding_mid_run_follows_moved_and_ask(
     redis_cluster: LocalCluster,
     cluster_client: RedisCluster,
     pg: asyncpg.Connection,
-    processes: list[subprocess.Popen[bytes]],
+    processes: Processes,
 ) -> None:
     port = free_port()
     env = cluster_env(stack, redis_cluster, REDIS_CLUSTER="1", INGEST_PORT=str(port))
-    processes.append(spawn(env, "ingest"))
+    processes.tickpipe("ingest", ["ingest"], {**os.environ, **env})
     for name in ("rs-a", "rs-b"):
-        processes.append(spawn(env, "flusher", "run", "--consumer", name))
+        processes.tickpipe(name, ["flusher", "run", "--consumer", name], {**os.environ, **env})
     await wait_ready(f"http://127.0.0.1:{port}/readyz", 60.0)
     shard = Settings.from_env(env).shard_map.shards[1]
     slot = redis_cluster.keyslot(shard.stream)
@@ -322,8 +289,8 @@ async def test_resharding_mid_run_follows_moved_and_ask(
     assert redis_cluster.owner_of(slot) == target
     assert len(acked) == 2000
     assert await wait_rows(pg, len(acked)) == len(acked)
-    for flusher in processes[1:]:
-        code, log = await stopped(flusher)
+    for flusher in processes.started[1:]:
+        code, log = await stopped(processes, flusher)
         assert code == 0, log
     assert await rows(pg) == expected(acked)
     code, report = await audit(env)

@@ -17,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tickpipe.lab.feeder import wait_ready
+from tickpipe.lab.processes import Processes
 from tickpipe.lab.stack import free_port
 
 pytestmark = pytest.mark.services
@@ -30,18 +31,14 @@ def server(
     subprocess_env: dict[str, str], redis: Redis
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tickpipe", "ingest", "--workers", "2", "--port", str(port)],
-        env={**subprocess_env, "INGEST_SHUTDOWN_TIMEOUT_S": "20"},
-    )
-    yield f"http://127.0.0.1:{port}", proc
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with Processes() as processes:
+        proc = processes.tickpipe(
+            "ingest",
+            ["ingest", "--workers", "2", "--port", str(port)],
+            {**subprocess_env, "INGEST_SHUTDOWN_TIMEOUT_S": "20"},
+            capture=False,
+        )
+        yield f"http://127.0.0.1:{port}", proc
 
 
 async def ready(base: str) -> None:

@@ -36,6 +36,7 @@ from tickpipe.core.settings import AppendFsync, Durability
 from tickpipe.core.ticks import Tick, to_fields
 from tickpipe.lab.bench_wrk import Loader, default_loader, run_wrk
 from tickpipe.lab.feeder import generate_ticks
+from tickpipe.lab.processes import Processes, stop
 from tickpipe.lab.stack import LocalStack, free_port
 from tickpipe.lab.stall import STALL_AFTER_S, Stalled, log_tail, reaped, wait_ingest_ready
 
@@ -167,7 +168,7 @@ class Bench:
         )
         self.token = secrets.token_urlsafe(16)
         self.logs = config.state_dir / "logs"
-        self._procs: list[subprocess.Popen[bytes]] = []
+        self.processes = Processes(self.logs)
         self._ts_ms = 1_600_000_000_000
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -183,20 +184,10 @@ class Bench:
         }
 
     def spawn(self, name: str, args: list[str], **extra: str) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("ab")
-        proc = subprocess.Popen(args, env=self.env(**extra), stdout=subprocess.DEVNULL, stderr=log)
-        log.close()
-        self._procs.append(proc)
-        return proc
+        return self.processes.spawn(name, args, self.env(**extra))
 
     def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
 
     async def setup(self) -> None:
         if self.config.state_dir.exists():
@@ -205,8 +196,7 @@ class Bench:
         await asyncio.to_thread(self.stack.up)
 
     async def teardown(self) -> None:
-        for proc in self._procs:
-            self.stop(proc)
+        self.processes.stop_all()
         await asyncio.to_thread(self.stack.down)
 
     async def reset_data(self) -> None:

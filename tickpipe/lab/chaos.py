@@ -41,6 +41,7 @@ from tickpipe.core import keys, redis_conn
 from tickpipe.core.settings import AppendFsync, Settings
 from tickpipe.core.ticks import Tick, datetime_to_us
 from tickpipe.lab import stall
+from tickpipe.lab.processes import Processes
 from tickpipe.lab.stack import LocalStack, free_port
 
 FAULT_KINDS = (
@@ -132,7 +133,7 @@ class Cluster:
         self.port = free_port()
         self.ingest: subprocess.Popen[bytes] | None = None
         self.flushers: dict[str, subprocess.Popen[bytes]] = {}
-        self._log_files: list[Any] = []
+        self.processes = Processes(self.logs)
         self._threads = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="chaos-stack")
         self._blocking: set[concurrent.futures.Future[Any]] = set()
 
@@ -156,14 +157,7 @@ class Cluster:
         }
 
     def spawn(self, name: str, args: list[str], **extra: str) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("ab")
-        self._log_files.append(log)
-        return subprocess.Popen(
-            [sys.executable, "-m", "tickpipe", *args],
-            env=self.env(**extra),
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
+        return self.processes.tickpipe(name, args, self.env(**extra))
 
     async def off_loop(self, call: Callable[[], T]) -> T:
         """A blocking stack operation in a thread that :meth:`stop` waits for.
@@ -197,20 +191,9 @@ class Cluster:
         """Stop every process and server the run started, whatever state it is in."""
         # A fault still starting a server finishes first (each is bounded by its timeout).
         await asyncio.to_thread(concurrent.futures.wait, set(self._blocking))
-        procs = [p for p in [self.ingest, *self.flushers.values()] if p is not None]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                await asyncio.to_thread(proc.wait, 20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                await asyncio.to_thread(proc.wait)
+        await asyncio.to_thread(self.processes.stop_all, 20)
         await asyncio.to_thread(self.stack.down)
         self._threads.shutdown()
-        for log in self._log_files:
-            log.close()
 
     # -- faults -----------------------------------------------------------------------------
 

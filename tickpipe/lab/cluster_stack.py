@@ -24,6 +24,7 @@ from pathlib import Path
 
 import redis as redis_sync
 
+from tickpipe.lab.processes import pid_alive
 from tickpipe.lab.stack import StackError, find_redis_server, redis_server_command
 
 SLOTS = 16384
@@ -377,18 +378,7 @@ def _port_free(port: int) -> bool:
 
 
 def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
-            return False
-    return True
+    return pid is not None and pid_alive(pid)
 
 
 @contextlib.contextmanager

@@ -8,14 +8,13 @@ acknowledged tick is in md_ticks, exactly.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from decimal import Decimal
 
 import asyncpg
@@ -24,6 +23,7 @@ import click
 from tickpipe.core.settings import Settings
 from tickpipe.core.ticks import Tick, datetime_to_us
 from tickpipe.lab.feeder import NotReady, feed, generate_ticks, wait_ready
+from tickpipe.lab.processes import Processes
 from tickpipe.lab.stack import LocalStack, free_port
 
 DEMO_SYMBOLS = ("DEMO.AAPL", "DEMO.MSFT", "DEMO.EURUSD", "DEMO.BTC-USD", "DEMO.ES:F")
@@ -45,10 +45,10 @@ def run_demo(settings: Settings, *, ticks: int) -> bool:
         "FLUSH_INTERVAL_S": "0.2",
     }
     say(f"stack up: {stack.redis_url}  {stack.database_url}")
-    with _processes() as procs:
-        procs["ingest"] = _spawn(["ingest"], env)
+    with Processes() as processes:
+        procs = {"ingest": _spawn(processes, "ingest", ["ingest"], env)}
         for name in ("demo-flusher-a", "demo-flusher-b"):
-            procs[name] = _spawn(["flusher", "run", "--consumer", name], env)
+            procs[name] = _spawn(processes, name, ["flusher", "run", "--consumer", name], env)
         base_url = f"http://127.0.0.1:{port}"
         try:
             asyncio.run(wait_ready(f"{base_url}/readyz", 30.0))
@@ -149,28 +149,12 @@ def _compare(
     return missing, wrong
 
 
-def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+def _spawn(
+    processes: Processes, name: str, args: list[str], env: dict[str, str]
+) -> subprocess.Popen[bytes]:
     # Ingest's access log would drown the demo's own output.
     level = "warning" if args[0] == "ingest" else "info"
-    return subprocess.Popen(
-        [sys.executable, "-m", "tickpipe", "--log-level", level, *args], env=env
-    )
-
-
-@contextlib.contextmanager
-def _processes() -> Iterator[dict[str, subprocess.Popen[bytes]]]:
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    try:
-        yield procs
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    return processes.tickpipe(name, ["--log-level", level, *args], env, capture=False)
 
 
 def say(message: str) -> None:

@@ -41,6 +41,7 @@ from tickpipe.core.settings import (
     local_database_url,
     local_redis_url,
 )
+from tickpipe.lab.processes import pid_alive
 
 PG_OS_USER = "tickpipe"
 """The system user that owns and runs the local Postgres when tickpipe runs as root."""
@@ -253,7 +254,7 @@ class LocalStack:
         delay = 0.02
         while not _redis_ping(self.redis_port):
             pid = _pidfile_pid(self.redis_pidfile)
-            if pid is not None and not _pid_alive(pid):
+            if pid is not None and not pid_alive(pid):
                 self.redis_pidfile.unlink(missing_ok=True)
                 raise StackError(
                     f"{server.label} ({server.path}) exited while starting:"
@@ -344,7 +345,7 @@ class LocalStack:
         while True:
             _signal(pid, signal.SIGKILL if kill else signal.SIGTERM, "redis")
             # Redis declines a SIGTERM while it writes its first AOF; ask again.
-            if _wait_for(lambda: not _pid_alive(pid), 3.0):
+            if _wait_for(lambda: not pid_alive(pid), 3.0):
                 break
             if time.monotonic() > deadline:
                 raise StackError(
@@ -405,7 +406,7 @@ class LocalStack:
         self.log(f"{'killing' if kill else 'stopping'} postgres (pid {pid})")
         if kill:
             _signal(pid, signal.SIGKILL, "postgres")
-            _wait_for(lambda: not _pid_alive(pid), STOP_TIMEOUT_S)
+            _wait_for(lambda: not pid_alive(pid), STOP_TIMEOUT_S)
             return
         result = self._pg_run(
             self._pg_bindir(),
@@ -715,11 +716,11 @@ def _live_pid(
     if first_line is None:
         return None
     pid = int(first_line) if first_line.isdigit() else -1
-    if pid > 0 and _pid_alive(pid) and _is_our_server(pid, workdir, names):
+    if pid > 0 and pid_alive(pid) and _is_our_server(pid, workdir, names):
         return pid
     if remove_stale:
         what = f"process {pid} is gone" if pid > 0 else "it holds no pid"
-        if pid > 0 and _pid_alive(pid):
+        if pid > 0 and pid_alive(pid):
             what = f"process {pid} is not this server"
         log(f"removing stale pid file {pidfile} ({what})")
         pidfile.unlink(missing_ok=True)
@@ -746,20 +747,6 @@ def _signal(pid: int, signum: int, name: str) -> None:
         ) from None
     except ProcessLookupError:
         pass
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (killed, not yet reaped by its parent) is not alive.
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
-            return False
-    return True
 
 
 def _cmdline(pid: int) -> str:

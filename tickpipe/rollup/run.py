@@ -6,11 +6,9 @@ import dataclasses
 import datetime as dt
 import logging
 
-from prometheus_client import start_http_server
-
-from tickpipe.core.errors import FatalError, Stopping
+from tickpipe.core.errors import Stopping
+from tickpipe.core.service import serve
 from tickpipe.core.settings import Settings
-from tickpipe.core.signals import Interrupted, run_until_signalled
 from tickpipe.rollup.store import RollupStore
 from tickpipe.rollup.worker import RollupWorker
 
@@ -35,36 +33,20 @@ async def run_rollup(
     """Run a rollup worker until SIGTERM/SIGINT (or, with ``burst``, until the queue is empty)."""
     store = await RollupStore.open(settings.database_url)
     worker = RollupWorker(store, settings, burst=burst)
-    metrics_server = None
-    if settings.rollup_metrics_port is not None:
-        try:
-            metrics_server, _thread = start_http_server(
-                settings.rollup_metrics_port, addr=settings.rollup_metrics_host
-            )
-        except OSError as exc:
-            await store.close()
-            raise RollupError(
-                f"cannot serve metrics on port {settings.rollup_metrics_port}: {exc.strerror}"
-            ) from None
-    try:
-        await run_until_signalled(
-            _work(worker, backfill),
-            worker,
-            grace_s=settings.rollup_shutdown_grace_s,
-            name="rollup",
-            log=log,
-            second_signal="stopping now; the current pass rolls back",
-        )
-    except Interrupted:
-        raise RollupError(
-            "stopped in the middle of a pass; it rolled back and its marks wait for a worker"
-        ) from None
-    except FatalError as exc:
-        raise RollupError(str(exc)) from None
-    finally:
-        if metrics_server is not None:
-            metrics_server.shutdown()
-        await store.close()
+    await serve(
+        _work(worker, backfill),
+        worker,
+        name="rollup",
+        log=log,
+        grace_s=settings.rollup_shutdown_grace_s,
+        metrics_port=settings.rollup_metrics_port,
+        metrics_host=settings.rollup_metrics_host,
+        close=store.close,
+        error=RollupError,
+        second_signal="stopping now; the current pass rolls back",
+        interrupted="stopped in the middle of a pass; it rolled back and its marks wait for"
+        " a worker",
+    )
     log.info(
         "rollup worker stopped: %d passes, %d marks, %d windows recomputed, %d changed, %d emptied",
         worker.passes,
