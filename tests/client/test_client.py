@@ -24,11 +24,13 @@ from tests.client.conftest import (
 )
 from tests.conftest import TEST_TOKEN
 from tickpipe.client import (
+    ClientError,
     RequestRejected,
     SyncTickClient,
     TickClient,
     TickRejected,
     TicksFailed,
+    Unavailable,
 )
 from tickpipe.core.settings import Settings
 from tickpipe.lab.stack import LocalStack, free_port
@@ -153,10 +155,31 @@ async def test_send_waits_while_the_buffer_is_full() -> None:
     await eventually(lambda: client.stats.retries["connection"] >= 4)
     assert not blocked.done()
     assert client.stats.sent == 10
-    await client.abort()
-    blocked.cancel()
-    with pytest.raises(asyncio.CancelledError):
+    await client.abort()  # wakes the waiting send: it fails, nothing is left hanging
+    with pytest.raises(ClientError, match="aborted"):
         await blocked
+
+
+async def test_ticks_fail_as_unavailable_after_the_give_up_time() -> None:
+    client = TickClient(
+        f"http://127.0.0.1:{free_port()}",
+        TEST_TOKEN,
+        give_up_after_s=0.2,
+        backoff_base_s=0.01,
+        backoff_max_s=0.05,
+    )
+    await client.send_many(make_ticks(3), tags=["a", "b", "c"])
+    with pytest.raises(TicksFailed) as failed:
+        await client.close()
+    assert [(f.tag, f.reason) for f in failed.value.failures] == [
+        ("a", "unavailable"),
+        ("b", "unavailable"),
+        ("c", "unavailable"),
+    ]
+    error = failed.value.failures[0].error
+    assert isinstance(error, Unavailable)
+    assert "stayed unavailable past the give-up time" in str(error)
+    assert client.stats.retries["connection"] >= 2
 
 
 # -- refusals --------------------------------------------------------------------------------

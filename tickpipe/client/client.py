@@ -173,6 +173,7 @@ class TickClient:
     async def abort(self) -> None:
         """Stop at once: ticks not yet acknowledged are dropped (they may or may not be stored)."""
         self._closed = True
+        self._progress.set()  # a flush waiting elsewhere (another thread's) gives up
         tasks = [t for t in (self._dispatcher, *self._senders) if t is not None]
         for task in tasks:
             task.cancel()
@@ -225,6 +226,8 @@ class TickClient:
 
     async def _wait_until(self, done: Callable[[], bool]) -> None:
         while not done():
+            if self._closed:
+                raise ClientError("the client was aborted before every tick was settled")
             progress = self._progress
             if self._dispatcher is not None and self._dispatcher.done():
                 self._dispatcher.result()  # a defect in the dispatcher: raise it here
