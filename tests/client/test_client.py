@@ -260,7 +260,7 @@ async def test_sync_client_sends_and_flushes(
             for tick in make_ticks(30):
                 client.send(tick)
             client.flush()
-            return int(client.stats.accepted)
+            return client.stats.accepted
 
     assert await asyncio.to_thread(feed) == 30
     entries = await redis.xrange(settings.stream_name)

@@ -8,7 +8,7 @@ from collections.abc import Coroutine, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
-from tickpipe.client.client import TickClient, TickLike
+from tickpipe.client.client import ClientStats, TickClient, TickLike
 
 T = TypeVar("T")
 
@@ -29,8 +29,7 @@ class SyncTickClient:
         return TickClient(url, token, **options)
 
     @property
-    def stats(self) -> Any:
-        """The client's :class:`~tickpipe.client.client.ClientStats`."""
+    def stats(self) -> ClientStats:
         return self._client.stats
 
     def send(self, tick: TickLike, *, tag: object = None) -> None:
