@@ -1,26 +1,6 @@
 """The flusher loop: read a batch from the group, upsert it, COMMIT, then XACK.
 
-The worker joins :class:`~flusher.stream.ShardedStream` (Redis: every shard it
-reads) and :class:`~flusher.db.TickStore` (Postgres) and talks to neither
-server directly. A batch may hold entries of several shards; each is
-acknowledged on its own shard's stream.
-Its one invariant: an entry is acknowledged only after the transaction holding
-its row has committed. A crash anywhere leaves the entry pending, to be read
-again by this consumer on restart or reclaimed by another.
-
-Besides the main loop, upkeep loops run: the heartbeat (one per shard: this
-consumer's key, refreshed whatever the batches do), reclaim (the entries of
-consumers whose heartbeat expired, at once; of consumers that never sent one,
-once idle FLUSH_CLAIM_IDLE_S), upkeep (trim the stream, delete idle consumers,
-publish pending and lag) and the memory check (trim all acknowledged history
-while Redis memory is short; flusher/retention.py).
-
-A shard that fails (its master down, its key unusable) is set aside with a
-backoff of its own (:class:`~flusher.shard_health.ShardHealth`) while the
-other shards keep flowing: its reads, own-pending drain, reclaim and dead
-letters wait for it. An acknowledgement that fails is kept and sent again
-until it succeeds; the batch's entries of the other shards are acknowledged
-at once. Postgres is shared by every shard: an outage there stops them all.
+How and why: docs/architecture.md, "The flusher loop (flusher/worker.py)".
 """
 
 from __future__ import annotations

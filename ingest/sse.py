@@ -1,32 +1,6 @@
 """Realtime push: ``GET /ticks/stream?symbols=A,B`` as Server-Sent Events.
 
-The events come from the stream itself, read with XREAD (not through the
-flushers' consumer group: reading here takes nothing from them). Each event is
-one tick; its SSE id is the stream entry id, so a client that reconnects with
-``Last-Event-ID`` continues right after the last event it saw, with no gap
-and no duplicate.
-
-One :class:`StreamHub` per process reads the stream, and only while some
-client listens, and hands each entry to the clients that asked for its symbol
-through a bounded queue. The hub never waits for a client: a client whose
-queue is full is dropped (its connection closed) and may reconnect and resume
-from its last id. A slow client costs only itself.
-
-A client goes through two phases:
-
-1. Catch-up: XRANGE pages from its position (``Last-Event-ID``, else the tail
-   of the stream) until a short page says it is current.
-2. Live: it subscribes to the hub, reads one more XRANGE page set to cover
-   entries the hub passed before the subscription, then takes events from its
-   queue, skipping ids it has already sent.
-
-With ``STREAM_SHARDS=N`` an event stream follows one shard: stream ids of
-different shards are not comparable, so one shard's id is a complete resume
-position and a mix of shards' ids would not be. A client names symbols of one
-shard (their shard is found for it) or ``shard=K`` for every symbol of shard
-K; a request whose symbols span shards is refused with the shard of each, so
-the client opens one event stream per shard, each resumable on its own. There
-is one hub per shard (each a single-key XREAD, so it works on a cluster too).
+How and why: docs/architecture.md, "Realtime push (ingest/sse.py, ingest/hubs.py)".
 """
 
 from __future__ import annotations

@@ -1,21 +1,6 @@
 """Appending ticks to the stream: group commit, one atomic Lua step per shard of a group.
 
-Requests do not call Redis themselves: each hands its validated ticks to the
-process's writer and waits. The writer takes every request waiting (bounded in
-ticks and bytes), appends all their ticks in one round trip (with one WAITAOF or
-WAIT in the stronger durability modes) and answers each request with its own
-ids. The next group is whatever arrived meanwhile: no timer on the hot path
-unless INGEST_LINGER_MS asks for one. A group that fails fails each of its
-requests (503; resending is harmless, see below).
-
-With one shard (the default) a request is one script call: all its ticks are
-appended or none. With ``STREAM_SHARDS=N`` the ticks of a group are grouped by shard (a
-symbol's shard is fixed, see tickpipe/core/shards.py) and each group is one script
-call on its shard's keys, which share one cluster slot. The calls travel in one
-pipeline (one round trip per Redis node); each is atomic, the request as a
-whole is not: when a shard fails after another succeeded, ingest answers 503
-and says so, and the feeder resends the request. Resending is harmless: a
-tick's row is keyed by ``(symbol, ts)`` and the flushers' upsert is idempotent.
+How and why: docs/architecture.md, "Group commit (ingest/writer.py)".
 """
 
 from __future__ import annotations

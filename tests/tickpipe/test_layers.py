@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 ABOVE_CORE = ("ingest", "flusher", "tickpipe.rollup", "tickpipe.ops", "tickpipe.lab")
 
@@ -25,3 +27,18 @@ def test_help_of_every_command_works_with_the_lazy_imports() -> None:
     )
     assert "flusher" in result.stdout
     assert "audit" in result.stdout
+
+
+ROOT = Path(__file__).resolve().parents[2]
+ARCHITECTURE = (ROOT / "docs" / "architecture.md").read_text()
+
+
+def test_every_file_the_architecture_page_names_exists() -> None:
+    named = set(re.findall(r"`((?:ingest|flusher|tickpipe|tests)/[\w/.]+\.py)", ARCHITECTURE))
+    assert named
+    assert sorted(path for path in named if not (ROOT / path).is_file()) == []
+
+
+def test_the_architecture_page_names_every_module_of_core() -> None:
+    modules = {p.name for p in (ROOT / "tickpipe" / "core").glob("*.py")} - {"__init__.py"}
+    assert sorted(m for m in modules if f"`{m}`" not in ARCHITECTURE) == []

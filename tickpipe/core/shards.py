@@ -1,24 +1,6 @@
 """Sharded streams: which shard a symbol belongs to, and the keys of each shard.
 
-With ``STREAM_SHARDS=N`` every tick goes to the stream of shard
-``shard_of(symbol, N)``; one symbol always maps to one shard, so the order of
-a symbol's ticks is the order of one stream, as with a single stream.
-
-The choice is part of the contract between every writer and reader of the
-streams, in any language, so it is spelled out and fixed:
-
-    shard_of(symbol, N) = jump_hash(fnv1a_64(utf8(symbol)), N)
-
-- ``fnv1a_64``: 64-bit FNV-1a (offset basis 0xcbf29ce484222325, prime
-  0x100000001b3) over the symbol's UTF-8 bytes.
-- ``jump_hash``: Lamping and Veach's jump consistent hash ("A Fast, Minimal
-  Memory, Consistent Hash Algorithm", 2014), with its 64-bit LCG and its
-  double-precision step. Growing N to N+1 moves only the symbols that land on
-  the new shard (about 1/(N+1) of them); the others keep their shard.
-
-Not Python's ``hash()`` (salted per process) and not the cluster's own
-CRC16 keyslot (that places keys on nodes; this places symbols on streams, and
-the two must stay independent so that slots can move without renaming streams).
+How and why: docs/architecture.md, "Sharding (tickpipe/core/shards.py)".
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from tickpipe.core.settings import AppendFsync, Durability
 from tickpipe.core.ticks import Tick, to_fields
 from tickpipe.lab.bench_wrk import Loader, default_loader, run_wrk
 from tickpipe.lab.feeder import generate_ticks
-from tickpipe.lab.processes import Processes, stop
+from tickpipe.lab.processes import TICKPIPE, Processes, stop
 from tickpipe.lab.stack import LocalStack, free_port
 from tickpipe.lab.stall import STALL_AFTER_S, Stalled, log_tail, reaped, wait_ingest_ready
 
@@ -156,11 +156,8 @@ class Bench:
     def __init__(self, config: BenchConfig, console: Console) -> None:
         self.config = config
         self.console = console
-        self.stack = LocalStack(
+        self.stack = LocalStack.quiet_on_free_ports(
             config.state_dir / "stack",
-            free_port(),
-            free_port(),
-            log=lambda m: None,
             embedded_only=config.embedded_only,
             durability=config.durability,
             redis_server=config.redis_server,
@@ -310,17 +307,14 @@ class Bench:
         port = free_port()
         ingest = self.spawn(
             "ingest",
-            [sys.executable, "-m", "tickpipe", "ingest", "--workers", str(self.config.workers),
-             "--port", str(port)],
+            [*TICKPIPE, "ingest", "--workers", str(self.config.workers), "--port", str(port)],
         )  # fmt: skip
         metrics_ports = [free_port() for _ in range(self.config.flushers)]
         flushers = [
             self.spawn(
                 f"flusher-{n}",
                 [
-                    sys.executable,
-                    "-m",
-                    "tickpipe",
+                    *TICKPIPE,
                     "flusher",
                     "run",
                     "--consumer",
@@ -378,16 +372,7 @@ class Bench:
         flushers = [
             self.spawn(
                 name,
-                [
-                    sys.executable,
-                    "-m",
-                    "tickpipe",
-                    "flusher",
-                    "run",
-                    "--consumer",
-                    consumer,
-                    "--burst",
-                ],
+                [*TICKPIPE, "flusher", "run", "--consumer", consumer, "--burst"],
                 FLUSH_BATCH_SIZE="2000",
             )
             for name, consumer in names

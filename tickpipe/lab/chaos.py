@@ -118,11 +118,8 @@ class Cluster:
     def __init__(self, config: ChaosConfig, console: Console) -> None:
         self.config = config
         self.console = console
-        self.stack = LocalStack(
+        self.stack = LocalStack.quiet_on_free_ports(
             config.state_dir / "stack",
-            free_port(),
-            free_port(),
-            log=lambda m: None,
             embedded_only=config.embedded_only,
             durability="fsync" if config.durability == "fsync" else "everysec",
             redis_server=config.redis_server,

@@ -101,6 +101,11 @@ class LocalStack:
         fields.update(overrides)
         return cls(settings.state_dir, settings.redis_port, settings.pg_port, **fields)
 
+    @classmethod
+    def quiet_on_free_ports(cls, state_dir: Path, **options: Any) -> LocalStack:
+        """A stack of its own for one run (bench, chaos): free ports, no progress lines."""
+        return cls(state_dir, free_port(), free_port(), log=lambda message: None, **options)
+
     # -- paths and urls -----------------------------------------------------
 
     @property
