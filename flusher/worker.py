@@ -30,8 +30,8 @@ from flusher.stream import (
     ShardedStream,
     TickStream,
 )
-from tickpipe.core.backoff import Backoff
 from tickpipe.core.errors import Stopping, TransientError
+from tickpipe.core.service import retry
 from tickpipe.core.settings import Settings
 from tickpipe.core.stream_ids import id_time_ms
 
@@ -756,23 +756,25 @@ class Flusher:
         :class:`Stopping`): what was not acknowledged stays pending, and a COMMIT
         without its XACK is replayed harmlessly (the upsert is idempotent).
         """
-        backoff = Backoff()
-        while True:
-            try:
-                result = await operation()
-            except TransientError as exc:
-                if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
-                    log.error("giving up on: %s (%s); entries stay pending", what, exc)
-                    raise Stopping(what) from exc
-                self._servers_ok = False
-                delay = backoff.next_delay()
-                log.warning("cannot %s: %s; retrying in %.2fs", what, exc, delay)
-                await asyncio.sleep(delay)
-                continue
-            if backoff.attempt:
-                log.info("recovered: %s succeeded after %d retries", what, backoff.attempt)
-            self._servers_ok = True
-            return result
+
+        def give_up(exc: TransientError) -> bool:
+            if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
+                log.error("giving up on: %s (%s); entries stay pending", what, exc)
+                return True
+            return False
+
+        def servers_failed() -> None:
+            self._servers_ok = False
+
+        async def pause(delay: float) -> bool:
+            await asyncio.sleep(delay)
+            return False
+
+        result = await retry(
+            what, operation, log=log, give_up=give_up, wait=pause, on_failure=servers_failed
+        )
+        self._servers_ok = True
+        return result
 
 
 _GONE = "deleted from the stream while pending"

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import start_http_server
 
-from tickpipe.core.errors import FatalError
+from tickpipe.core.backoff import Backoff
+from tickpipe.core.errors import FatalError, Stopping, TransientError
 from tickpipe.core.signals import Interrupted, Stoppable, run_until_signalled
+
+T = TypeVar("T")
 
 
 async def serve(
@@ -50,3 +53,35 @@ async def serve(
         if metrics_server is not None:
             metrics_server.shutdown()
         await close()
+
+
+async def retry(
+    what: str,
+    operation: Callable[[], Awaitable[T]],
+    *,
+    log: logging.Logger,
+    give_up: Callable[[TransientError], bool],
+    wait: Callable[[float], Awaitable[bool]],
+    on_failure: Callable[[], None] = lambda: None,
+) -> T:
+    """Run ``operation``, retrying TransientError with backoff until it succeeds.
+
+    Raises :class:`Stopping` when ``give_up`` says so after a failure, or when
+    ``wait`` (the pause before the next attempt) returns True: a stop was requested.
+    """
+    backoff = Backoff()
+    while True:
+        try:
+            result = await operation()
+        except TransientError as exc:
+            if give_up(exc):
+                raise Stopping(what) from exc
+            on_failure()
+            delay = backoff.next_delay()
+            log.warning("cannot %s: %s; retrying in %.2fs", what, exc, delay)
+            if await wait(delay):
+                raise Stopping(what) from exc
+            continue
+        if backoff.attempt:
+            log.info("recovered: %s succeeded after %d retries", what, backoff.attempt)
+        return result

@@ -16,8 +16,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from tickpipe.core.backoff import Backoff
-from tickpipe.core.errors import Stopping, TransientError
+from tickpipe.core.errors import Stopping
+from tickpipe.core.service import retry
 from tickpipe.core.settings import Settings, format_width
 from tickpipe.rollup import metrics
 from tickpipe.rollup.store import PassResult, RollupStore
@@ -134,19 +134,11 @@ class RollupWorker:
 
     async def _retry(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
         """Run ``operation``, retrying TransientError with backoff until it succeeds or a stop."""
-        backoff = Backoff()
-        while True:
-            try:
-                result = await operation()
-            except TransientError as exc:
-                if self.stopping:
-                    raise Stopping(what) from exc
-                delay = backoff.next_delay()
-                metrics.RETRIES.inc()
-                log.warning("cannot %s: %s; retrying in %.2fs", what, exc, delay)
-                if await self._sleep_unless_stopped(delay):
-                    raise Stopping(what) from exc
-                continue
-            if backoff.attempt:
-                log.info("recovered: %s succeeded after %d retries", what, backoff.attempt)
-            return result
+        return await retry(
+            what,
+            operation,
+            log=log,
+            give_up=lambda exc: self.stopping,
+            wait=self._sleep_unless_stopped,
+            on_failure=metrics.RETRIES.inc,
+        )
