@@ -5,57 +5,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import IO
 
 import aiohttp
 import asyncpg
 import pytest
 
+from tickpipe.lab.processes import Processes
+
 
 class Services:
-    """Starts ``tickpipe ingest`` and ``tickpipe flusher run`` processes; stops them all."""
+    """``tickpipe ingest`` and ``tickpipe flusher run`` processes (tickpipe/lab/processes.py),
+    with the test servers in their environment."""
 
     def __init__(self, env: dict[str, str], logs: Path) -> None:
         self.env = env
-        self.logs = logs
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self._files: list[IO[bytes]] = []
-
-    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}-{len(self.procs)}.log").open("wb")
-        self._files.append(log)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tickpipe", *args],
-            env={**self.env, **env},
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
-        self.procs.append(proc)
-        return proc
+        self.processes = Processes(logs)
 
     async def ingest(self, port: int, **env: str) -> subprocess.Popen[bytes]:
         """An ingest process on ``port``, once it answers /readyz."""
-        proc = self._spawn("ingest", ["ingest", "--port", str(port)], env)
+        proc = self.processes.tickpipe(
+            "ingest", ["ingest", "--port", str(port)], {**self.env, **env}
+        )
         await wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
         return proc
 
     def flusher(self, consumer: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
-        return self._spawn(consumer, ["flusher", "run", "--consumer", consumer, *args], env)
+        return self.processes.tickpipe(
+            consumer, ["flusher", "run", "--consumer", consumer, *args], {**self.env, **env}
+        )
 
     def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        for log in self._files:
-            log.close()
-
-    def logs_text(self) -> str:
-        return "\n".join(path.read_text() for path in sorted(self.logs.glob("*.log")))
+        self.processes.stop_all()
 
 
 @pytest.fixture
