@@ -465,16 +465,7 @@ async def test_metrics_endpoint(
     await append(redis, settings, make_ticks(120))
     await eventually(lambda: _count_is(pg, 120))
     await asyncio.sleep(0.7)  # one upkeep round publishes pending and lag
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{port}/metrics") as response,
-    ):
-        text = await response.text()
-    values = {
-        line.split(" ")[0]: float(line.split(" ")[1])
-        for line in text.splitlines()
-        if line.startswith("tickpipe_flusher") and " " in line
-    }
+    values = await flusher_metrics(port)
     assert values["tickpipe_flusher_rows_total"] == 120
     assert values["tickpipe_flusher_batches_total"] >= 3
     # One commit-lag observation per batch (its oldest entry).
@@ -542,3 +533,17 @@ async def test_shutdown_is_bounded_when_a_statement_hangs(
     again = flushers.start("stuck", "--burst")
     assert await wait_exit(again) == 0
     assert await rows(pg) == expected(sent)
+
+
+async def flusher_metrics(port: int) -> dict[str, float]:
+    """The flusher's samples (``tickpipe_flusher_*``) from its ``/metrics`` on ``port``."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        text = await response.text()
+    return {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line.startswith("tickpipe_flusher") and " " in line
+    }

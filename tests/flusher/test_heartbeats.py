@@ -27,6 +27,7 @@ from tests.flusher.test_crashes import (
     append,
     eventually,
     expected,
+    flusher_metrics,
     make_ticks,
     pending,
     rows,
@@ -240,16 +241,7 @@ async def test_a_flusher_frozen_past_its_heartbeat_then_resumed_writes_nothing_w
     assert await rows(pg) == latest
     assert await pg.fetchval("SELECT count(*) FROM md_ticks") == len(first)
     assert await pending(redis) == 0
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{port}/metrics") as response,
-    ):
-        text = await response.text()
-    values = {
-        line.split(" ")[0]: float(line.split(" ")[1])
-        for line in text.splitlines()
-        if line.startswith("tickpipe_flusher") and " " in line
-    }
+    values = await flusher_metrics(port)
     assert values["tickpipe_flusher_late_commits_total"] == 1
     assert values["tickpipe_flusher_late_commit_entries_total"] == 200
     for proc in (frozen, peer):
