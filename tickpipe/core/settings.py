@@ -11,7 +11,7 @@ import functools
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, get_args
 
 from tickpipe.core import keys
 from tickpipe.core.shards import MAX_SHARDS, Shard, ShardMap
@@ -196,22 +196,25 @@ def _name(raw: str) -> str:
     return raw
 
 
-def _durability(raw: str) -> Durability:
-    if raw == "everysec":
-        return "everysec"
-    if raw == "fsync":
-        return "fsync"
-    if raw == "replica":
-        return "replica"
-    raise SettingsError(f"must be 'everysec', 'fsync' or 'replica', got {raw!r}")
+C = TypeVar("C", bound=str)
 
 
-def _appendfsync(raw: str) -> AppendFsync:
-    if raw == "everysec":
-        return "everysec"
-    if raw == "always":
-        return "always"
-    raise SettingsError(f"must be 'everysec' or 'always', got {raw!r}")
+def _one_of(*choices: C) -> Callable[[str], C]:
+    """A parser of one of ``choices`` (the values of a Literal), which names them all."""
+    quoted = [repr(choice) for choice in choices]
+    expected = f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+    def parse(raw: str) -> C:
+        for choice in choices:
+            if raw == choice:
+                return choice
+        raise SettingsError(f"must be {expected}, got {raw!r}")
+
+    return parse
+
+
+_durability: Callable[[str], Durability] = _one_of(*get_args(Durability))
+_appendfsync: Callable[[str], AppendFsync] = _one_of(*get_args(AppendFsync))
 
 
 def _shard_count(raw: str) -> int:
