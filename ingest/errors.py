@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
@@ -19,6 +19,42 @@ _json = msgspec.json.Encoder()
 
 REDIS_DOWN = UNAVAILABLE
 """Redis errors that mean "unavailable right now" (a cluster failing over too): 503, retry later."""
+
+
+ERROR_CODES = [
+    "malformed_json",
+    "unauthorized",
+    "forbidden",
+    "too_large",
+    "batch_too_large",
+    "unsupported_media_type",
+    "invalid_field",
+    "invalid_batch",
+    "invalid_parameter",
+    "backpressure",
+    "redis_unavailable",
+    "not_durable",
+    "partially_stored",
+    "store_unavailable",
+    "too_many_clients",
+    "not_found",
+    "rollups_disabled",
+    "method_not_allowed",
+]
+"""The codes the OpenAPI document lists; each status there narrows them to its own."""
+
+
+class ErrorBody(msgspec.Struct, forbid_unknown_fields=True):
+    """Every refusal. `index` (0-based) names a tick of a batch."""
+
+    # A str, not a Literal: a defect's 500 (internal_error) is not a documented code.
+    error: Annotated[str, msgspec.Meta(extra_json_schema={"enum": ERROR_CODES})]
+    detail: Annotated[str, msgspec.Meta(description="What was wrong and what to do, for a person.")]
+    index: Annotated[int, msgspec.Meta(ge=0)] | msgspec.UnsetType = msgspec.UNSET
+    field: (
+        Annotated[str, msgspec.Meta(description="The tick field, parameter or header to blame.")]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
 
 
 class ApiError(Exception):
@@ -37,11 +73,12 @@ class ApiError(Exception):
         super().__init__(detail)
         self.status = status
         self.code = code
-        self.body: dict[str, Any] = {"error": code, "detail": detail}
-        if index is not None:
-            self.body["index"] = index
-        if field is not None:
-            self.body["field"] = field
+        self.body = ErrorBody(
+            code,
+            detail,
+            msgspec.UNSET if index is None else index,
+            msgspec.UNSET if field is None else field,
+        )
         self.headers = headers or {}
         self.cause: str | None = None
         """What went wrong underneath, for the log (never sent to the client)."""

@@ -1,7 +1,9 @@
 """The OpenAPI 3.1 description served at ``GET /openapi.json``.
 
-Written by hand so that it says exactly what the service does: each refusal
-lists the error codes its status can carry. A test checks real responses
+Written by hand so that it says exactly what the service does (the request's
+``Tick`` and the ``Error`` body are generated from the msgspec models that
+decode and encode them, ingest/openapi_schemas.py): each refusal lists the
+error codes its status can carry. A test checks real responses
 against it and that every documented answer can be produced; another sends
 thousands of requests generated from it, good and bad, and follows its links
 (schemathesis, tests/ingest/test_schemathesis.py).
@@ -12,10 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 from ingest.chart import ASSETS
-from ingest.openapi_schemas import EPOCH_MS_IN, SCHEMAS, SYMBOL, TIME_TEXT_IN
+from ingest.openapi_schemas import SCHEMAS, SYMBOL
 from ingest.queries import DEFAULT_LIMIT, MAX_LIMIT
 from ingest.sse import LAST_EVENT_ID_PATTERN, MAX_SYMBOLS
 from tickpipe import __version__
+from tickpipe.core.ticks import TS_MS_SCHEMA, TS_TEXT_SCHEMA
 
 _SECURITY = {
     "type": "http",
@@ -141,7 +144,7 @@ def _time(name: str, description: str, *, required: bool = False) -> dict[str, A
         "description": description
         + " RFC 3339 with an explicit offset (at most microseconds), or epoch milliseconds"
         " (written as JSON writes an integer: no leading zero).",
-        "schema": {"anyOf": [TIME_TEXT_IN, EPOCH_MS_IN]},
+        "schema": {"anyOf": [TS_TEXT_SCHEMA, TS_MS_SCHEMA]},
     }
 
 

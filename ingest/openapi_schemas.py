@@ -1,40 +1,46 @@
 """The schemas of the OpenAPI document: what goes in, what comes out, what is refused.
 
 Kept apart from the paths (ingest/openapi.py) so each reads on its own; the
-test in tests/ingest/test_contract.py checks real answers against both.
+test in tests/ingest/test_contract.py checks real answers against both. What
+goes in (``Tick``) and every refusal (``Error``) are generated from the msgspec
+models that decode and encode them, so the document cannot drift from them.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+from msgspec.inspect import Metadata, StructType
+
+from ingest.errors import ErrorBody
 from tickpipe.core.ticks import (
     DECIMAL_OUT_PATTERN,
-    DECIMAL_RULE,
-    DECIMAL_TEXT_PATTERN,
     MAX_DECIMAL_SCALE,
-    MAX_DECIMAL_TEXT,
-    MAX_TS_US,
     SYMBOL_PATTERN,
+    TickIn,
 )
 
-_DECIMAL_RULE = (
-    f"Exact decimal: {DECIMAL_RULE} (an exponent is expanded: 1.5E+3 is 1500), at most"
-    f" {MAX_DECIMAL_TEXT} characters as written. Never parsed through a float."
-)
-_DECIMAL_IN: dict[str, Any] = {
-    "description": _DECIMAL_RULE,
-    "oneOf": [
-        {"type": "number"},
-        {"type": "string", "pattern": DECIMAL_TEXT_PATTERN, "maxLength": MAX_DECIMAL_TEXT},
-    ],
-}
 
+def model_schema(model: type[msgspec.Struct]) -> dict[str, Any]:
+    """The JSON Schema of a msgspec model, as a component of the document.
 
-def _decimal_in(rule: str, **bound: int) -> dict[str, Any]:
-    """A price or volume in: ``bound`` binds a JSON number (a string's sign is its own)."""
-    number, text = _DECIMAL_IN["oneOf"]
-    return {**_DECIMAL_IN, "description": rule + _DECIMAL_RULE, "oneOf": [number | bound, text]}
+    A field's ``extra_json_schema`` states its documented form (what custom
+    validation checks beyond the decoder) and wins over what msgspec derives
+    from the decoding type: a ``oneOf`` there replaces the decoder's wider union.
+    """
+    schema: dict[str, Any] = msgspec.json.schema_components([model])[1][model.__name__]
+    del schema["title"]  # the component's name says it
+    info = msgspec.inspect.type_info(model)
+    assert isinstance(info, StructType)
+    for field in info.fields:
+        stated = field.type.extra_json_schema if isinstance(field.type, Metadata) else None
+        if stated:
+            part = schema["properties"][field.encode_name]
+            part.update(stated)
+            if "oneOf" in stated:
+                part.pop("anyOf", None)
+    return schema
 
 
 _DECIMAL_OUT: dict[str, Any] = {
@@ -52,48 +58,8 @@ TIME_OUT: dict[str, Any] = {
     "pattern": r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$",
     "description": "RFC 3339 in UTC, always with six fraction digits.",
 }
-TIME_RANGE = "from 1970-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z"
-TIME_TEXT_IN: dict[str, Any] = {
-    "type": "string",
-    "format": "date-time",
-    # What the service reads: an explicit offset, at most six fraction digits, a year
-    # from 1970 ([0-9], not \d: some regex engines take other scripts' digits for \d).
-    "pattern": (
-        r"^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt]"
-        r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?"
-        r"([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
-    ),
-    "description": f"RFC 3339 with an explicit offset, at most microseconds; {TIME_RANGE}.",
-}
-EPOCH_MS_IN: dict[str, Any] = {
-    "type": "integer",
-    "minimum": 0,
-    "maximum": MAX_TS_US // 1000,
-    "description": f"Epoch milliseconds; {TIME_RANGE}.",
-}
 STREAM_ID: dict[str, Any] = {"type": "string", "pattern": r"^\d+-\d+$"}
 SYMBOL: dict[str, Any] = {"type": "string", "pattern": SYMBOL_PATTERN}
-
-ERROR_CODES = [
-    "malformed_json",
-    "unauthorized",
-    "forbidden",
-    "too_large",
-    "batch_too_large",
-    "unsupported_media_type",
-    "invalid_field",
-    "invalid_batch",
-    "invalid_parameter",
-    "backpressure",
-    "redis_unavailable",
-    "not_durable",
-    "partially_stored",
-    "store_unavailable",
-    "too_many_clients",
-    "not_found",
-    "rollups_disabled",
-    "method_not_allowed",
-]
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -133,30 +99,7 @@ def _json_event(name: str, data: str, *, with_id: bool) -> dict[str, Any]:
 
 
 SCHEMAS: dict[str, Any] = {
-    "Tick": {
-        "description": "A tick as a feeder sends it.",
-        **_object(
-            {
-                "symbol": SYMBOL,
-                "ts": {
-                    "description": (
-                        "RFC 3339 with an explicit offset and at most microsecond"
-                        f" precision, or integer epoch milliseconds; {TIME_RANGE} (UTC)."
-                    ),
-                    "oneOf": [TIME_TEXT_IN, EPOCH_MS_IN],
-                },
-                "price": _decimal_in("> 0. ", exclusiveMinimum=0),
-                "volume": _decimal_in(">= 0. ", minimum=0),
-                "source": {
-                    "type": "string",
-                    "minLength": 1,
-                    "maxLength": 64,
-                    "pattern": r"^[^\u0000-\u001f\u007f-\u009f]*$",
-                    "description": "No control characters (C0, DEL, C1).",
-                },
-            }
-        ),
-    },
+    "Tick": model_schema(TickIn),
     "Accepted": _object(
         {
             "accepted": {"type": "integer", "minimum": 1},
@@ -271,25 +214,7 @@ SCHEMAS: dict[str, Any] = {
             _json_event("gap", "Gap", with_id=False),
         ],
     },
-    "Error": {
-        "description": "Every refusal. `index` (0-based) names a tick of a batch.",
-        **_object(
-            {
-                "error": {"type": "string", "enum": ERROR_CODES},
-                "detail": {
-                    "type": "string",
-                    "description": "What was wrong and what to do, for a person.",
-                },
-                "index": {"type": "integer", "minimum": 0},
-                "field": {
-                    "type": "string",
-                    "description": "The tick field, parameter or header to blame.",
-                },
-            },
-            "index",
-            "field",
-        ),
-    },
+    "Error": model_schema(ErrorBody),
     "Status": {
         "type": "object",
         "required": ["status"],

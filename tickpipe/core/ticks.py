@@ -11,7 +11,7 @@ import datetime as dt
 import re
 from collections.abc import Mapping
 from decimal import Context, Decimal, InvalidOperation
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
@@ -69,16 +69,78 @@ _RFC3339 = re.compile(
 )
 
 
-class TickIn(msgspec.Struct, forbid_unknown_fields=True):
-    """A tick as a feeder sends it (JSON)."""
+# -- the tick as the OpenAPI document states it (ingest/openapi_schemas.py) ------------------
+# TickIn's msgspec.Meta carries each field's document form. What msgspec checks while
+# decoding is a constraint (pattern, min_length, ...); what validate() checks is stated in
+# ``extra_json_schema``, which only the JSON Schema shows: decoding stays as it is.
 
-    symbol: Annotated[str, msgspec.Meta(pattern=_SYMBOL_RE)]
-    ts: int | float | str
+TIME_RANGE = "from 1970-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z"
+TS_TEXT_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "format": "date-time",
+    # What parse_ts reads: an explicit offset, at most six fraction digits, a year
+    # from 1970 ([0-9], not \d: some regex engines take other scripts' digits for \d).
+    "pattern": (
+        r"^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt]"
+        r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?"
+        r"([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
+    ),
+    "description": f"RFC 3339 with an explicit offset, at most microseconds; {TIME_RANGE}.",
+}
+"""A ts as text, in JSON Schema (the read API's time parameters take the same)."""
+TS_MS_SCHEMA: dict[str, Any] = {
+    "type": "integer",
+    "minimum": 0,
+    "maximum": MAX_TS_US // 1000,
+    "description": f"Epoch milliseconds; {TIME_RANGE}.",
+}
+"""A ts as epoch milliseconds, in JSON Schema."""
+_DECIMAL_DOC = (
+    f"Exact decimal: {DECIMAL_RULE} (an exponent is expanded: 1.5E+3 is 1500), at most"
+    f" {MAX_DECIMAL_TEXT} characters as written. Never parsed through a float."
+)
+
+
+def _decimal_meta(rule: str, **bound: int) -> msgspec.Meta:
+    """A price or volume in: ``bound`` binds a JSON number (a string's sign is its own)."""
+    text = {"type": "string", "pattern": DECIMAL_TEXT_PATTERN, "maxLength": MAX_DECIMAL_TEXT}
+    return msgspec.Meta(
+        description=rule + _DECIMAL_DOC,
+        extra_json_schema={"oneOf": [{"type": "number", **bound}, text]},
+    )
+
+
+class TickIn(msgspec.Struct, forbid_unknown_fields=True):
+    """A tick as a feeder sends it."""
+
+    symbol: Annotated[
+        str,
+        # The same rule in ECMA regex, which has no \Z (and whose $ is the end of the text).
+        msgspec.Meta(pattern=_SYMBOL_RE, extra_json_schema={"pattern": SYMBOL_PATTERN}),
+    ]
+    ts: Annotated[
+        int | float | str,
+        msgspec.Meta(
+            description=(
+                "RFC 3339 with an explicit offset and at most microsecond"
+                f" precision, or integer epoch milliseconds; {TIME_RANGE} (UTC)."
+            ),
+            extra_json_schema={"oneOf": [TS_TEXT_SCHEMA, TS_MS_SCHEMA]},
+        ),
+    ]
     """Epoch milliseconds (a JSON number whose fraction is zero counts: ``1.7e12``) or text."""
-    price: msgspec.Raw
+    price: Annotated[msgspec.Raw, _decimal_meta("> 0. ", exclusiveMinimum=0)]
     """A JSON number or a decimal string, as written: :func:`decimal_from_json` reads it."""
-    volume: msgspec.Raw
-    source: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_SOURCE_CHARS)]
+    volume: Annotated[msgspec.Raw, _decimal_meta(">= 0. ", minimum=0)]
+    source: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1,
+            max_length=MAX_SOURCE_CHARS,
+            description="No control characters (C0, DEL, C1).",
+            extra_json_schema={"pattern": r"^[^\u0000-\u001f\u007f-\u009f]*$"},
+        ),
+    ]
 
 
 class Tick(msgspec.Struct, frozen=True):
