@@ -196,8 +196,12 @@ class Bench:
         self.processes.stop_all()
         await asyncio.to_thread(self.stack.down)
 
+    def redis(self) -> redis_conn.RedisClient:
+        """A client of the run's Redis."""
+        return redis_conn.connect(self.stack.redis_url, client_name="tickpipe-bench")
+
     async def reset_data(self) -> None:
-        redis = redis_conn.connect(self.stack.redis_url, client_name="tickpipe-bench")
+        redis = self.redis()
         await redis.flushall()
         await redis.aclose()
         conn = await asyncpg.connect(self.stack.database_url)

@@ -15,7 +15,6 @@ import asyncio
 import dataclasses
 from typing import Any
 
-import asyncpg
 from rich.console import Console
 from rich.table import Table
 
@@ -86,18 +85,13 @@ class ScaleBench(Bench):
         pg_pid = int((self.stack.pg_data / "postmaster.pid").read_text().split()[0])
         components.add("postgres", pg_pid)
 
-    async def reset_data(self) -> None:
-        redis = redis_conn.connect_cluster(self.cluster.url, client_name="tickpipe-bench")
-        await redis.flushall()
-        await redis.aclose()
-        conn = await asyncpg.connect(self.stack.database_url)
-        await conn.execute("TRUNCATE md_ticks")
-        await conn.close()
+    def redis(self) -> redis_conn.RedisClient:
+        return redis_conn.connect_cluster(self.cluster.url, client_name="tickpipe-bench")
 
     async def drain_sharded(self) -> dict[str, Any]:
         """K flushers against a backlog spread over the shards: committed rows/s."""
         await self.reset_data()
-        redis = redis_conn.connect_cluster(self.cluster.url, client_name="tickpipe-bench")
+        redis = self.redis()
         writer = TickWriter(redis, keys.STREAM, keys.LATEST, shards=self.shape.shards)
         ticks = sample_ticks(self.config.drain_entries, 3 * 10**15)
         for start in range(0, len(ticks), 1000):
