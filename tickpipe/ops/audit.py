@@ -290,12 +290,12 @@ def _totals(shards: list[dict[str, Any]]) -> dict[str, Any]:
                 seen["pending"] += consumer["pending"]
                 # Alive if its heartbeat lives on any shard; its latest heartbeat.
                 seen["liveness"] = min(seen["liveness"], consumer["liveness"], key=LIVENESS.index)
-                ages = [
+                heard = [
                     a
                     for a in (seen["heartbeat_age_ms"], consumer["heartbeat_age_ms"])
                     if a is not None
                 ]
-                seen["heartbeat_age_ms"] = min(ages) if ages else None
+                seen["heartbeat_age_ms"] = min(heard) if heard else None
                 seen["idle_ms"] = min(seen["idle_ms"], consumer["idle_ms"])
                 oldest = consumer["oldest_pending"]
                 if oldest and (

@@ -336,6 +336,28 @@ async def test_redis_7_0_nil_lag_is_handled() -> None:
     await redis.aclose()
 
 
+async def test_totals_of_shards_with_consumers_keep_the_oldest_entry_age() -> None:
+    import fakeredis
+
+    from tickpipe.ops.audit import Thresholds, stream_report
+
+    class Sampled(fakeredis.FakeAsyncRedis):  # type: ignore[misc]
+        async def memory_usage(self, key: str, samples: int | None = None) -> int:
+            return 100
+
+    redis = Sampled()
+    settings = Settings.from_env({"STREAM_SHARDS": "2"})
+    for shard in settings.shard_map.shards:
+        await redis.xgroup_create(shard.stream, "flushers", id="0", mkstream=True)
+        await redis.xadd(shard.stream, {"n": "1"}, id=f"{1000 + shard.index}-0")
+        await redis.xreadgroup("flushers", "c", {shard.stream: ">"}, count=1)
+    await redis.hset(settings.shard_map.shards[0].heartbeats_seen("flushers"), "c", 1)
+    report = await stream_report(redis, settings, Thresholds(60, 5))
+    ages = [shard["stream"]["first_age_ms"] for shard in report["shards"]]
+    assert report["stream"]["first_age_ms"] == max(ages) > 0
+    await redis.aclose()
+
+
 def test_a_dead_letter_reads_back_as_it_was_written() -> None:
     written = dead_letter.encode("5-1", "ticks.received", "undecodable", 3, {b"symbol": b"\xff"})
     as_text = {
