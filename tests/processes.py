@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from tickpipe.lab.processes import TICKPIPE
 
 
 def run_to_end(
@@ -31,6 +34,19 @@ def run_to_end(
                 proc.kill()
             raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+async def tickpipe(env: Mapping[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``tickpipe <args>`` run to its end with ``env`` (its whole environment), its output
+    captured; for the short commands (audit, dlq, shards, flusher --check or --burst)."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [*TICKPIPE, *args],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def leftovers(state: Path) -> list[str]:

@@ -25,6 +25,7 @@ from flusher.stream import ShardedStream
 from flusher.worker import Flusher
 from ingest.app import create_app
 from ingest.writer import APPEND_LUA
+from tests import processes
 from tickpipe.core import redis_conn
 from tickpipe.core.settings import Settings
 from tickpipe.core.shards import shard_of
@@ -49,14 +50,8 @@ def sharded(settings: Settings) -> Settings:
 
 
 async def tickpipe(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "tickpipe", *args],
-        env={"STREAM_SHARDS": "4", **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    """``tickpipe <args>`` with four shards, unless ``env`` names another count."""
+    return await processes.tickpipe({"STREAM_SHARDS": "4", **env}, *args)
 
 
 async def table(pg: asyncpg.Connection) -> dict[tuple[str, int], Decimal]:

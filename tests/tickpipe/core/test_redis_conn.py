@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 
 import pytest
@@ -12,22 +10,12 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError, DataError
 
+from tests.processes import tickpipe
 from tickpipe.core import redis_conn
 from tickpipe.core.settings import Settings
 from tickpipe.lab.stack import free_port
 
 pytestmark = pytest.mark.services
-
-
-async def tickpipe(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "tickpipe", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 async def test_an_unreachable_redis_is_not_taken_for_a_single_one() -> None:
