@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from flusher.run import run_flusher
 from flusher.stream import TickStream
 from ingest.writer import TickWriter
+from tests.processes import tickpipe
 from tickpipe.core import dead_letter
 from tickpipe.core.settings import Settings
 from tickpipe.core.ticks import Tick
@@ -31,17 +32,6 @@ def ticks(count: int, start: int = 1_700_000_000_000_000) -> list[Tick]:
         Tick(f"A{i % 5}", start + i, Decimal(f"{i + 1}.25"), Decimal(i), "audit")
         for i in range(count)
     ]
-
-
-async def tickpipe(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "tickpipe", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 async def audit_json(env: dict[str, str], *args: str) -> tuple[int, dict[str, Any]]:
