@@ -396,6 +396,9 @@ def feed(
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (docs/audit.md).")
+@click.option(
+    "--schema", is_flag=True, help="Print the JSON Schema of the --json report, and exit."
+)
 @click.option("--verify", is_flag=True, help="Check every acknowledged entry against md_ticks.")
 @click.option(
     "--stuck-idle-s",
@@ -410,9 +413,18 @@ def feed(
     help="Delivered more often than this is stuck [default: FLUSH_MAX_DELIVERIES].",
 )
 def audit(
-    as_json: bool, verify: bool, stuck_idle_s: float | None, stuck_deliveries: int | None
+    as_json: bool,
+    schema: bool,
+    verify: bool,
+    stuck_idle_s: float | None,
+    stuck_deliveries: int | None,
 ) -> None:
     """Prove that nothing was lost: exit 0 if so, 1 if not, 2 if a server is unreachable."""
+    if schema:
+        from tickpipe.ops.audit_report import json_schema_text
+
+        sys.stdout.buffer.write(json_schema_text())
+        return
     from tickpipe.ops.audit_run import run_audit
 
     settings = load_settings()

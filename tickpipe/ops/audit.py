@@ -1,7 +1,8 @@
 """`tickpipe audit`: prove from XPENDING, XINFO and Postgres that nothing was lost.
 
-The report is a plain dict with a stable, documented shape (docs/audit.md), so
-`--json` prints exactly what the table shows. ``--verify`` pages through the
+The report is an :class:`~tickpipe.ops.audit_report.AuditReport` of a stable,
+documented shape (docs/audit.md, docs/audit.schema.json), so `--json` prints
+exactly what the table shows. ``--verify`` pages through the
 stream (never loading it whole) and checks every acknowledged entry against
 md_ticks. With STREAM_SHARDS > 1 every shard is audited on its own
 (``shards``) and the top-level figures are the totals.
@@ -27,6 +28,28 @@ from tickpipe.core.settings import Settings
 from tickpipe.core.shards import Shard
 from tickpipe.core.stream_ids import id_key, id_time_ms
 from tickpipe.core.ticks import EPOCH, TickError, datetime_to_us, from_fields
+from tickpipe.ops.audit_report import (
+    LIVENESS,
+    AuditReport,
+    ConsumerState,
+    DeadLetterItem,
+    DeadLetters,
+    GroupState,
+    Liveness,
+    Mismatch,
+    OutsideShard,
+    PendingEntry,
+    Retention,
+    RowValue,
+    ShapeState,
+    ShardItem,
+    ShardReport,
+    StreamState,
+    StuckEntries,
+    StuckEntry,
+    VerifyReport,
+    VerifyShard,
+)
 
 PAGE_SIZE = 5000
 SHOWN = 20
@@ -46,9 +69,7 @@ def _fields(raw: dict[bytes, bytes] | None) -> dict[str, str] | None:
 # -- Redis side ---------------------------------------------------------------------------
 
 
-async def stream_report(
-    redis: RedisClient, settings: Settings, limits: Thresholds
-) -> dict[str, Any]:
+async def stream_report(redis: RedisClient, settings: Settings, limits: Thresholds) -> AuditReport:
     """Stream, groups, consumers, stuck entries, dead letters, lost counter: per shard, in total.
 
     Also the deployment's recorded shape and the streams outside the shard map
@@ -57,34 +78,42 @@ async def stream_report(
     shards = [await shard_report(redis, shard, limits) for shard in settings.shard_map.shards]
     if len(shards) == 1:
         # The report is the shard's: its item only sums it up, not repeats it.
-        report = {**shards[0], "shards": [_shard_summary(shards[0], 0)]}
+        total, items = shards[0], [_shard_summary(shards[0], 0)]
     else:
-        report = {**_totals(shards), "shards": [_shard_item(r, i) for i, r in enumerate(shards)]}
+        total, items = _totals(shards), [_shard_item(r, i) for i, r in enumerate(shards)]
     deployed = await shape.recorded(redis, settings.stream_name)
-    report["shape"] = {
-        "recorded": None if deployed is None else str(deployed),
-        "configured": str(shape.Shape.of(settings)),
-    }
-    report["retention"] = {
-        "max_age_s": settings.stream_retention_s,
-        "max_entries": settings.stream_retention_max_entries,
-        "pressure_pct": settings.stream_retention_pressure_pct,
-    }
-    report["outside_shards"] = [
-        {
-            "stream": left.stream,
-            "length": left.length,
-            "pending": left.pending,
-            "undelivered": left.undelivered,
-            "dead_letters": left.dead_letters,
-            "detail": left.describe(),
-        }
-        for left in await shape.stranded(redis, settings, keep=shape.current_names(settings))
-    ]
-    return report
+    outside = await shape.stranded(redis, settings, keep=shape.current_names(settings))
+    return AuditReport(
+        stream=total.stream,
+        groups=total.groups,
+        stuck=total.stuck,
+        dead_letters=total.dead_letters,
+        lost=total.lost,
+        shards=items,
+        shape=ShapeState(
+            recorded=None if deployed is None else str(deployed),
+            configured=str(shape.Shape.of(settings)),
+        ),
+        retention=Retention(
+            max_age_s=settings.stream_retention_s,
+            max_entries=settings.stream_retention_max_entries,
+            pressure_pct=settings.stream_retention_pressure_pct,
+        ),
+        outside_shards=[
+            OutsideShard(
+                stream=left.stream,
+                length=left.length,
+                pending=left.pending,
+                undelivered=left.undelivered,
+                dead_letters=left.dead_letters,
+                detail=left.describe(),
+            )
+            for left in outside
+        ],
+    )
 
 
-async def shard_report(redis: RedisClient, shard: Shard, limits: Thresholds) -> dict[str, Any]:
+async def shard_report(redis: RedisClient, shard: Shard, limits: Thresholds) -> ShardReport:
     """One shard's stream, groups, consumers, stuck entries, dead letters and lost counter."""
     stream = shard.stream
     now_ms = int(time.time() * 1000)
@@ -95,22 +124,20 @@ async def shard_report(redis: RedisClient, shard: Shard, limits: Thresholds) -> 
             raise
         info = {}
     first, last = info.get("first-entry"), info.get("last-entry")
-    report: dict[str, Any] = {
-        "stream": {
-            "name": stream,
-            "exists": bool(info),
-            "length": int(info.get("length", 0)),
-            "first_id": text(first[0]) if first else None,
-            "first_age_ms": max(0, now_ms - id_time_ms(text(first[0]))) if first else None,
-            "last_id": text(last[0]) if last else None,
-            "entries_added": info.get("entries-added"),
-            # Sampled (MEMORY USAGE's default, 5 nodes): exact enough and O(1); SAMPLES 0
-            # walks every node of the stream, blocking Redis ~3 ms per 1M entries.
-            "memory_bytes": await redis.memory_usage(stream) if info else 0,
-        },
-        "groups": [],
-    }
-    stuck: list[dict[str, Any]] = []
+    state = StreamState(
+        name=stream,
+        exists=bool(info),
+        length=int(info.get("length", 0)),
+        first_id=text(first[0]) if first else None,
+        first_age_ms=max(0, now_ms - id_time_ms(text(first[0]))) if first else None,
+        last_id=text(last[0]) if last else None,
+        entries_added=info.get("entries-added"),
+        # Sampled (MEMORY USAGE's default, 5 nodes): exact enough and O(1); SAMPLES 0
+        # walks every node of the stream, blocking Redis ~3 ms per 1M entries.
+        memory_bytes=await redis.memory_usage(stream) if info else 0,
+    )
+    groups: list[GroupState] = []
+    stuck: list[StuckEntry] = []
     stuck_count = 0
     for group in await redis.xinfo_groups(stream) if info else []:
         name = text(group["name"])
@@ -123,35 +150,35 @@ async def shard_report(redis: RedisClient, shard: Shard, limits: Thresholds) -> 
                 [first_pending] = await redis.xpending_range(
                     stream, name, min="-", max="+", count=1, consumername=consumer_name
                 )
-                oldest = {
-                    "id": text(first_pending["message_id"]),
-                    "age_ms": now_ms - id_time_ms(text(first_pending["message_id"])),
-                    "idle_ms": int(first_pending["time_since_delivered"]),
-                    "deliveries": int(first_pending["times_delivered"]),
-                }
+                oldest = PendingEntry(
+                    id=text(first_pending["message_id"]),
+                    age_ms=now_ms - id_time_ms(text(first_pending["message_id"])),
+                    idle_ms=int(first_pending["time_since_delivered"]),
+                    deliveries=int(first_pending["times_delivered"]),
+                )
             liveness, heartbeat_age_ms = await _liveness(redis, shard, name, consumer_name, now_ms)
             consumers.append(
-                {
-                    "name": consumer_name,
-                    "pending": int(consumer["pending"]),
-                    "liveness": liveness,
-                    "heartbeat_age_ms": heartbeat_age_ms,
-                    "idle_ms": int(consumer["idle"]),
-                    "oldest_pending": oldest,
-                }
+                ConsumerState(
+                    name=consumer_name,
+                    pending=int(consumer["pending"]),
+                    liveness=liveness,
+                    heartbeat_age_ms=heartbeat_age_ms,
+                    idle_ms=int(consumer["idle"]),
+                    oldest_pending=oldest,
+                )
             )
         if lag is None:
             lag = await _lag_fallback(redis, stream, info, group)
-        report["groups"].append(
-            {
-                "name": name,
-                "consumers": consumers,
-                "pending": int(group["pending"]),
-                "lag": lag,
-                "lag_reported_by_redis": group.get("lag") is not None,
-                "entries_read": group.get("entries-read"),
-                "last_delivered_id": text(group["last-delivered-id"]),
-            }
+        groups.append(
+            GroupState(
+                name=name,
+                consumers=consumers,
+                pending=int(group["pending"]),
+                lag=lag,
+                lag_reported_by_redis=group.get("lag") is not None,
+                entries_read=group.get("entries-read"),
+                last_delivered_id=text(group["last-delivered-id"]),
+            )
         )
         async for entry in _pending_entries(redis, stream, name):
             idle_ms, deliveries = int(entry["time_since_delivered"]), int(entry["times_delivered"])
@@ -162,51 +189,51 @@ async def shard_report(redis: RedisClient, shard: Shard, limits: Thresholds) -> 
                 entry_id = text(entry["message_id"])
                 found: Any = await redis.xrange(stream, entry_id, entry_id)
                 stuck.append(
-                    {
-                        "id": entry_id,
-                        "stream": stream,
-                        "group": name,
-                        "consumer": text(entry["consumer"]),
-                        "idle_ms": idle_ms,
-                        "deliveries": deliveries,
-                        "fields": _fields(found[0][1]) if found else None,
-                    }
+                    StuckEntry(
+                        id=entry_id,
+                        stream=stream,
+                        group=name,
+                        consumer=text(entry["consumer"]),
+                        idle_ms=idle_ms,
+                        deliveries=deliveries,
+                        fields=_fields(found[0][1]) if found else None,
+                    )
                 )
-    report["stuck"] = {
-        "idle_threshold_s": limits.stuck_idle_s,
-        "deliveries_threshold": limits.stuck_deliveries,
-        "count": stuck_count,
-        "entries": stuck,
-    }
     newest: Any = await redis.xrevrange(shard.dead_stream, count=5)
-    report["dead_letters"] = {
-        "stream": shard.dead_stream,
-        "length": await redis.xlen(shard.dead_stream),
-        "newest": [
-            {
-                "id": text(dead_id),
-                "dead_stream": shard.dead_stream,
-                "original_id": letter.original_id or "",
-                "reason": letter.reason or "",
-                "deliveries": letter.deliveries,
-            }
+    dead_letters = DeadLetters(
+        stream=shard.dead_stream,
+        length=await redis.xlen(shard.dead_stream),
+        newest=[
+            DeadLetterItem(
+                id=text(dead_id),
+                dead_stream=shard.dead_stream,
+                original_id=letter.original_id or "",
+                reason=letter.reason or "",
+                deliveries=letter.deliveries,
+            )
             for dead_id, letter in (
                 (dead_id, decode_dead_letter({text(k): text(v) for k, v in fields.items()}))
                 for dead_id, fields in newest
             )
         ],
-    }
-    report["lost"] = int(await redis.get(shard.lost) or 0)
-    return report
-
-
-LIVENESS = ("alive", "expired", "never seen")
-"""A consumer's heartbeat: its key lives; it sent some, its key expired; it never sent one."""
+    )
+    return ShardReport(
+        stream=state,
+        groups=groups,
+        stuck=StuckEntries(
+            idle_threshold_s=limits.stuck_idle_s,
+            deliveries_threshold=limits.stuck_deliveries,
+            count=stuck_count,
+            entries=stuck,
+        ),
+        dead_letters=dead_letters,
+        lost=int(await redis.get(shard.lost) or 0),
+    )
 
 
 async def _liveness(
     redis: RedisClient, shard: Shard, group: str, consumer: str, now_ms: int
-) -> tuple[str, int | None]:
+) -> tuple[Liveness, int | None]:
     """The consumer's liveness, and how long ago (ms) its last heartbeat was sent."""
     alive = await redis.exists(shard.heartbeat(group, consumer))
     last = await redis.hget(shard.heartbeats_seen(group), consumer)
@@ -216,121 +243,127 @@ async def _liveness(
     return ("never seen" if last is None else "expired"), age_ms
 
 
-def _shard_figures(report: dict[str, Any]) -> dict[str, Any]:
-    lags = [group["lag"] for group in report["groups"]]
-    return {
-        "pending": sum(group["pending"] for group in report["groups"]),
-        "lag": None if None in lags else sum(lags),
-    }
+def _shard_figures(report: ShardReport) -> tuple[int, int | None]:
+    """A shard's pending and lag, summed over its groups (lag None if any is unknown)."""
+    lags = [group.lag for group in report.groups]
+    pending = sum(group.pending for group in report.groups)
+    return pending, (None if None in lags else sum(lag or 0 for lag in lags))
 
 
-def _shard_item(report: dict[str, Any], index: int) -> dict[str, Any]:
+def _shard_item(report: ShardReport, index: int) -> ShardItem:
     """One shard's whole report, with its index and its pending and lag summed."""
-    return {"index": index, **report, **_shard_figures(report)}
+    pending, lag = _shard_figures(report)
+    return ShardItem(
+        index=index,
+        stream=report.stream,
+        groups=report.groups,
+        pending=pending,
+        lag=lag,
+        stuck=report.stuck,
+        dead_letters=report.dead_letters,
+        lost=report.lost,
+    )
 
 
-def _shard_summary(report: dict[str, Any], index: int) -> dict[str, Any]:
+def _shard_summary(report: ShardReport, index: int) -> ShardItem:
     """The figures of :func:`_shard_item` under the same keys, without the lists."""
-    stream = report["stream"]
-    return {
-        "index": index,
-        "stream": {
-            "name": stream["name"],
-            "length": stream["length"],
-            "first_id": stream["first_id"],
-            "first_age_ms": stream["first_age_ms"],
-            "memory_bytes": stream["memory_bytes"],
-        },
-        **_shard_figures(report),
-        "stuck": {"count": report["stuck"]["count"]},
-        "dead_letters": {"length": report["dead_letters"]["length"]},
-        "lost": report["lost"],
-    }
+    stream = report.stream
+    pending, lag = _shard_figures(report)
+    return ShardItem(
+        index=index,
+        stream=StreamState(
+            name=stream.name,
+            length=stream.length,
+            first_id=stream.first_id,
+            first_age_ms=stream.first_age_ms,
+            memory_bytes=stream.memory_bytes,
+        ),
+        pending=pending,
+        lag=lag,
+        stuck=StuckEntries(count=report.stuck.count),
+        dead_letters=DeadLetters(length=report.dead_letters.length),
+        lost=report.lost,
+    )
 
 
-def _totals(shards: list[dict[str, Any]]) -> dict[str, Any]:
+def _totals(shards: list[ShardReport]) -> ShardReport:
     """The figures of several shards added up (ids, which are per stream, are left out)."""
-    streams = [r["stream"] for r in shards]
-    added = [s["entries_added"] for s in streams]
-    ages = [s["first_age_ms"] for s in streams if s["first_age_ms"] is not None]
-    groups: dict[str, dict[str, Any]] = {}
+    streams = [r.stream for r in shards]
+    added = [s.entries_added for s in streams]
+    ages = [s.first_age_ms for s in streams if s.first_age_ms is not None]
+    groups: dict[str, GroupState] = {}
+    consumers: dict[str, dict[str, ConsumerState]] = {}
     for report in shards:
-        for group in report["groups"]:
+        for group in report.groups:
             total = groups.setdefault(
-                group["name"],
-                {
-                    "name": group["name"],
-                    "consumers": {},
-                    "pending": 0,
-                    "lag": 0,
-                    "lag_reported_by_redis": True,
-                    "entries_read": 0,
-                    "last_delivered_id": None,
-                },
+                group.name,
+                GroupState(
+                    name=group.name,
+                    consumers=[],
+                    pending=0,
+                    lag=0,
+                    lag_reported_by_redis=True,
+                    entries_read=0,
+                    last_delivered_id=None,
+                ),
             )
-            total["pending"] += group["pending"]
-            total["lag"] = (
+            total.pending += group.pending
+            total.lag = None if total.lag is None or group.lag is None else total.lag + group.lag
+            total.lag_reported_by_redis &= group.lag_reported_by_redis
+            total.entries_read = (
                 None
-                if total["lag"] is None or group["lag"] is None
-                else (total["lag"] + group["lag"])
+                if total.entries_read is None or group.entries_read is None
+                else total.entries_read + group.entries_read
             )
-            total["lag_reported_by_redis"] &= group["lag_reported_by_redis"]
-            total["entries_read"] = (
-                None
-                if total["entries_read"] is None or group["entries_read"] is None
-                else total["entries_read"] + group["entries_read"]
-            )
-            for consumer in group["consumers"]:
-                seen = total["consumers"].setdefault(
-                    consumer["name"],
-                    {"name": consumer["name"], "pending": 0, "liveness": "never seen",
-                     "heartbeat_age_ms": None, "idle_ms": consumer["idle_ms"],
-                     "oldest_pending": None},
+            for consumer in group.consumers:
+                seen = consumers.setdefault(group.name, {}).setdefault(
+                    consumer.name,
+                    ConsumerState(name=consumer.name, pending=0, liveness="never seen",
+                                  heartbeat_age_ms=None, idle_ms=consumer.idle_ms,
+                                  oldest_pending=None),
                 )  # fmt: skip
-                seen["pending"] += consumer["pending"]
+                seen.pending += consumer.pending
                 # Alive if its heartbeat lives on any shard; its latest heartbeat.
-                seen["liveness"] = min(seen["liveness"], consumer["liveness"], key=LIVENESS.index)
+                seen.liveness = min(seen.liveness, consumer.liveness, key=LIVENESS.index)
                 heard = [
-                    a
-                    for a in (seen["heartbeat_age_ms"], consumer["heartbeat_age_ms"])
-                    if a is not None
+                    a for a in (seen.heartbeat_age_ms, consumer.heartbeat_age_ms) if a is not None
                 ]
-                seen["heartbeat_age_ms"] = min(heard) if heard else None
-                seen["idle_ms"] = min(seen["idle_ms"], consumer["idle_ms"])
-                oldest = consumer["oldest_pending"]
+                seen.heartbeat_age_ms = min(heard) if heard else None
+                seen.idle_ms = min(seen.idle_ms, consumer.idle_ms)
+                oldest = consumer.oldest_pending
                 if oldest and (
-                    seen["oldest_pending"] is None
-                    or oldest["age_ms"] > seen["oldest_pending"]["age_ms"]
+                    seen.oldest_pending is None or oldest.age_ms > seen.oldest_pending.age_ms
                 ):
-                    seen["oldest_pending"] = oldest
-    stuck = [entry for r in shards for entry in r["stuck"]["entries"]]
-    newest = [letter for r in shards for letter in r["dead_letters"]["newest"]]
-    return {
-        "stream": {
-            "name": ", ".join(s["name"] for s in streams),
-            "exists": any(s["exists"] for s in streams),
-            "length": sum(s["length"] for s in streams),
-            "first_id": None,
-            "first_age_ms": max(ages) if ages else None,
-            "last_id": None,
-            "entries_added": None if None in added else sum(added),
-            "memory_bytes": sum(s["memory_bytes"] or 0 for s in streams),
-        },
-        "groups": [
-            {**group, "consumers": list(group["consumers"].values())} for group in groups.values()
-        ],
-        "stuck": {
-            **shards[0]["stuck"],
-            "count": sum(r["stuck"]["count"] for r in shards),
-            "entries": stuck[:SHOWN],
-        },
-        "dead_letters": {
-            "stream": ", ".join(r["dead_letters"]["stream"] for r in shards),
-            "length": sum(r["dead_letters"]["length"] for r in shards),
-            "newest": newest[:5],
-        },
-        "lost": sum(r["lost"] for r in shards),
-    }
+                    seen.oldest_pending = oldest
+    for name, total in groups.items():
+        total.consumers = list(consumers.get(name, {}).values())
+    stuck = [entry for r in shards for entry in r.stuck.entries or []]
+    newest = [letter for r in shards for letter in r.dead_letters.newest or []]
+    return ShardReport(
+        stream=StreamState(
+            name=", ".join(s.name for s in streams),
+            exists=any(s.exists for s in streams),
+            length=sum(s.length for s in streams),
+            first_id=None,
+            first_age_ms=max(ages) if ages else None,
+            last_id=None,
+            entries_added=None if None in added else sum(a or 0 for a in added),
+            memory_bytes=sum(s.memory_bytes or 0 for s in streams),
+        ),
+        groups=list(groups.values()),
+        stuck=StuckEntries(
+            idle_threshold_s=shards[0].stuck.idle_threshold_s,
+            deliveries_threshold=shards[0].stuck.deliveries_threshold,
+            count=sum(r.stuck.count for r in shards),
+            entries=stuck[:SHOWN],
+        ),
+        dead_letters=DeadLetters(
+            stream=", ".join(str(r.dead_letters.stream) for r in shards),
+            length=sum(r.dead_letters.length for r in shards),
+            newest=newest[:5],
+        ),
+        lost=sum(r.lost for r in shards),
+    )
 
 
 async def _lag_fallback(
@@ -371,7 +404,7 @@ async def verify(
     conn: asyncpg.Connection,
     settings: Settings,
     progress: Callable[[int], None] | None = None,
-) -> dict[str, Any]:
+) -> VerifyReport:
     """Every acknowledged entry still in the streams has its row, with its key's last value.
 
     Shard by shard: a key (its symbol) lives on one shard, so "last" is by that
@@ -385,22 +418,29 @@ async def verify(
         return results[0]
     for shard, result in zip(shards, results, strict=True):
         # shard/id, as `tickpipe dlq` names dead letters.
-        result["missing_ids"] = [f"{shard.index}/{i}" for i in result["missing_ids"]]
-        for mismatch in result["mismatches"]:
-            mismatch["id"] = f"{shard.index}/{mismatch['id']}"
-    total: dict[str, Any] = {
-        key: sum(r[key] for r in results)
-        for key in ("checked", "missing", "mismatched", "skipped_unacknowledged",
-                    "skipped_dead_lettered", "undecodable")
-    }  # fmt: skip
-    total["missing_ids"] = [i for r in results for i in r["missing_ids"]][:SHOWN]
-    total["mismatches"] = [m for r in results for m in r["mismatches"]][:SHOWN]
-    total["shards"] = [
-        {"index": shard.index, "stream": shard.stream, "checked": r["checked"],
-         "missing": r["missing"], "mismatched": r["mismatched"]}
-        for shard, r in zip(shards, results, strict=True)
-    ]  # fmt: skip
-    return total
+        result.missing_ids = [f"{shard.index}/{i}" for i in result.missing_ids]
+        for mismatch in result.mismatches:
+            mismatch.id = f"{shard.index}/{mismatch.id}"
+    return VerifyReport(
+        checked=sum(r.checked for r in results),
+        missing=sum(r.missing for r in results),
+        missing_ids=[i for r in results for i in r.missing_ids][:SHOWN],
+        mismatched=sum(r.mismatched for r in results),
+        mismatches=[m for r in results for m in r.mismatches][:SHOWN],
+        skipped_unacknowledged=sum(r.skipped_unacknowledged for r in results),
+        skipped_dead_lettered=sum(r.skipped_dead_lettered for r in results),
+        undecodable=sum(r.undecodable for r in results),
+        shards=[
+            VerifyShard(
+                index=shard.index,
+                stream=shard.stream,
+                checked=r.checked,
+                missing=r.missing,
+                mismatched=r.mismatched,
+            )
+            for shard, r in zip(shards, results, strict=True)
+        ],
+    )
 
 
 async def verify_shard(
@@ -409,7 +449,7 @@ async def verify_shard(
     shard: Shard,
     group: str,
     progress: Callable[[int], None] | None = None,
-) -> dict[str, Any]:
+) -> VerifyReport:
     """:func:`verify` for one shard's stream.
 
     Pages through the stream; memory holds the pending and dead-lettered ids
@@ -469,29 +509,29 @@ async def verify_shard(
         if progress is not None:
             progress(len(page))
     mismatches = [
-        {
-            "id": entry_id,
-            "symbol": key[0],
-            "ts": (EPOCH + dt.timedelta(microseconds=key[1])).isoformat(),
-            "expected": _row_json(value),
-            "found": _row_json(row),
-        }
+        Mismatch(
+            id=entry_id,
+            symbol=key[0],
+            ts=(EPOCH + dt.timedelta(microseconds=key[1])).isoformat(),
+            expected=_row_json(value),
+            found=_row_json(row),
+        )
         for key, (entry_id, value, row) in list(suspects.items())[:SHOWN]
     ]
-    return {
-        "checked": checked,
-        "missing": missing_count,
-        "missing_ids": missing,
-        "mismatched": len(suspects),
-        "mismatches": mismatches,
-        "skipped_unacknowledged": skipped_unacked,
-        "skipped_dead_lettered": skipped_dead,
-        "undecodable": undecodable,
-    }
+    return VerifyReport(
+        checked=checked,
+        missing=missing_count,
+        missing_ids=missing,
+        mismatched=len(suspects),
+        mismatches=mismatches,
+        skipped_unacknowledged=skipped_unacked,
+        skipped_dead_lettered=skipped_dead,
+        undecodable=undecodable,
+    )
 
 
-def _row_json(row: Row) -> dict[str, str]:
-    return {"price": format(row[0], "f"), "volume": format(row[1], "f"), "source": row[2]}
+def _row_json(row: Row) -> RowValue:
+    return RowValue(price=format(row[0], "f"), volume=format(row[1], "f"), source=row[2])
 
 
 async def _rows(conn: asyncpg.Connection, keys: set[tuple[str, int]]) -> dict[tuple[str, int], Row]:
@@ -515,36 +555,36 @@ async def _rows(conn: asyncpg.Connection, keys: set[tuple[str, int]]) -> dict[tu
 # -- verdict -----------------------------------------------------------------------------------
 
 
-def problems(report: dict[str, Any]) -> list[str]:
+def problems(report: AuditReport) -> list[str]:
     """Why the audit fails (empty when nothing is lost, mismatched, stuck or dead)."""
     found = []
-    deployed = report["shape"]
-    if deployed["recorded"] is not None and deployed["recorded"] != deployed["configured"]:
+    deployed = report.shape
+    if deployed.recorded is not None and deployed.recorded != deployed.configured:
         found.append(
-            f"the deployment runs STREAM_SHARDS shape {deployed['recorded']!r}, this audit"
-            f" {deployed['configured']!r}: audit with the deployment's STREAM_SHARDS"
+            f"the deployment runs STREAM_SHARDS shape {deployed.recorded!r}, this audit"
+            f" {deployed.configured!r}: audit with the deployment's STREAM_SHARDS"
         )
-    if report["outside_shards"]:
+    if report.outside_shards:
         found.append(
             "entries wait in streams outside the shard map, read by no flusher: "
-            + "; ".join(left["detail"] for left in report["outside_shards"])
+            + "; ".join(left.detail for left in report.outside_shards)
             + f" (a STREAM_SHARDS changed without draining: {shape.DRAIN_DOC})"
         )
-    if report["lost"]:
-        found.append(f"{report['lost']} entries lost (deleted from the stream while pending)")
-    if report["stuck"]["count"]:
-        found.append(f"{report['stuck']['count']} stuck entries")
-    if report["dead_letters"]["length"]:
+    if report.lost:
+        found.append(f"{report.lost} entries lost (deleted from the stream while pending)")
+    if report.stuck.count:
+        found.append(f"{report.stuck.count} stuck entries")
+    if report.dead_letters.length:
         found.append(
-            f"{report['dead_letters']['length']} dead-lettered entries await an operator"
+            f"{report.dead_letters.length} dead-lettered entries await an operator"
             " (tickpipe dlq list)"
         )
-    checked = report.get("verify")
+    checked = report.verify
     if checked:
-        if checked["missing"]:
-            found.append(f"{checked['missing']} acknowledged entries missing from md_ticks")
-        if checked["mismatched"]:
-            found.append(f"{checked['mismatched']} rows differ from their last entry")
-        if checked["undecodable"]:
-            found.append(f"{checked['undecodable']} entries in the stream cannot be decoded")
+        if checked.missing:
+            found.append(f"{checked.missing} acknowledged entries missing from md_ticks")
+        if checked.mismatched:
+            found.append(f"{checked.mismatched} rows differ from their last entry")
+        if checked.undecodable:
+            found.append(f"{checked.undecodable} entries in the stream cannot be decoded")
     return found

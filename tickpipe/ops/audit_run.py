@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tickpipe.core import redis_conn, shape
 from tickpipe.core.settings import Settings
 from tickpipe.ops.audit import Thresholds, problems, stream_report, verify
+from tickpipe.ops.audit_report import AuditReport, VerifyReport
 from tickpipe.ops.audit_view import render
 from tickpipe.ops.dlq import AmbiguousDeadLetter, DeadLetters
 
@@ -74,7 +75,6 @@ async def run_audit(
         except _UNREACHABLE as exc:
             _say(f"cannot reach Redis at REDIS_URL: {exc}")
             return UNREACHABLE
-        report["verify"] = None
         if verify:
             try:
                 conn = await asyncpg.connect(settings.database_url, timeout=10)
@@ -82,24 +82,24 @@ async def run_audit(
                 _say(f"cannot reach Postgres at DATABASE_URL: {exc}")
                 return UNREACHABLE
             try:
-                report["verify"] = await _verify_with_progress(redis, conn, settings, report)
+                report.verify = await _verify_with_progress(redis, conn, settings, report)
             finally:
                 await conn.close()
     finally:
         await redis.aclose()
-    report["problems"] = problems(report)
-    report["ok"] = not report["problems"]
+    report.problems = problems(report)
+    report.ok = not report.problems
     if as_json:
         sys.stdout.buffer.write(_json.encode(report) + b"\n")
         sys.stdout.flush()
     else:
         render(report, Console(highlight=False))
-    return OK if report["ok"] else NOT_OK
+    return OK if report.ok else NOT_OK
 
 
 async def _verify_with_progress(
-    redis: Any, conn: asyncpg.Connection, settings: Settings, report: dict[str, Any]
-) -> dict[str, Any]:
+    redis: Any, conn: asyncpg.Connection, settings: Settings, report: AuditReport
+) -> VerifyReport:
     progress = Progress(
         TextColumn("verifying"),
         BarColumn(),
@@ -109,7 +109,7 @@ async def _verify_with_progress(
         transient=True,
     )
     with progress:
-        task = progress.add_task("verify", total=report["stream"]["length"])
+        task = progress.add_task("verify", total=report.stream.length)
         return await verify(redis, conn, settings, lambda n: progress.advance(task, n))
 
 

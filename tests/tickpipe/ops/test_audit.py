@@ -8,9 +8,12 @@ import signal
 import subprocess
 import sys
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+import jsonschema
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
@@ -22,6 +25,7 @@ from tickpipe.core import dead_letter
 from tickpipe.core.settings import Settings
 from tickpipe.core.ticks import Tick
 from tickpipe.lab.stack import free_port
+from tickpipe.ops.audit_report import AuditReport, json_schema_text
 from tickpipe.ops.dlq import REPLAY_LUA
 
 pytestmark = pytest.mark.services
@@ -34,10 +38,33 @@ def ticks(count: int, start: int = 1_700_000_000_000_000) -> list[Tick]:
     ]
 
 
+PUBLISHED_SCHEMA = Path(__file__).resolve().parents[3] / "docs" / "audit.schema.json"
+
+
 async def audit_json(env: dict[str, str], *args: str) -> tuple[int, dict[str, Any]]:
+    """The report of `tickpipe audit --json`, checked against its published schema."""
     result = await tickpipe(env, "audit", "--json", *args)
     assert result.returncode in (0, 1), result.stderr
-    return result.returncode, json.loads(result.stdout)
+    report = json.loads(result.stdout)
+    jsonschema.validate(
+        report, json.loads(PUBLISHED_SCHEMA.read_text()), cls=jsonschema.Draft202012Validator
+    )
+    # The model reads it back and writes the very same bytes.
+    as_model = msgspec.json.decode(result.stdout, type=AuditReport)
+    assert msgspec.json.encode(as_model) + b"\n" == result.stdout.encode()
+    return result.returncode, report
+
+
+def test_the_published_schema_is_the_report_s() -> None:
+    """docs/audit.schema.json is what `tickpipe audit --schema` prints, from the model."""
+    printed = subprocess.run(
+        [sys.executable, "-m", "tickpipe", "audit", "--schema"],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    assert printed.stdout == json_schema_text() == PUBLISHED_SCHEMA.read_bytes()
+    jsonschema.Draft202012Validator.check_schema(json.loads(printed.stdout))
 
 
 @pytest.fixture
@@ -320,9 +347,9 @@ async def test_redis_7_0_nil_lag_is_handled() -> None:
         await redis.xadd("ticks.received", {"n": str(i)})
     await redis.xreadgroup("flushers", "c", {"ticks.received": ">"}, count=2)
     report = await stream_report(redis, Settings.from_env({}), Thresholds(60, 5))
-    [group] = report["groups"]
-    assert group["lag"] == 4
-    assert group["lag_reported_by_redis"] is False
+    [group] = report.groups
+    assert group.lag == 4
+    assert group.lag_reported_by_redis is False
     await redis.aclose()
 
 
@@ -343,8 +370,8 @@ async def test_totals_of_shards_with_consumers_keep_the_oldest_entry_age() -> No
         await redis.xreadgroup("flushers", "c", {shard.stream: ">"}, count=1)
     await redis.hset(settings.shard_map.shards[0].heartbeats_seen("flushers"), "c", 1)
     report = await stream_report(redis, settings, Thresholds(60, 5))
-    ages = [shard["stream"]["first_age_ms"] for shard in report["shards"]]
-    assert report["stream"]["first_age_ms"] == max(ages) > 0
+    ages = [shard.stream.first_age_ms or 0 for shard in report.shards]
+    assert report.stream.first_age_ms == max(ages) > 0
     await redis.aclose()
 
 
