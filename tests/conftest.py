@@ -16,6 +16,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tickpipe.core import redis_conn
+from tickpipe.core.schema import apply_schema, ensure_database
 from tickpipe.core.settings import Settings
 from tickpipe.lab.cluster_stack import LocalCluster
 from tickpipe.lab.gate import Gate, MakeGate
@@ -116,6 +117,24 @@ def service_env(stack: LocalStack, **extra: str) -> dict[str, str]:
         "FLUSHER_CONSUMER": "test-flusher",
         **extra,
     }
+
+
+def database_url(stack: LocalStack, name: str) -> str:
+    """The URL of database ``name`` of the test Postgres (made by ensure_database)."""
+    return stack.database_url.rsplit("/", 1)[0] + "/" + name
+
+
+async def fresh_database(stack: LocalStack, name: str) -> str:
+    """Database ``name`` of the test Postgres with the base and rollup schemas and no rows."""
+    url = database_url(stack, name)
+    await ensure_database(url)
+    await apply_schema(url, rollups=True)
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("TRUNCATE md_ticks, md_ranges, md_ranges_dirty")
+    finally:
+        await conn.close()
+    return url
 
 
 @pytest.fixture

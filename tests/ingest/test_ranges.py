@@ -8,12 +8,11 @@ from contextlib import AbstractAsyncContextManager
 from decimal import Decimal
 from typing import Any
 
-import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
 from flusher.db import Row, TickStore, last_per_key
-from tickpipe.core.schema import apply_schema, ensure_database
+from tests.conftest import fresh_database
 from tickpipe.core.ticks import Tick, datetime_to_us
 from tickpipe.lab.stack import LocalStack, free_port
 from tickpipe.rollup.store import RollupStore
@@ -30,14 +29,7 @@ MakeClient = Callable[..., AbstractAsyncContextManager[Client]]
 @pytest.fixture
 async def rollup_url(stack: LocalStack) -> str:
     """A database with the rollup schema holding a few rolled-up ticks of AAPL."""
-    url = stack.database_url.rsplit("/", 1)[0] + "/tickpipe_ranges_api"
-    await ensure_database(url)
-    await apply_schema(url, rollups=True)
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute("TRUNCATE md_ticks, md_ranges, md_ranges_dirty")
-    finally:
-        await conn.close()
+    url = await fresh_database(stack, "tickpipe_ranges_api")
     ticks = [
         ("AAPL", 1_100, "189.120000000000000001", "100"),
         ("AAPL", 1_900, "189.5", "0.5"),

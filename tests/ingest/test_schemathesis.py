@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import hypothesis
 import pytest
 import requests
@@ -43,10 +42,9 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
 from ingest.openapi import openapi_document
-from tests.conftest import TEST_TOKEN, service_env
+from tests.conftest import TEST_TOKEN, fresh_database, service_env
 from tests.ingest.conftest import READ_TOKENS
 from tickpipe.core import redis_conn
-from tickpipe.core.schema import apply_schema, ensure_database
 from tickpipe.core.settings import Settings
 from tickpipe.lab.stack import LocalStack, free_port
 
@@ -91,19 +89,6 @@ UNSTATED: dict[str, dict[str, tuple[str, ...]]] = {
 
 
 # -- the servers ------------------------------------------------------------------------
-
-
-async def fresh_database(stack: LocalStack, name: str) -> str:
-    """A database of the test Postgres with the base and rollup schemas and no rows."""
-    url = stack.database_url.rsplit("/", 1)[0] + "/" + name
-    await ensure_database(url)
-    await apply_schema(url, rollups=True)
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute("TRUNCATE md_ticks, md_ranges, md_ranges_dirty")
-    finally:
-        await conn.close()
-    return url
 
 
 async def wait_ready(url: str, processes: list[Process], logs: Path) -> None:

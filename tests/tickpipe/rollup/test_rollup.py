@@ -26,6 +26,7 @@ import pytest
 from click.testing import CliRunner
 
 from flusher.db import Row, TickStore, last_per_key
+from tests.conftest import database_url, fresh_database
 from tickpipe.cli import main
 from tickpipe.core.md_ranges import covering
 from tickpipe.core.schema import apply_schema, ensure_database
@@ -43,22 +44,10 @@ T0 = 1_700_000_040_000_000
 Aggregates = dict[tuple[str, dt.datetime, dt.datetime], tuple[Decimal, ...]]
 
 
-def database_url(stack: LocalStack, name: str) -> str:
-    return stack.database_url.rsplit("/", 1)[0] + "/" + name
-
-
 @pytest.fixture
 async def rollup_url(stack: LocalStack) -> str:
     """A database with the rollup schema and nothing in it."""
-    url = database_url(stack, "tickpipe_rollups")
-    await ensure_database(url)
-    await apply_schema(url, rollups=True)
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute("TRUNCATE md_ticks, md_ranges, md_ranges_dirty")
-    finally:
-        await conn.close()
-    return url
+    return await fresh_database(stack, "tickpipe_rollups")
 
 
 @pytest.fixture
