@@ -55,7 +55,7 @@ async def audit_json(env: dict[str, str], *args: str) -> tuple[int, dict[str, An
     return result.returncode, report
 
 
-def test_the_published_schema_is_the_report_s() -> None:
+def test_the_published_schema_is_generated_from_the_model() -> None:
     """docs/audit.schema.json is what `tickpipe audit --schema` prints, from the model."""
     printed = subprocess.run(
         [sys.executable, "-m", "tickpipe", "audit", "--schema"],
