@@ -124,14 +124,17 @@ def database_url(stack: LocalStack, name: str) -> str:
     return stack.database_url.rsplit("/", 1)[0] + "/" + name
 
 
-async def fresh_database(stack: LocalStack, name: str) -> str:
-    """Database ``name`` of the test Postgres with the base and rollup schemas and no rows."""
+async def fresh_database(stack: LocalStack, name: str, *, rollups: bool = True) -> str:
+    """Database ``name`` of the test Postgres with the base schema (and the rollup one,
+    unless ``rollups`` is false) and no rows."""
     url = database_url(stack, name)
     await ensure_database(url)
-    await apply_schema(url, rollups=True)
+    await apply_schema(url, rollups=rollups)
     conn = await asyncpg.connect(url)
     try:
-        await conn.execute("TRUNCATE md_ticks, md_ranges, md_ranges_dirty")
+        await conn.execute(
+            "TRUNCATE " + ("md_ticks, md_ranges, md_ranges_dirty" if rollups else "md_ticks")
+        )
     finally:
         await conn.close()
     return url

@@ -27,7 +27,8 @@ from redis.asyncio import Redis
 from ingest.app import create_app
 from ingest.appkeys import LINK
 from ingest.openapi import openapi_document
-from tickpipe.core.schema import apply_schema, ensure_database
+from tests.conftest import fresh_database
+from tests.ingest.conftest import read_event_fields
 from tickpipe.core.settings import Settings
 from tickpipe.lab.stack import LocalStack, free_port
 from tickpipe.rollup.store import RollupStore
@@ -123,7 +124,7 @@ class Contract:
             if error_codes(schema):
                 code = body["error"]
         elif answer.content_type == "text/event-stream":
-            body = await read_events(answer, events)
+            body = await read_event_fields(answer, events)
             for event in body:
                 self.check_event(event, schema)
         else:
@@ -137,7 +138,7 @@ class Contract:
     ) -> list[dict[str, str]]:
         """The next ``count`` events of an event stream already checked, checked too."""
         schema = self.response(path, "get", answer.status)["content"]["text/event-stream"]
-        events = await read_events(answer, count)
+        events = await read_event_fields(answer, count)
         for event in events:
             self.check_event(event, schema["schema"])
         return events
@@ -151,23 +152,6 @@ class Contract:
             if b["properties"]["event"]["const"] == event["event"]
         ]
         self.validate(json.loads(event["data"]), branch["properties"]["data"]["contentSchema"])
-
-
-async def read_events(response: aiohttp.ClientResponse, count: int) -> list[dict[str, str]]:
-    """The next ``count`` events of an event stream, as their fields (comments skipped)."""
-    events: list[dict[str, str]] = []
-    fields: dict[str, str] = {}
-    while len(events) < count:
-        line = (await response.content.readline()).decode().rstrip("\r\n")
-        if line.startswith(":"):
-            continue
-        if line:
-            name, _, value = line.partition(": ")
-            fields[name] = value
-        elif fields:
-            events.append(fields)
-            fields = {}
-    return events
 
 
 # -- fixtures ---------------------------------------------------------------------------
@@ -196,21 +180,6 @@ def serve(settings: Settings, redis: Redis) -> Serve:
             yield client
 
     return make
-
-
-async def database(stack: LocalStack, name: str, *, rollups: bool) -> str:
-    """A database of the test Postgres with the base schema (and rollups) and no rows."""
-    url = stack.database_url.rsplit("/", 1)[0] + "/" + name
-    await ensure_database(url)
-    await apply_schema(url, rollups=rollups)
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(
-            "TRUNCATE " + ("md_ticks, md_ranges, md_ranges_dirty" if rollups else "md_ticks")
-        )
-    finally:
-        await conn.close()
-    return url
 
 
 # -- the document itself ----------------------------------------------------------------
@@ -391,7 +360,7 @@ async def test_every_ranges_answer_is_documented_and_produced(
     serve: Serve, contract: Contract, stack: LocalStack
 ) -> None:
     path = "/ranges/{symbol}"
-    url = await database(stack, "tickpipe_openapi_rollups", rollups=True)
+    url = await fresh_database(stack, "tickpipe_openapi_rollups")
     conn = await asyncpg.connect(url)
     try:
         await conn.execute(
@@ -414,7 +383,7 @@ async def test_every_ranges_answer_is_documented_and_produced(
         for query, headers in [(f"?at={T0_MS}", {}), ("", READER)]:
             answer = await client.get(f"/ranges/AAPL{query}", headers=headers)
             await contract.check(path, "get", answer)
-    plain = await database(stack, "tickpipe_openapi_plain", rollups=False)
+    plain = await fresh_database(stack, "tickpipe_openapi_plain", rollups=False)
     async with serve(database_url=plain) as client:
         answer = await client.get(f"/ranges/AAPL?at={T0_MS}", headers=READER)
         await contract.check(path, "get", answer)
