@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
@@ -18,6 +19,23 @@ READ_TOKENS = {"dashboard": "read-token-0123456789"}
 
 Client = TestClient[Any, Any]
 MakeClient = Callable[..., AbstractAsyncContextManager[Client]]
+
+
+async def read_event_fields(response: aiohttp.ClientResponse, count: int) -> list[dict[str, str]]:
+    """The next ``count`` events of an open event stream, as their fields (comments skipped)."""
+    events: list[dict[str, str]] = []
+    fields: dict[str, str] = {}
+    while len(events) < count:
+        line = (await response.content.readline()).decode().rstrip("\r\n")
+        if line.startswith(":"):
+            continue
+        if line:
+            name, _, value = line.partition(": ")
+            fields[name] = value
+        elif fields:
+            events.append(fields)
+            fields = {}
+    return events
 
 
 @pytest.fixture

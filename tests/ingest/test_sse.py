@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from ingest import metrics
 from ingest.appkeys import LINK
+from tests.ingest.conftest import read_event_fields
 
 pytestmark = pytest.mark.services
 
@@ -46,21 +47,11 @@ async def post(client: Client, symbol: str, count: int, first: int = 0) -> list[
 
 async def read_events(response: aiohttp.ClientResponse, count: int) -> list[Event]:
     """The next ``count`` events of an open event stream (comments skipped)."""
-    events: list[Event] = []
-    fields: dict[str, str] = {}
     async with asyncio.timeout(20):
-        while len(events) < count:
-            line = (await response.content.readline()).decode().rstrip("\r\n")
-            if line.startswith(":"):
-                continue
-            if line:
-                name, _, value = line.partition(": ")
-                fields[name] = value
-                continue
-            if fields:
-                events.append((fields.get("id", ""), fields["event"], json.loads(fields["data"])))
-                fields = {}
-    return events
+        events = await read_event_fields(response, count)
+    return [
+        (fields.get("id", ""), fields["event"], json.loads(fields["data"])) for fields in events
+    ]
 
 
 async def open_stream(client: Client, query: str = "", **headers: str) -> aiohttp.ClientResponse:
