@@ -14,7 +14,6 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from decimal import Decimal
 from typing import Any
 
 import aiohttp
@@ -32,10 +31,11 @@ from flusher.run import FlusherError, run_flusher
 from flusher.stream import ShardedStream
 from ingest.app import create_app
 from ingest.writer import TickWriter
+from tests.flusher.test_crashes import expected, rows
 from tickpipe.core import redis_conn
 from tickpipe.core.settings import Settings
 from tickpipe.core.shards import shard_of
-from tickpipe.core.ticks import Tick, datetime_to_us, to_fields
+from tickpipe.core.ticks import Tick, to_fields
 from tickpipe.lab.cluster_stack import LocalCluster
 from tickpipe.lab.feeder import generate_ticks, tick_json, wait_ready
 from tickpipe.lab.gate import Gate, MakeGate
@@ -84,18 +84,6 @@ async def stopped(processes: Processes, proc: subprocess.Popen[bytes]) -> tuple[
     """SIGTERM ``proc`` and wait: its exit status and the end of its log."""
     code = await asyncio.to_thread(stop, proc, 60)
     return code, processes.log_tail(proc)
-
-
-async def rows(pg: asyncpg.Connection) -> dict[tuple[str, int], tuple[Decimal, Decimal, str]]:
-    records = await pg.fetch("SELECT symbol, ts, price, volume, source FROM md_ticks")
-    return {
-        (r["symbol"], datetime_to_us(r["ts"])): (r["price"], r["volume"], r["source"])
-        for r in records
-    }
-
-
-def expected(ticks: list[Tick]) -> dict[tuple[str, int], tuple[Decimal, Decimal, str]]:
-    return {t.key: (t.price, t.volume, t.source) for t in ticks}
 
 
 async def audit(env: dict[str, str]) -> tuple[int, dict[str, Any]]:
