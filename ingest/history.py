@@ -3,17 +3,25 @@
 Every query names one symbol and orders by ``ts``, so each one is a range scan
 of the ``(symbol, ts)`` primary key or of ``md_ticks_symbol_ts_desc``, however
 large the table grows (tests/ingest/test_queries.py checks the plans).
+
+Histories and ranges leave Postgres as the JSON text of their ticks, built in
+SQL and passed through as bytes: the numeric's own text is the exact decimal,
+and no row becomes a Python object on the way. tests/ingest/test_history_json.py
+holds the SQL to the Python encoder of single ticks (:func:`tickpipe.core.ticks.to_json`)
+byte for byte.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import asyncpg
+import msgspec
 
 from tickpipe.core.pgpool import close_pool, open_pool
-from tickpipe.core.ticks import EPOCH, Tick, datetime_to_us
+from tickpipe.core.ticks import EPOCH, MAX_TS_US, Tick, datetime_to_us
 
 LATEST_SQL = """
 SELECT ts, price, volume, source FROM md_ticks
@@ -39,6 +47,58 @@ ORDER BY ts
 LIMIT $4
 """
 
+# One tick as to_json() and msgspec write it: the same keys in the same order, no
+# blanks, ts in RFC 3339 UTC with six fraction digits, decimals as the numeric's
+# text (Postgres writes no exponent), source escaped by to_json(). The last
+# parameter is the symbol's JSON text, encoded once by the caller.
+_TICK_JSON = """
+'{{"symbol":' || ${symbol} || ',"ts":"'
+|| to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+|| '","price":"' || price::text || '","volume":"' || volume::text
+|| '","source":' || to_json(source)::text || '}}'
+"""
+
+
+def _epoch_us(ts: str) -> str:
+    """SQL: the timestamptz ``ts`` in epoch microseconds, exact on every Postgres."""
+    return (
+        f"extract(epoch FROM date_trunc('second', {ts}))::bigint * 1000000"
+        f" + extract(microseconds FROM {ts})::bigint % 1000000"
+    )
+
+
+# The rows of NEWEST_SQL as one JSON text.
+NEWEST_JSON_SQL = f"""
+SELECT convert_to(
+    coalesce(string_agg({_TICK_JSON.format(symbol=3)}, ',' ORDER BY ts DESC), ''), 'UTF8'
+)
+FROM ({NEWEST_SQL}) newest
+"""
+
+# The rows of BETWEEN_SQL but the last, as one JSON text; whether that last row
+# was there (more follow the page), and the page's last ts (the next cursor).
+BETWEEN_JSON_SQL = f"""
+SELECT
+    convert_to(coalesce(
+        string_agg({_TICK_JSON.format(symbol=5)}, ',' ORDER BY ts) FILTER (WHERE n < $4), ''
+    ), 'UTF8') AS ticks,
+    count(*) >= $4 AS more,
+    max({_epoch_us("ts")}) FILTER (WHERE n < $4) AS last_us
+FROM (SELECT *, row_number() OVER (ORDER BY ts) AS n FROM ({BETWEEN_SQL}) rows) page
+"""
+
+_json = msgspec.json.Encoder()
+
+
+class Page(NamedTuple):
+    """Ticks as JSON text, ready to go between ``[`` and ``]``."""
+
+    ticks: bytes
+    more: bool = False
+    """Whether ticks follow the page (a range only)."""
+    last_us: int | None = None
+    """The ts of the page's last tick (a range only; None if the page is empty)."""
+
 
 def _datetime(ts_us: int) -> dt.datetime:
     return EPOCH + dt.timedelta(microseconds=ts_us)
@@ -48,13 +108,19 @@ def _ticks(symbol: str, rows: Sequence[asyncpg.Record]) -> list[Tick]:
     return [
         Tick(
             symbol=symbol,
-            ts_us=datetime_to_us(row["ts"]),
+            ts_us=_row_us(row["ts"]),
             price=row["price"],
             volume=row["volume"],
             source=row["source"],
         )
         for row in rows
     ]
+
+
+def _row_us(ts: dt.datetime) -> int:
+    # asyncpg reads the last instant a tick may have, 9999-12-31T23:59:59.999999Z,
+    # as datetime.max, without a time zone (its "infinity").
+    return MAX_TS_US if ts == dt.datetime.max else datetime_to_us(ts)
 
 
 class TickHistory:
@@ -98,13 +164,26 @@ class TickHistory:
         ticks = _ticks(symbol, rows)
         return ticks[0] if ticks else None
 
-    async def newest(self, symbol: str, limit: int) -> list[Tick]:
+    async def newest(self, symbol: str, limit: int) -> Page:
         """The ``limit`` most recent ticks of ``symbol``, newest first."""
-        return _ticks(symbol, await self.pool.fetch(NEWEST_SQL, symbol, limit))
-
-    async def between(self, symbol: str, first_us: int, last_us: int, limit: int) -> list[Tick]:
-        """Up to ``limit`` ticks with ``first_us <= ts <= last_us``, oldest first."""
-        rows = await self.pool.fetch(
-            BETWEEN_SQL, symbol, _datetime(first_us), _datetime(last_us), limit
+        ticks: bytes = await self.pool.fetchval(
+            NEWEST_JSON_SQL, symbol, limit, _symbol_json(symbol)
         )
-        return _ticks(symbol, rows)
+        return Page(ticks)
+
+    async def between(self, symbol: str, first_us: int, last_us: int, limit: int) -> Page:
+        """Up to ``limit`` ticks with ``first_us <= ts <= last_us``, oldest first."""
+        row = await self.pool.fetchrow(
+            BETWEEN_JSON_SQL,
+            symbol,
+            _datetime(first_us),
+            _datetime(last_us),
+            limit + 1,
+            _symbol_json(symbol),
+        )
+        assert row is not None  # an aggregate: always one row
+        return Page(row["ticks"], row["more"], row["last_us"])
+
+
+def _symbol_json(symbol: str) -> str:
+    return _json.encode(symbol).decode()

@@ -18,6 +18,7 @@ import logging
 from collections.abc import AsyncIterator, Iterator, Mapping
 from urllib.parse import urlencode
 
+import msgspec
 from aiohttp import web
 
 from ingest.appkeys import LINK, SETTINGS, STORE
@@ -28,6 +29,8 @@ from tickpipe.core.latest_price import decode_latest
 from tickpipe.core.pgerrors import is_transient
 from tickpipe.core.redis_conn import FAILURES, RedisClient
 from tickpipe.core.ticks import MAX_TS_US, Tick, TickError, parse_ts, to_json
+
+_json = msgspec.json.Encoder()
 
 log = logging.getLogger("tickpipe.ingest")
 
@@ -155,8 +158,8 @@ async def get_ticks(request: web.Request) -> web.Response:
                 422, "invalid_parameter", "cursor only pages a from/to range", field="cursor"
             )
         with store_unavailable_as_503("history"):
-            ticks = await request.app[STORE].newest(symbol, limit)
-        return json_response({"symbol": symbol, "order": "newest_first", "ticks": page(ticks)})
+            newest = await request.app[STORE].newest(symbol, limit)
+        return page_response({"symbol": symbol, "order": "newest_first"}, newest.ticks)
 
     first_us = 0 if start_us is None else start_us
     last_us = MAX_TS_US if end_us is None else end_us - 1
@@ -165,21 +168,30 @@ async def get_ticks(request: web.Request) -> web.Response:
     if "cursor" in query:
         first_us = max(first_us, decode_cursor(query["cursor"]) + 1)
     with store_unavailable_as_503("range"):
-        ticks = await request.app[STORE].between(symbol, first_us, last_us, limit + 1)
-    more = len(ticks) > limit
-    del ticks[limit:]
-    body: dict[str, object] = {"symbol": symbol, "order": "oldest_first", "ticks": page(ticks)}
-    body["next_cursor"] = body["next"] = None
-    if more:
-        cursor = encode_cursor(ticks[-1].ts_us)
+        found = await request.app[STORE].between(symbol, first_us, last_us, limit)
+    links: dict[str, str | None] = {"next_cursor": None, "next": None}
+    if found.more and found.last_us is not None:
+        cursor = encode_cursor(found.last_us)
         params = {k: v for k, v in query.items() if k != "cursor"}
-        body["next_cursor"] = cursor
-        body["next"] = f"{request.path}?{urlencode({**params, 'cursor': cursor})}"
-    return json_response(body)
+        links["next_cursor"] = cursor
+        links["next"] = f"{request.path}?{urlencode({**params, 'cursor': cursor})}"
+    return page_response({"symbol": symbol, "order": "oldest_first"}, found.ticks, links)
 
 
-def page(ticks: list[Tick]) -> list[dict[str, str]]:
-    return [to_json(tick) for tick in ticks]
+def page_response(
+    head: dict[str, str], ticks: bytes, tail: dict[str, str | None] | None = None
+) -> web.Response:
+    """``{**head, "ticks": [...], **tail}``, the ticks spliced in as Postgres wrote them."""
+    body = b"".join(
+        (
+            _json.encode(head)[:-1],
+            b',"ticks":[',
+            ticks,
+            b"]",
+            b"}" if tail is None else b"," + _json.encode(tail)[1:],
+        )
+    )
+    return web.Response(body=body, content_type="application/json")
 
 
 # -- resources --------------------------------------------------------------------------
