@@ -4,9 +4,7 @@ performance is shown by the benchmark itself, never by a test."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,17 +24,12 @@ LOADERS = ["python", *(["wrk"] if shutil.which("wrk") else [])]
 @pytest.mark.parametrize("loader", LOADERS)
 def test_bench_produces_its_report(tmp_path: Path, loader: str) -> None:
     out = tmp_path / "bench"
-    run = subprocess.run(
+    run = run_to_end(
         [
             sys.executable, "-m", "tickpipe", "bench", "--loader", loader,
             "--duration-s", "1", "--drain-entries", "3000", "--ceiling-rows", "3000",
             "--state-dir", str(tmp_path / "state"), "--out", str(out),
         ],
-        env=os.environ,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(out.with_suffix(".json").read_text())
@@ -91,17 +84,12 @@ def test_bench_produces_its_report(tmp_path: Path, loader: str) -> None:
 @pytest.mark.services
 def test_bench_shards_reports_each_shape(tmp_path: Path) -> None:
     out = tmp_path / "scale"
-    run = subprocess.run(
+    run = run_to_end(
         [
             sys.executable, "-m", "tickpipe", "bench", "--shards", "2", "--flushers", "1",
             "--duration-s", "1", "--drain-entries", "2000",
             "--state-dir", str(tmp_path / "state"), "--out", str(out),
         ],
-        env=os.environ,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(out.with_suffix(".json").read_text())
