@@ -1,8 +1,12 @@
 """One reader of a stream per process for every event-stream client (ingest/sse.py).
 
-A hub reads its shard's stream only while some client listens and hands each entry
-to the clients that asked for its symbol through a bounded queue; a client whose
-queue is full is dropped (it reconnects and resumes by id).
+A hub reads its shard's stream only while some client listens. Each entry read
+is decoded and encoded into its event frame once, whatever the number of
+clients; the clients that asked for its symbol are found in a dict by symbol,
+and each gets the frames of one read in one write. Delivery never waits: a
+client's bytes go to its connection's buffer, and a client that lets that
+buffer hold more than its share of events is dropped (it reconnects and
+resumes by id).
 """
 
 from __future__ import annotations
@@ -10,14 +14,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import msgspec
 
 from ingest import metrics
 from tickpipe.core.backoff import Backoff
 from tickpipe.core.redis_conn import FAILURES, RedisClient
+from tickpipe.core.stream_ids import StreamId, parse_id
 from tickpipe.core.ticks import TickError, from_fields, to_json
 
 log = logging.getLogger("tickpipe.sse")
@@ -31,61 +36,111 @@ _json = msgspec.json.Encoder()
 RawEntry = tuple[bytes, dict[bytes, bytes]]
 
 
-class Event(msgspec.Struct, frozen=True):
-    """One tick ready to send: its stream id and its JSON text."""
+class Event(NamedTuple):
+    """One tick ready to send: its stream id, its symbol, its JSON and its whole SSE frame."""
 
-    id: str
+    id: StreamId
     symbol: str
-    data: str
+    data: bytes
+    frame: bytes
+
+
+def event_frame(entry_id: bytes, data: bytes) -> bytes:
+    """The SSE frame of a tick event, as ``EventSourceResponse.send`` writes one."""
+    return b"id: %s\r\nevent: tick\r\ndata: %s\r\n\r\n" % (entry_id, data)
 
 
 def decode_entries(entries: Iterable[RawEntry]) -> list[Event]:
     """Stream entries as events; an entry that is not a valid tick is skipped."""
     events = []
     for raw_id, fields in entries:
-        entry_id = raw_id.decode()
         try:
             tick = from_fields(fields)
         except TickError as exc:
-            log.debug("sse: skipping entry %s: %s", entry_id, exc)
+            log.debug("sse: skipping entry %s: %s", raw_id.decode(), exc)
             continue
-        events.append(Event(entry_id, tick.symbol, _json.encode(to_json(tick)).decode()))
+        data = _json.encode(to_json(tick))
+        events.append(
+            Event(parse_id(raw_id.decode()), tick.symbol, data, event_frame(raw_id, data))
+        )
     return events
 
 
-class Subscription:
-    """One client's view of the hub: the symbols it wants and its bounded queue.
+Write = Callable[[bytes], None]
+"""Puts bytes on a client's connection now, without waiting (a closed one drops them)."""
+Buffered = Callable[[], int]
+"""How many bytes a client's connection holds that the client has not taken yet."""
 
-    ``None`` in the queue means the subscription ended (see :attr:`reason`).
+
+class Subscription:
+    """One client's place in the hub: the symbols it wants and how its events reach it.
+
+    A new subscription holds what the hub delivers until :meth:`go_live` (the
+    client is still catching up from the stream); from then on, delivered
+    events are written at once, those the catch-up sent already left out.
     """
 
-    def __init__(self, symbols: frozenset[str] | None, size: int) -> None:
+    def __init__(
+        self, symbols: frozenset[str] | None, size: int, write: Write, buffered: Buffered
+    ) -> None:
         self.symbols = symbols
-        self.queue: asyncio.Queue[Event | None] = asyncio.Queue(size + 1)
         self._size = size
+        self._write = write
+        self._buffered = buffered
+        self._held: list[Event] | None = []
+        self._sent: StreamId = (0, 0)
+        self._behind = 0
         self.reason = ""
+        self._ended = asyncio.Event()
 
     @property
     def ended(self) -> bool:
         return bool(self.reason)
 
+    async def wait_ended(self) -> str:
+        """Why the subscription ended, once it has."""
+        await self._ended.wait()
+        return self.reason
+
     def end(self, reason: str) -> None:
-        """Stop now: what is still queued is dropped (the client resumes by id)."""
+        """Stop now: nothing more is written (the client resumes by id)."""
         if self.reason:
             return
         self.reason = reason
-        while not self.queue.empty():
-            self.queue.get_nowait()
-        self.queue.put_nowait(None)
+        self._held = None
+        self._ended.set()
 
-    def offer(self, event: Event) -> None:
+    def go_live(self, sent: StreamId) -> None:
+        """The client has every event up to ``sent``: write what was held, then write at once."""
+        held, self._held = self._held, None
+        self._sent = sent
+        if held:
+            self.deliver(held)
+
+    def deliver(self, events: list[Event]) -> None:
+        """Events of one hub read, in stream order, for this client: one write."""
         if self.reason:
             return
-        if self.queue.qsize() >= self._size:
-            metrics.SSE_DROPPED.inc()
-            self.end("too slow: the client's buffer is full")
+        if self._held is not None:
+            self._held.extend(events)
+            if len(self._held) > self._size:
+                self._drop()
             return
-        self.queue.put_nowait(event)
+        if events[0].id <= self._sent:
+            events = [event for event in events if event.id > self._sent]
+            if not events:
+                return
+        # The client falls behind while its connection holds bytes it has not taken.
+        self._behind = self._behind + len(events) if self._buffered() else len(events)
+        if self._behind > self._size:
+            self._drop()
+            return
+        self._sent = events[-1].id
+        self._write(events[0].frame if len(events) == 1 else b"".join(e.frame for e in events))
+
+    def _drop(self) -> None:
+        metrics.SSE_DROPPED.inc()
+        self.end("too slow: the client's buffer is full")
 
 
 class StreamHub:
@@ -95,6 +150,8 @@ class StreamHub:
         self._redis = redis
         self._stream = stream
         self._subs: set[Subscription] = set()
+        self._by_symbol: dict[str, set[Subscription]] = {}
+        self._everything: set[Subscription] = set()
         self._cursor: str | None = None
         self._active = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -109,17 +166,24 @@ class StreamHub:
         newest: Any = await self._redis.xrevrange(self._stream, count=1)
         return newest[0][0].decode() if newest else "0-0"
 
-    async def subscribe(self, symbols: frozenset[str] | None, size: int) -> Subscription:
+    async def subscribe(
+        self, symbols: frozenset[str] | None, size: int, write: Write, buffered: Buffered
+    ) -> Subscription:
         """A new subscription; it receives every entry after the hub's position now."""
         if self._cursor is None:
             cursor = await self.tail()
             if self._cursor is None:  # no one else started the hub meanwhile
                 self._cursor = cursor
-        sub = Subscription(symbols, size)
+        sub = Subscription(symbols, size, write, buffered)
         if self._closed:
             sub.end("server shutting down")
             return sub
         self._subs.add(sub)
+        if symbols is None:
+            self._everything.add(sub)
+        else:
+            for symbol in symbols:
+                self._by_symbol.setdefault(symbol, set()).add(sub)
         metrics.SSE_CLIENTS.set(len(self._subs))
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="sse-hub")
@@ -127,7 +191,15 @@ class StreamHub:
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
+        if sub not in self._subs:
+            return
         self._subs.discard(sub)
+        self._everything.discard(sub)
+        for symbol in sub.symbols or ():
+            subs = self._by_symbol[symbol]
+            subs.discard(sub)
+            if not subs:
+                del self._by_symbol[symbol]
         metrics.SSE_CLIENTS.set(len(self._subs))
 
     def close(self) -> None:
@@ -169,26 +241,34 @@ class StreamHub:
             entries: list[RawEntry] = reply[0][1] if reply else []
             if entries:
                 self._cursor = entries[-1][0].decode()
-                wanted = self._wanted()
-                for event in decode_entries(
-                    e for e in entries if wanted is None or e[1].get(b"symbol") in wanted
-                ):
-                    for sub in list(self._subs):
-                        if sub.symbols is None or event.symbol in sub.symbols:
-                            sub.offer(event)
+                self._dispatch(entries)
             if not self._subs:
                 # Nobody listens: stop reading; the next subscriber starts from the tail.
                 self._cursor = None
                 self._active.clear()
 
-    def _wanted(self) -> set[bytes] | None:
-        """The symbols some client wants (None: some client wants all)."""
-        wanted: set[bytes] = set()
-        for sub in self._subs:
-            if sub.symbols is None:
-                return None
-            wanted.update(s.encode() for s in sub.symbols)
-        return wanted
+    def _dispatch(self, entries: list[RawEntry]) -> None:
+        """Decode the entries some client wants, once, and give each client its share."""
+        by_symbol = self._by_symbol
+        if not self._everything:
+            entries = [
+                e for e in entries if e[1].get(b"symbol", b"").decode(errors="replace") in by_symbol
+            ]
+        events = decode_entries(entries)
+        if not events:
+            return
+        for sub in self._everything:
+            sub.deliver(events)
+        shares: dict[Subscription, list[Event]] = {}
+        for event in events:
+            for sub in by_symbol.get(event.symbol, ()):
+                share = shares.get(sub)
+                if share is None:
+                    shares[sub] = [event]
+                else:
+                    share.append(event)
+        for sub, share in shares.items():
+            sub.deliver(share)
 
 
 class StreamHubs:

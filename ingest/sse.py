@@ -11,13 +11,13 @@ import re
 from typing import Any
 
 import msgspec
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp_sse import EventSourceResponse, sse_response
 from redis.exceptions import RedisError
 
 from ingest.appkeys import LINK
 from ingest.errors import ApiError
-from ingest.hubs import READ_PAGE, Event, StreamHub, decode_entries
+from ingest.hubs import READ_PAGE, Event, StreamHub, Write, decode_entries
 from ingest.params import authenticate_read, check_known, small_uint
 from tickpipe.core import redis_conn
 from tickpipe.core.redis_conn import FAILURES, RedisClient
@@ -150,7 +150,7 @@ async def stream_ticks(request: web.Request) -> web.StreamResponse:
             f"the tick stream (Redis) is unavailable ({exc}); retry later",
             headers={"Retry-After": "1"},
         ) from None
-    client = _Client(request, redis, shard.stream, symbols)
+    client = _Client(request, redis, shard.stream, symbols, settings.sse_send_timeout_s)
     async with sse_response(
         request,
         ping_interval=settings.sse_heartbeat_s,
@@ -208,7 +208,7 @@ async def trimmed_after(
 
 
 class _Client:
-    """One event-stream response: catch-up, then live events from the hub."""
+    """One event-stream response: catch-up from the stream, then live events from the hub."""
 
     def __init__(
         self,
@@ -216,18 +216,24 @@ class _Client:
         redis: RedisClient,
         stream: str,
         symbols: frozenset[str] | None,
+        send_timeout_s: float,
     ) -> None:
         self._request = request
         self._redis = redis
         self._stream = stream
         self._symbols = symbols
+        self._send_timeout_s = send_timeout_s
         self.response: EventSourceResponse | None = None
         self._sent: StreamId = (0, 0)
 
-    async def _send(self, event: Event) -> None:
+    async def _send(self, events: list[Event]) -> None:
+        """Catch-up: the frames of one page in one write, waiting for a slow client."""
         assert self.response is not None
-        await self.response.send(event.data, id=event.id, event="tick")
-        self._sent = parse_id(event.id)
+        if not events:
+            return
+        async with asyncio.timeout(self._send_timeout_s):
+            await self.response.write(b"".join(event.frame for event in events))
+        self._sent = events[-1].id
 
     async def _catch_up(self, cursor: str) -> str:
         """Send every entry after ``cursor`` that exists now; the new cursor."""
@@ -236,32 +242,66 @@ class _Client:
             if not entries:
                 return cursor
             cursor = entries[-1][0].decode()
-            for event in decode_entries(entries):
-                if self._symbols is None or event.symbol in self._symbols:
-                    await self._send(event)
+            await self._send(
+                [
+                    event
+                    for event in decode_entries(entries)
+                    if self._symbols is None or event.symbol in self._symbols
+                    if event.id > self._sent
+                ]
+            )
             if len(entries) < READ_PAGE:
                 return cursor
 
     async def run(self, hub: StreamHub, cursor: str, buffer: int, idle_s: float) -> str:
         """Stream until the client leaves, is too slow, or the server stops; why it ended."""
-        assert self.response is not None
+        response = self.response
+        assert response is not None
         self._sent = parse_id(cursor)
         cursor = await self._catch_up(cursor)
-        sub = await hub.subscribe(self._symbols, buffer)
+        await response.write(b"")  # the headers go out before any direct write
+        transport = self._request.transport
+        assert transport is not None
+        sub = await hub.subscribe(
+            self._symbols,
+            buffer,
+            _chunk_writer(transport, response),
+            transport.get_write_buffer_size,
+        )
         try:
             await self._catch_up(cursor)
-            while True:
+            sub.go_live(self._sent)
+            while not sub.ended:
                 try:
                     async with asyncio.timeout(idle_s):
-                        event = await sub.queue.get()
+                        await sub.wait_ended()
                 except TimeoutError:
                     # Idle: the heartbeat task notices a client that went away.
-                    if not self.response.is_connected():
-                        return "client gone"
-                    continue
-                if event is None:
-                    return sub.reason
-                if parse_id(event.id) > self._sent:
-                    await self._send(event)
+                    if not response.is_connected() or transport.is_closing():
+                        sub.end("client gone")
+            if sub.reason.startswith("too slow"):
+                transport.abort()  # what it holds is lost to the client: it resumes by id
+            return sub.reason
         finally:
             hub.unsubscribe(sub)
+
+
+def _chunk_writer(transport: asyncio.Transport, response: web.StreamResponse) -> Write:
+    """Writes to an event stream's connection now, as the response's own writer would.
+
+    The hub must never wait for a client, and the response's ``write`` may (it
+    drains a full buffer); so the hub's writes go to the transport directly, each
+    one whole HTTP/1.1 chunk (or plain bytes to an HTTP/1.0 client), between
+    whole chunks of the response's own writes (heartbeats), never inside one.
+    """
+    chunked = response.headers.get(hdrs.TRANSFER_ENCODING) == "chunked"
+
+    def write(payload: bytes) -> None:
+        if transport.is_closing():
+            return  # the client is gone: its task ends the subscription
+        if chunked:
+            transport.writelines((b"%x\r\n" % len(payload), payload, b"\r\n"))
+        else:
+            transport.write(payload)
+
+    return write
