@@ -146,9 +146,10 @@ class Subscription:
 class StreamHub:
     """Reads the stream once for every SSE client of this process."""
 
-    def __init__(self, redis: RedisClient, stream: str) -> None:
+    def __init__(self, redis: RedisClient, stream: str, batch_s: float = 0.0) -> None:
         self._redis = redis
         self._stream = stream
+        self._batch_s = batch_s
         self._subs: set[Subscription] = set()
         self._by_symbol: dict[str, set[Subscription]] = {}
         self._everything: set[Subscription] = set()
@@ -222,12 +223,14 @@ class StreamHub:
 
     async def _run(self) -> None:
         backoff = Backoff(base_s=0.1, cap_s=5.0)
+        loop = asyncio.get_running_loop()
         while not self._closed:
             await self._active.wait()
             if self._closed:
                 return
             cursor = self._cursor
             assert cursor is not None
+            started = loop.time()
             try:
                 reply: Any = await self._redis.xread(
                     {self._stream: cursor}, count=READ_PAGE, block=BLOCK_MS
@@ -242,6 +245,11 @@ class StreamHub:
             if entries:
                 self._cursor = entries[-1][0].decode()
                 self._dispatch(entries)
+                # Ticks flow: let the next ones gather, so a read (and a client's
+                # write) carries many events, not one each.
+                rest = self._batch_s - (loop.time() - started)
+                if rest > 0 and len(entries) < READ_PAGE:
+                    await asyncio.sleep(rest)
             if not self._subs:
                 # Nobody listens: stop reading; the next subscriber starts from the tail.
                 self._cursor = None
@@ -274,8 +282,8 @@ class StreamHub:
 class StreamHubs:
     """One hub per shard, started only when a client listens to that shard."""
 
-    def __init__(self, redis: RedisClient, streams: Iterable[str]) -> None:
-        self.hubs = [StreamHub(redis, stream) for stream in streams]
+    def __init__(self, redis: RedisClient, streams: Iterable[str], batch_s: float = 0.0) -> None:
+        self.hubs = [StreamHub(redis, stream, batch_s) for stream in streams]
 
     @property
     def clients(self) -> int:

@@ -139,7 +139,9 @@ class RedisLink:
             self._watcher = asyncio.create_task(
                 self._watch_fsync(redis, settings.redis_url, writer), name="fsync-watch"
             )
-        self.linked = Linked(settings, redis, writer, monitor, StreamHubs(redis, streams))
+        self.linked = Linked(
+            settings, redis, writer, monitor, StreamHubs(redis, streams, settings.sse_batch_s)
+        )
 
     async def _watch_fsync(self, redis: RedisClient, url: str, writer: TickWriter) -> None:
         """Ask again, now and then, that Redis still fsyncs before it replies.

@@ -301,6 +301,9 @@ class Settings:
     """Events buffered per SSE client; a client that falls further behind is dropped."""
     sse_send_timeout_s: float = _env("SSE_SEND_TIMEOUT_S", _positive_float, 30.0)
     sse_max_clients: int = _env("SSE_MAX_CLIENTS", _positive_int, 1000)
+    sse_batch_s: float = _env("SSE_BATCH_S", _non_negative_float, 0.02)
+    """While ticks flow, a process reads the stream for its SSE clients at most this often:
+    the events of one read go to each client in one write (0: read again at once)."""
 
     # Flusher.
     flusher_consumer: str = dataclasses.field(
