@@ -8,6 +8,7 @@ flusher (which reads them) cannot drift apart. Prices and volumes are
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 from collections.abc import Mapping
 from decimal import Context, Decimal, InvalidOperation
@@ -302,7 +303,14 @@ def _too_long(field: str) -> str:
 
 def format_ts(ts_us: int) -> str:
     """Epoch microseconds as RFC 3339 in UTC, always with six fraction digits."""
-    return (EPOCH + dt.timedelta(microseconds=ts_us)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    seconds, us = divmod(ts_us, 1_000_000)
+    return f"{_second_text(seconds)}.{us:06d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _second_text(seconds: int) -> str:
+    # Ticks come in time order, many to a second: the calendar is worked out once a second.
+    return (EPOCH + dt.timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def to_json(tick: Tick) -> dict[str, str]:

@@ -1,3 +1,4 @@
+import datetime as dt
 import random
 import time
 from decimal import Decimal
@@ -6,9 +7,12 @@ import msgspec
 import pytest
 
 from tickpipe.core.ticks import (
+    EPOCH,
+    MAX_TS_US,
     Tick,
     TickError,
     decimal_from_json,
+    format_ts,
     from_fields,
     parse_decimal,
     parse_ts,
@@ -274,3 +278,13 @@ def test_the_fast_path_for_plain_decimals_answers_as_the_careful_one(allow_zero:
             except TickError as exc:
                 got = f"refused: {exc.detail}"
             assert got == expected, wire
+
+
+def test_format_ts_is_rfc3339_utc_with_microseconds_over_the_whole_range() -> None:
+    rng = random.Random(2026)
+    stamps = [0, 1, 999_999, 1_000_000, MAX_TS_US] + [
+        rng.randint(0, MAX_TS_US) for _ in range(20_000)
+    ]
+    for ts_us in stamps:
+        moment = EPOCH + dt.timedelta(microseconds=ts_us)
+        assert format_ts(ts_us) == moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), ts_us
