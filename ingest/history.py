@@ -20,7 +20,7 @@ from typing import NamedTuple
 import asyncpg
 import msgspec
 
-from tickpipe.core.pgpool import close_pool, open_pool
+from tickpipe.core.pgpool import close_pool, keep_session, open_pool
 from tickpipe.core.ticks import EPOCH, MAX_TS_US, Tick, datetime_to_us
 
 LATEST_SQL = """
@@ -50,12 +50,15 @@ LIMIT $4
 # One tick as to_json() and msgspec write it: the same keys in the same order, no
 # blanks, ts in RFC 3339 UTC with six fraction digits, decimals as the numeric's
 # text (Postgres writes no exponent), source escaped by to_json(). The last
-# parameter is the symbol's JSON text, encoded once by the caller.
+# parameter is the symbol's JSON text, encoded once by the caller. One concat()
+# builds the row's text in one buffer, where a chain of || copies it at each step.
 _TICK_JSON = """
-'{{"symbol":' || ${symbol} || ',"ts":"'
-|| to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
-|| '","price":"' || price::text || '","volume":"' || volume::text
-|| '","source":' || to_json(source)::text || '}}'
+concat(
+    '{{"symbol":', ${symbol}::text,
+    ',"ts":"', to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+    '","price":"', price::text, '","volume":"', volume::text,
+    '","source":', to_json(source)::text, '}}'
+)
 """
 
 
@@ -142,6 +145,8 @@ class TickHistory:
             max_size=self._max_size,
             command_timeout_s=self._timeout_s,
             connect_timeout_s=self._timeout_s,
+            # Queries set nothing on the session: no reset query after each one.
+            reset=keep_session,
             server_settings={
                 "application_name": "tickpipe-query",
                 "default_transaction_read_only": "on",
