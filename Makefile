@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint browser promtool down clean
+.PHONY: demo test lint browser promtool wrk down clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tickpipe needs Python >= 3.11; set PYTHON=python3.11")'
@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/tickpipe demo
 
 ## test: lint, type-check and run the whole test suite (real Redis and Postgres, headless Chromium)
-test: lint browser promtool
+test: lint browser promtool wrk
 	$(BIN)/pytest
 
 # The live chart's tests drive a real headless Chromium (tests/ingest/test_chart.py).
@@ -47,6 +47,18 @@ promtool:
 			&& chmod 755 /usr/local/bin/promtool; rm -rf $$dir; \
 	else \
 		echo "tickpipe: the alert rules' test needs promtool: run 'sudo apt-get install prometheus' (or put promtool on PATH); it fails without it" >&2; \
+	fi
+
+# `tickpipe bench --read` drives its GETs with wrk (tests/test_bench.py runs it).
+# As root with apt, install Debian's; otherwise say how, and that test fails.
+wrk:
+	@if command -v wrk >/dev/null 2>&1; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's wrk for the read bench's test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
+	else \
+		echo "tickpipe: the read bench's test needs wrk: run 'sudo apt-get install wrk'; it fails without it" >&2; \
 	fi
 
 lint: $(STAMP)

@@ -155,3 +155,52 @@ def test_wrk_statuses_name_answers_and_failed_requests() -> None:
     assert bench_wrk.statuses_of(raw) == {
         "200": 7, "413": 5, "connect error": 2, "timeout error": 1
     }  # fmt: skip
+
+
+@pytest.mark.services
+def test_bench_read_reports_queries_and_the_sse_fan_out(tmp_path: Path) -> None:
+    out = tmp_path / "read"
+    run = run_to_end(
+        [
+            sys.executable, "-m", "tickpipe", "bench", "--read", "--read-rows", "4000",
+            "--duration-s", "1", "--workers", "2",
+            "--state-dir", str(tmp_path / "state"), "--out", str(out),
+        ],
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert results["data"] == {"rows": 4200, "symbols": 101, "range_rows": 200, "page": 20}
+    for key in ("latest", "history", "range"):
+        assert results[key]["requests_per_s"] > 0
+        assert results[key]["component_cpu_s"]["postgres"] >= 0
+    assert results["range"]["pages_per_range"] == 10
+    sse = results["sse"]
+    assert sse["clients"] == 100
+    assert sse["events_delivered"] > 0
+    assert sse["clients_ended_by_server"] == 0
+    assert sse["without_clients"]["ticks_per_s"] > 0
+    assert sse["with_clients"]["ticks_per_s"] > 0
+    assert sse["paced"]["events_delivered"] > 0
+    assert set(sse["cpu_us_per_event"]) == {"ingest", "redis", "sse clients"}
+    assert results["vs_baseline"] is None
+    assert "tickpipe bench --read: queries" in run.stdout
+    assert "SSE push" in run.stdout
+    # An earlier run as the baseline: every figure against it.
+    again = run_to_end(
+        [
+            sys.executable, "-m", "tickpipe", "bench", "--read", "--read-rows", "2000",
+            "--duration-s", "1", "--baseline", str(out.with_suffix(".json")),
+            "--state-dir", str(tmp_path / "state"), "--out", str(tmp_path / "again"),
+        ],
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    compared = json.loads((tmp_path / "again.json").read_text())["vs_baseline"]
+    assert compared["history req/s"] > 0
+    assert "history vs baseline" in again.stdout
+
+
+def test_bench_read_needs_wrk(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench_wrk.shutil, "which", lambda _name: None)
+    result = CliRunner().invoke(main, ["bench", "--read"])
+    assert result.exit_code == 2
+    assert "--read needs wrk" in result.output

@@ -653,6 +653,25 @@ def _guarded(run: Coroutine[Any, Any, T], name: str) -> T:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench"), show_default=True,
               help="Writes OUT.json and OUT.png.")  # fmt: skip
 @click.option(
+    "--read",
+    is_flag=True,
+    help="The read API and the SSE push instead: latest, history, a paged range, and ingest"
+    " with and without 100 event-stream clients (needs wrk).",
+)
+@click.option(
+    "--read-rows",
+    type=click.IntRange(min=2000),
+    default=200_000,
+    show_default=True,
+    help="With --read: ticks over 100 symbols, and a twentieth as many in the paged range.",
+)
+@click.option(
+    "--baseline",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="With --read: an earlier --read run's JSON; each figure is also shown against it.",
+)
+@click.option(
     "--loader",
     type=click.Choice(["wrk", "python"]),
     default=None,
@@ -669,6 +688,9 @@ def bench(
     ceiling_rows: int,
     state_dir: Path,
     out: Path,
+    read: bool,
+    read_rows: int,
+    baseline: Path | None,
     loader: Loader | None,
 ) -> None:
     """Throughput and latency against the per-tick INSERT baseline and the raw ceilings."""
@@ -707,6 +729,19 @@ def bench(
     )
     # Into a file or a pipe, rich would wrap the tables at 80 columns: cell by cell.
     console = Console(width=None if sys.stdout.isatty() else 200)
+    if read:
+        if loader != "wrk":
+            raise click.UsageError(f"--read needs wrk ({INSTALL_HINT})")
+        from tickpipe.lab.bench_read import ReadData, load_baseline, render_read, run_read_bench
+
+        reading = run_read_bench(
+            config, Console(stderr=True), load_baseline(baseline), ReadData(read_rows)
+        )
+        found = _guarded(reading, "bench")
+        render_read(found, console)
+        out.with_suffix(".json").write_text(json.dumps(found, indent=2) + "\n")
+        click.echo(f"wrote {out.with_suffix('.json')}", err=True)
+        return
     if shards > 1:
         from tickpipe.lab.bench_scale import render_scale, run_scale
 

@@ -152,6 +152,16 @@ async def copy_ceiling(database_url: str, count: int) -> dict[str, Any]:
 # -- the runs -------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """The processes of a bench run: ingest at ``url`` and the flushers."""
+
+    url: str
+    ingest: subprocess.Popen[bytes]
+    flushers: list[subprocess.Popen[bytes]]
+    metrics_ports: list[int]
+
+
 class Bench:
     def __init__(self, config: BenchConfig, console: Console) -> None:
         self.config = config
@@ -208,15 +218,20 @@ class Bench:
         await conn.execute("TRUNCATE md_ticks")
         await conn.close()
 
-    async def load(self, url: str, mode: str, rate: float = 0.0) -> dict[str, Any]:
-        """Run the load generator; returns its report plus its CPU seconds."""
+    async def load(
+        self, url: str, mode: str, rate: float = 0.0, paths: Path | None = None
+    ) -> dict[str, Any]:
+        """Run the load generator; returns its report plus its CPU seconds.
+
+        Mode "get" (wrk only) sends GETs of the paths in the file ``paths``.
+        """
         self._ts_ms += 10**9  # fresh keys for every run
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        if self.config.loader == "wrk" and rate <= 0:
+        if (self.config.loader == "wrk" and rate <= 0) or mode == "get":
             report = await run_wrk(
                 url, token=self.token, mode=mode, batch=self.config.batch,
                 duration_s=self.config.duration_s, connections=self.config.connections,
-                start_ts_ms=self._ts_ms, log_path=self.logs / "wrk.log",
+                start_ts_ms=self._ts_ms, log_path=self.logs / "wrk.log", paths=paths,
             )  # fmt: skip
         else:
             report = await self.python_load(url, mode, rate)
@@ -305,13 +320,13 @@ class Bench:
         report.update(redis_report(calls, report["accepted_ticks"], batches=None))
         return report
 
-    async def tickpipe_run(self, mode: str, rate: float = 0.0) -> dict[str, Any]:
-        """ingest (N workers) + K flushers under load; committed rows/s measured in Postgres."""
-        await self.reset_data()
+    async def start_pipeline(self, **extra: str) -> Pipeline:
+        """ingest (N workers) and K flushers, ready: ingest answers /readyz."""
         port = free_port()
         ingest = self.spawn(
             "ingest",
             [*TICKPIPE, "ingest", "--workers", str(self.config.workers), "--port", str(port)],
+            **extra,
         )  # fmt: skip
         metrics_ports = [free_port() for _ in range(self.config.flushers)]
         flushers = [
@@ -331,12 +346,22 @@ class Bench:
             )
             for n in range(self.config.flushers)
         ]
+        url = f"http://127.0.0.1:{port}"
         # Ready, not just listening: ingest answers 503 until it has learnt what
         # Redis is (a single server or a cluster) and found the consumer group.
-        await wait_ingest_ready(
-            ingest, f"http://127.0.0.1:{port}", self.logs / "ingest.log", timeout_s=60.0
-        )
+        await wait_ingest_ready(ingest, url, self.logs / "ingest.log", timeout_s=60.0)
         await asyncio.sleep(1.0)  # every worker up
+        return Pipeline(url, ingest, flushers, metrics_ports)
+
+    def stop_pipeline(self, pipeline: Pipeline) -> None:
+        for proc in (pipeline.ingest, *pipeline.flushers):
+            self.stop(proc)
+
+    async def tickpipe_run(self, mode: str, rate: float = 0.0) -> dict[str, Any]:
+        """ingest (N workers) + K flushers under load; committed rows/s measured in Postgres."""
+        await self.reset_data()
+        pipeline = await self.start_pipeline()
+        ingest, flushers, metrics_ports = pipeline.ingest, pipeline.flushers, pipeline.metrics_ports
         components = Components()
         components.add("ingest", ingest.pid)
         for flusher in flushers:
@@ -348,10 +373,10 @@ class Bench:
             with self.measured(components) as cpu:
                 async with self.redis_calls() as calls:
                     started = time.perf_counter()
-                    report = await self.load(f"http://127.0.0.1:{port}", mode, rate)
+                    report = await self.load(pipeline.url, mode, rate)
                     loaded_s = time.perf_counter() - started
                     committed_during = await conn.fetchval("SELECT count(*) FROM md_ticks")
-                    drained_at = await _wait_rows(conn, report["accepted_ticks"], 120)
+                    drained_at = await wait_rows(conn, report["accepted_ticks"], 120)
             total_s = drained_at - started
         finally:
             await conn.close()
@@ -363,9 +388,7 @@ class Bench:
         report["component_cpu_s"] = cpu
         batches = round(metric_total(metrics, BATCHES_METRIC) - batches_before)
         report.update(redis_report(calls, report["accepted_ticks"], batches))
-        self.stop(ingest)
-        for flusher in flushers:
-            self.stop(flusher)
+        self.stop_pipeline(pipeline)
         return report
 
     async def burst_flushers(self, names: list[tuple[str, str]]) -> float:
@@ -382,7 +405,7 @@ class Bench:
             for name, consumer in names
         ]
         try:
-            done_at = await _wait_rows(conn, self.config.drain_entries, 300)
+            done_at = await wait_rows(conn, self.config.drain_entries, 300)
         finally:
             await conn.close()
         for flusher in flushers:
@@ -439,7 +462,7 @@ async def wait_port(port: int, timeout_s: float = 30.0) -> None:
     raise RuntimeError(f"nothing listens on port {port}")
 
 
-async def _wait_rows(conn: asyncpg.Connection, count: int, timeout_s: float) -> float:
+async def wait_rows(conn: asyncpg.Connection, count: int, timeout_s: float) -> float:
     """Until md_ticks holds ``count`` rows; Stalled when it stops growing or takes too long."""
     deadline = time.monotonic() + timeout_s
     seen, grew_at = -1, time.monotonic()

@@ -1,5 +1,7 @@
 -- The wrk script of `tickpipe bench --loader wrk` (tickpipe/lab/bench_wrk.py runs it).
 --   wrk -s bench_wrk.lua URL -- single|batch BATCH START_TS_MS STALL_AFTER_S
+--   wrk -s bench_wrk.lua URL -- get PATHS_FILE 0 STALL_AFTER_S   (GETs of the file's
+--   paths in turn, one a line: `tickpipe bench --read`)
 -- The bearer token comes from TICKPIPE_BENCH_TOKEN (not argv: other users see argv).
 -- Every tick has its own (symbol, ts): ts counts up from START_TS_MS, each thread in a
 -- range of its own. done() prints one line: REPORT_PREFIX and a JSON object.
@@ -16,6 +18,7 @@ end
 
 -- Defaults for the main Lua state, where wrk checks one request() but runs no init().
 local single, size, next_ts, stall_after_s = true, 1, 0, 10
+local get, paths = false, { "/" }
 local headers = {}
 local ok_count, seen_ok, seen_ok_at = 0, 0, 0
 statuses = {}
@@ -23,6 +26,13 @@ last_refusal = ""
 stalled = ""
 
 function init(args)
+  get = args[1] == "get"
+  if get then
+    paths = {}
+    for line in io.lines(args[2]) do
+      table.insert(paths, line)
+    end
+  end
   single = args[1] ~= "batch"
   size = single and 1 or tonumber(args[2])
   next_ts = tonumber(args[3]) + tid * THREAD_SPAN_MS
@@ -46,6 +56,10 @@ end
 local emitted = 0
 
 function request()
+  if get then
+    emitted = emitted % #paths + 1
+    return wrk.format("GET", paths[emitted], headers)
+  end
   local body
   if single then
     body = tick(emitted)

@@ -52,16 +52,22 @@ async def run_wrk(
     connections: int,
     start_ts_ms: int,
     log_path: Path,
+    paths: Path | None = None,
 ) -> dict[str, Any]:
-    """One wrk run against ingest at ``url``; the report of :mod:`tickpipe.lab.bench_load`."""
-    path = "/ingest/tick" if mode == "single" else "/ingest/ticks"
-    per_request = 1 if mode == "single" else batch
+    """One wrk run against ingest at ``url``; the report of :mod:`tickpipe.lab.bench_load`.
+
+    ``mode`` "get" sends GETs of the paths in the file ``paths`` in turn, and
+    counts requests answered 2xx as the "ticks" of the report.
+    """
+    path = {"single": "/ingest/tick", "batch": "/ingest/ticks", "get": "/"}[mode]
+    per_request = batch if mode == "batch" else 1
+    first = str(paths) if mode == "get" else str(batch)
     proc = await asyncio.create_subprocess_exec(
         "wrk", "--threads", "1", "--connections", str(connections),
         "--duration", f"{max(1, round(duration_s))}s",
         "--timeout", f"{math.ceil(STALL_AFTER_S)}s",
         "--script", str(SCRIPT), url + path,
-        "--", mode, str(batch), str(start_ts_ms), str(STALL_AFTER_S),
+        "--", mode, first, str(start_ts_ms), str(STALL_AFTER_S),
         env={**os.environ, "TICKPIPE_BENCH_TOKEN": token},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
