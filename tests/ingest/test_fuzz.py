@@ -44,7 +44,8 @@ def bad_ticks(draw: st.DrawFn) -> Any:
     field = draw(st.sampled_from(sorted(GOOD)))
     how = draw(st.sampled_from(["retype", "drop", "extra", "bad_value"]))
     if how == "retype":
-        tick[field] = draw(json_values.filter(lambda v: not isinstance(v, str | int)))
+        # Not a number: a JSON number is a valid price, volume or ts (1.0 is a price).
+        tick[field] = draw(json_values.filter(lambda v: not isinstance(v, str | int | float)))
     elif how == "drop":
         del tick[field]
     elif how == "extra":
