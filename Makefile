@@ -22,17 +22,22 @@ demo: $(STAMP)
 test: lint browser promtool wrk
 	$(BIN)/pytest
 
-# The live chart's tests drive a real headless Chromium (tests/ingest/test_chart.py).
-# As root with apt, install Debian's; otherwise say how, and those tests fail.
-browser:
-	@if [ -n "$$CHROMIUM" ] || command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then \
+# A Debian package a test needs: $(call apt_install,PRESENT,PACKAGE,WHO NEEDS IT,OR ELSE).
+# As root with apt, install it; otherwise say how, and those tests fail.
+define apt_install
+	@if $(1); then \
 		:; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing Debian's chromium for the live chart's browser tests"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		echo "installing Debian's $(2) for $(3)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
 	else \
-		echo "tickpipe: the browser tests need Chromium: run 'sudo apt-get install chromium' (or set CHROMIUM=/path/to/chromium); they fail without it" >&2; \
+		echo "tickpipe: $(3) need $(2): run 'sudo apt-get install $(2)'$(4); they fail without it" >&2; \
 	fi
+endef
+
+# The live chart's tests drive a real headless Chromium (tests/ingest/test_chart.py).
+browser:
+	$(call apt_install,[ -n "$$CHROMIUM" ] || command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1,chromium,the browser tests, (or set CHROMIUM=/path/to/chromium))
 
 # The alert rules' test runs `promtool check rules` (tests/test_observability.py).
 # As root with apt, take promtool from Debian's prometheus package (the binary only:
@@ -50,16 +55,8 @@ promtool:
 	fi
 
 # `tickpipe bench --read` drives its GETs with wrk (tests/test_bench.py runs it).
-# As root with apt, install Debian's; otherwise say how, and that test fails.
 wrk:
-	@if command -v wrk >/dev/null 2>&1; then \
-		:; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing Debian's wrk for the read bench's test"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
-	else \
-		echo "tickpipe: the read bench's test needs wrk: run 'sudo apt-get install wrk'; it fails without it" >&2; \
-	fi
+	$(call apt_install,command -v wrk >/dev/null 2>&1,wrk,the read bench's tests,)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

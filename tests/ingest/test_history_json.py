@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestClient
 
 from ingest import history
 from ingest.queries import encode_cursor
-from tickpipe.core.ticks import EPOCH, MAX_TS_US, Tick, datetime_to_us, to_json
+from tickpipe.core.ticks import EPOCH, MAX_TS_US, to_json
 
 pytestmark = pytest.mark.services
 
@@ -87,25 +87,9 @@ async def store_random_rows(
 _json = msgspec.json.Encoder()
 
 
-def row_us(ts: dt.datetime) -> int:
-    """asyncpg reads the last instant, 9999-12-31T23:59:59.999999Z, as naive datetime.max
-    (where the Python encoder used to fail with a 500)."""
-    return MAX_TS_US if ts == dt.datetime.max else datetime_to_us(ts)
-
-
 def reference_ticks(symbol: str, rows: list[asyncpg.Record]) -> list[dict[str, str]]:
-    return [
-        to_json(
-            Tick(
-                symbol=symbol,
-                ts_us=row_us(row["ts"]),
-                price=row["price"],
-                volume=row["volume"],
-                source=row["source"],
-            )
-        )
-        for row in rows
-    ]
+    """The ticks as the Python encoder wrote them: rows as Ticks, then to_json."""
+    return [to_json(tick) for tick in history._ticks(symbol, rows)]
 
 
 async def test_a_history_is_the_python_encoders_bytes(
@@ -152,7 +136,7 @@ async def test_every_page_of_a_range_is_the_python_encoders_bytes(
             body: dict[str, object] = {"symbol": symbol, "order": "oldest_first", "ticks": ticks}
             body["next_cursor"] = body["next"] = None
             if len(rows) > limit:
-                cursor = encode_cursor(row_us(rows[limit - 1]["ts"]))
+                cursor = encode_cursor(history._row_us(rows[limit - 1]["ts"]))
                 body["next_cursor"] = cursor
                 body["next"] = f"/ticks/{symbol}?{urlencode({**params, 'cursor': cursor})}"
             response = await client.get(f"/ticks/{symbol}", params=params, headers=READER)
@@ -162,5 +146,5 @@ async def test_every_page_of_a_range_is_the_python_encoders_bytes(
             if body["next_cursor"] is None:
                 break
             params["cursor"] = str(body["next_cursor"])
-            first_us = row_us(rows[limit - 1]["ts"]) + 1
+            first_us = history._row_us(rows[limit - 1]["ts"]) + 1
         assert pages == -(-1000 // limit)
