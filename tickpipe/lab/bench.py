@@ -247,7 +247,7 @@ class Bench:
         """The Python load generator (python -m tickpipe.lab.bench_load), a child process."""
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tickpipe.lab.bench_load", url,
-            "--token", self.token, "--mode", mode, "--batch", str(self.config.batch),
+            f"--token={self.token}", "--mode", mode, "--batch", str(self.config.batch),
             "--duration-s", str(self.config.duration_s), "--rate", str(rate),
             "--connections", str(self.config.connections), "--start-ts-ms", str(self._ts_ms),
             stdout=asyncio.subprocess.PIPE,
