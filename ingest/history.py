@@ -70,12 +70,14 @@ def _epoch_us(ts: str) -> str:
     )
 
 
-# The rows of NEWEST_SQL as one JSON text.
+# The rows of NEWEST_SQL as one JSON text. A ts of 'infinity' (written by other
+# means: no tick has one) has no RFC 3339 form and is left out.
 NEWEST_JSON_SQL = f"""
 SELECT convert_to(
     coalesce(string_agg({_TICK_JSON.format(symbol=3)}, ',' ORDER BY ts DESC), ''), 'UTF8'
 )
 FROM ({NEWEST_SQL}) newest
+WHERE isfinite(ts)
 """
 
 # The rows of BETWEEN_SQL but the last, as one JSON text; whether that last row

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -66,8 +67,9 @@ def decode_entries(entries: Iterable[RawEntry]) -> list[Event]:
     return events
 
 
-Write = Callable[[bytes], None]
-"""Puts bytes on a client's connection now, without waiting (a closed one drops them)."""
+Write = Callable[[bytes], int | None]
+"""Puts bytes on a client's connection now, without waiting: how many bytes went on the
+connection, or None when it is closed (the client is gone)."""
 Buffered = Callable[[], int]
 """How many bytes a client's connection holds that the client has not taken yet."""
 
@@ -89,7 +91,12 @@ class Subscription:
         self._buffered = buffered
         self._held: list[Event] | None = []
         self._sent: StreamId = (0, 0)
-        self._behind = 0
+        self._written = 0
+        """Bytes this subscription has put on the connection."""
+        self._unread: deque[tuple[int, int]] = deque()
+        """(offset of its end, events) of each write the connection may still hold."""
+        self._pending = 0
+        """Events in those writes."""
         self.reason = ""
         self._ended = asyncio.Event()
 
@@ -130,13 +137,25 @@ class Subscription:
             events = [event for event in events if event.id > self._sent]
             if not events:
                 return
-        # The client falls behind while its connection holds bytes it has not taken.
-        self._behind = self._behind + len(events) if self._buffered() else len(events)
-        if self._behind > self._size:
+        # Events the client has not taken yet: those of the writes whose bytes are still in
+        # its connection's buffer (the kernel's socket buffer, before it, is taken).
+        taken_to = self._written - self._buffered()
+        unread = self._unread
+        while unread and unread[0][0] <= taken_to:
+            self._pending -= unread.popleft()[1]
+        if self._pending + len(events) > self._size:
             self._drop()
             return
+        written = self._write(
+            events[0].frame if len(events) == 1 else b"".join(e.frame for e in events)
+        )
+        if written is None:
+            self.end("client gone")
+            return
+        self._written += written
+        unread.append((self._written, len(events)))
+        self._pending += len(events)
         self._sent = events[-1].id
-        self._write(events[0].frame if len(events) == 1 else b"".join(e.frame for e in events))
 
     def _drop(self) -> None:
         metrics.SSE_DROPPED.inc()
@@ -188,6 +207,7 @@ class StreamHub:
         metrics.SSE_CLIENTS.set(len(self._subs))
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="sse-hub")
+            self._task.add_done_callback(_report_end)
         self._active.set()
         return sub
 
@@ -266,7 +286,7 @@ class StreamHub:
         if not events:
             return
         for sub in self._everything:
-            sub.deliver(events)
+            _deliver(sub, events)
         shares: dict[Subscription, list[Event]] = {}
         for event in events:
             for sub in by_symbol.get(event.symbol, ()):
@@ -276,7 +296,21 @@ class StreamHub:
                 else:
                     share.append(event)
         for sub, share in shares.items():
-            sub.deliver(share)
+            _deliver(sub, share)
+
+
+def _deliver(sub: Subscription, events: list[Event]) -> None:
+    """One client's share; a failure ends that client's stream, never the hub."""
+    try:
+        sub.deliver(events)
+    except Exception:
+        log.exception("sse: ending a client's stream after a failed write")
+        sub.end("server error")
+
+
+def _report_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("sse: the stream reader stopped", exc_info=task.exception())
 
 
 class StreamHubs:

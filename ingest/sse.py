@@ -231,8 +231,13 @@ class _Client:
         assert self.response is not None
         if not events:
             return
-        async with asyncio.timeout(self._send_timeout_s):
-            await self.response.write(b"".join(event.frame for event in events))
+        try:
+            async with asyncio.timeout(self._send_timeout_s):
+                await self.response.write(b"".join(event.frame for event in events))
+        except TimeoutError:
+            if (transport := self._request.transport) is not None:
+                transport.abort()  # a stalled client would hold the end of the response too
+            raise
         self._sent = events[-1].id
 
     async def _catch_up(self, cursor: str) -> str:
@@ -261,7 +266,8 @@ class _Client:
         cursor = await self._catch_up(cursor)
         await response.write(b"")  # the headers go out before any direct write
         transport = self._request.transport
-        assert transport is not None
+        if transport is None or transport.is_closing():
+            return "client gone"
         sub = await hub.subscribe(
             self._symbols,
             buffer,
@@ -279,8 +285,10 @@ class _Client:
                     # Idle: the heartbeat task notices a client that went away.
                     if not response.is_connected() or transport.is_closing():
                         sub.end("client gone")
-            if sub.reason.startswith("too slow"):
-                transport.abort()  # what it holds is lost to the client: it resumes by id
+            if transport.get_write_buffer_size():
+                # Too slow, or gone: ending the response gracefully would wait for it.
+                # What its connection holds is lost to it: it resumes by id.
+                transport.abort()
             return sub.reason
         finally:
             hub.unsubscribe(sub)
@@ -296,12 +304,14 @@ def _chunk_writer(transport: asyncio.Transport, response: web.StreamResponse) ->
     """
     chunked = response.headers.get(hdrs.TRANSFER_ENCODING) == "chunked"
 
-    def write(payload: bytes) -> None:
+    def write(payload: bytes) -> int | None:
         if transport.is_closing():
-            return  # the client is gone: its task ends the subscription
-        if chunked:
-            transport.writelines((b"%x\r\n" % len(payload), payload, b"\r\n"))
-        else:
+            return None  # the client is gone
+        if not chunked:
             transport.write(payload)
+            return len(payload)
+        head = b"%x\r\n" % len(payload)
+        transport.writelines((head, payload, b"\r\n"))
+        return len(head) + len(payload) + 2
 
     return write

@@ -148,3 +148,20 @@ async def test_every_page_of_a_range_is_the_python_encoders_bytes(
             params["cursor"] = str(body["next_cursor"])
             first_us = history._row_us(rows[limit - 1]["ts"]) + 1
         assert pages == -(-1000 // limit)
+
+
+async def test_a_row_written_with_an_infinite_ts_is_left_out(
+    client: Client, pg: asyncpg.Connection
+) -> None:
+    """No tick has one (ingest refuses it), but another writer may store 'infinity'."""
+    await pg.execute(
+        "INSERT INTO md_ticks (symbol, ts, price, volume, source) VALUES"
+        " ('INF', 'infinity', 1, 1, 's'), ('INF', '-infinity', 1, 1, 's'),"
+        " ('INF', '2024-05-01T12:00:00Z', 2.50, 0, 's')"
+    )
+    response = await client.get("/ticks/INF", headers=READER)
+    assert response.status == 200
+    assert await response.read() == (
+        b'{"symbol":"INF","order":"newest_first","ticks":[{"symbol":"INF",'
+        b'"ts":"2024-05-01T12:00:00.000000Z","price":"2.50","volume":"0","source":"s"}]}'
+    )

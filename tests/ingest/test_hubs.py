@@ -19,17 +19,29 @@ def entry(n: int, symbol: str) -> RawEntry:
 
 
 class Client:
-    """A subscriber's connection: what was written to it, and what it has not taken yet."""
+    """A subscriber's connection: what was written to it, and how much of it the client took.
 
-    def __init__(self, backlog: int = 0) -> None:
+    ``takes`` is "all" (reads at once), "none" (stalled: the connection keeps every
+    byte), or "all but the last write" (always one write behind).
+    """
+
+    def __init__(self, takes: str = "all") -> None:
         self.writes: list[bytes] = []
-        self.backlog = backlog
+        self.takes = takes
+        self.gone = False
 
-    def write(self, payload: bytes) -> None:
+    def write(self, payload: bytes) -> int | None:
+        if self.gone:
+            return None
         self.writes.append(payload)
+        return len(payload)
 
     def buffered(self) -> int:
-        return self.backlog
+        if self.takes == "none":
+            return sum(map(len, self.writes))
+        if self.takes == "all but the last write" and self.writes:
+            return len(self.writes[-1])
+        return 0
 
     def ids(self) -> list[str]:
         return [
@@ -124,7 +136,7 @@ async def test_events_wait_for_the_catch_up_and_are_not_sent_twice(hub: StreamHu
 async def test_a_client_that_holds_too_many_events_is_dropped_and_never_written_again(
     hub: StreamHub,
 ) -> None:
-    slow, fast = Client(backlog=1), Client()
+    slow, fast = Client(takes="none"), Client()
     dropped = metrics.SSE_DROPPED._value.get()
     slow_sub = await subscribe(hub, {"X"}, slow, size=3)
     await subscribe(hub, {"X"}, fast, size=3)
@@ -135,3 +147,36 @@ async def test_a_client_that_holds_too_many_events_is_dropped_and_never_written_
     assert slow.ids() == ["1-0", "2-0"]
     assert metrics.SSE_DROPPED._value.get() == dropped + 1
     assert fast.ids() == ["1-0", "2-0", "3-0", "4-0", "5-0"]  # the fast one never waited
+
+
+async def test_a_client_one_write_behind_is_never_dropped(hub: StreamHub) -> None:
+    """Its connection is never empty, yet it never holds more than one write's events."""
+    client = Client(takes="all but the last write")
+    sub = await subscribe(hub, {"X"}, client, size=4)  # 2 held + 2 new at each write
+    for n in range(1, 200, 2):
+        hub._dispatch([entry(n, "X"), entry(n + 1, "X")])
+    assert not sub.ended
+    assert len(client.ids()) == 200
+
+
+async def test_a_client_whose_connection_closed_is_ended(hub: StreamHub) -> None:
+    client, other = Client(), Client()
+    sub = await subscribe(hub, {"X"}, client)
+    await subscribe(hub, {"X"}, other)
+    client.gone = True
+    hub._dispatch([entry(1, "X")])
+    assert sub.reason == "client gone"
+    assert other.ids() == ["1-0"]
+
+
+async def test_a_failing_client_ends_alone(hub: StreamHub) -> None:
+    def broken(payload: bytes) -> int:
+        raise OSError("the write failed")
+
+    other = Client()
+    sub = await hub.subscribe(frozenset({"X"}), 100, broken, lambda: 0)
+    sub.go_live((0, 0))
+    await subscribe(hub, {"X"}, other)
+    hub._dispatch([entry(1, "X")])
+    assert sub.reason == "server error"
+    assert other.ids() == ["1-0"]
