@@ -177,6 +177,8 @@ class Bench:
         self.logs = config.state_dir / "logs"
         self.processes = Processes(self.logs)
         self._ts_ms = 1_600_000_000_000
+        self.load_symbols = 64
+        """The loads' ticks are of B0 to B<load_symbols - 1>."""
 
     def env(self, **extra: str) -> dict[str, str]:
         return {
@@ -232,6 +234,7 @@ class Bench:
                 url, token=self.token, mode=mode, batch=self.config.batch,
                 duration_s=self.config.duration_s, connections=self.config.connections,
                 start_ts_ms=self._ts_ms, log_path=self.logs / "wrk.log", paths=paths,
+                symbols=self.load_symbols,
             )  # fmt: skip
         else:
             report = await self.python_load(url, mode, rate)
@@ -250,6 +253,7 @@ class Bench:
             f"--token={self.token}", "--mode", mode, "--batch", str(self.config.batch),
             "--duration-s", str(self.config.duration_s), "--rate", str(rate),
             "--connections", str(self.config.connections), "--start-ts-ms", str(self._ts_ms),
+            "--symbols", str(self.load_symbols),
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         async with reaped(proc):

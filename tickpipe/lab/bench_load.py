@@ -22,13 +22,16 @@ from tickpipe.core.loop import run
 from tickpipe.lab.stall import STALL_AFTER_S
 
 
-def payloads(mode: str, batch: int, start_ts_ms: int, count: int) -> list[bytes]:
-    """Pre-encoded bodies with unique (symbol, ts) keys, so encoding costs nothing later."""
+def payloads(mode: str, batch: int, start_ts_ms: int, count: int, symbols: int = 64) -> list[bytes]:
+    """Pre-encoded bodies with unique (symbol, ts) keys, so encoding costs nothing later.
+
+    The symbols are B0 to B{symbols - 1}, in turn.
+    """
     bodies = []
     size = 1 if mode == "single" else batch
     for n in range(count):
         ticks = [
-            f'{{"symbol":"B{(n * size + i) % 64}","ts":{start_ts_ms + n * size + i},'
+            f'{{"symbol":"B{(n * size + i) % symbols}","ts":{start_ts_ms + n * size + i},'
             f'"price":"{100 + (n + i) % 997}.{(n * 7 + i) % 100:02d}","volume":{(n + i) % 1000},'
             '"source":"bench"}'
             for i in range(size)
@@ -149,7 +152,7 @@ async def load(args: argparse.Namespace) -> dict[str, object]:
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {args.token}\r\n"
         "Content-Type: application/json\r\nContent-Length: "
     ).encode()
-    bodies = payloads(args.mode, args.batch, args.start_ts_ms, 50_000)
+    bodies = payloads(args.mode, args.batch, args.start_ts_ms, 50_000, args.symbols)
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
     timeline: Counter[int] = Counter()
@@ -246,6 +249,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.0, help="ticks/s; 0 = as fast as possible")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--start-ts-ms", type=int, default=1_600_000_000_000)
+    parser.add_argument("--symbols", type=int, default=64, help="ticks of B0 to B<n-1>")
     result = run(load(parser.parse_args()))
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")

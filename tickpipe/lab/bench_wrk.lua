@@ -1,5 +1,6 @@
 -- The wrk script of `tickpipe bench --loader wrk` (tickpipe/lab/bench_wrk.py runs it).
---   wrk -s bench_wrk.lua URL -- single|batch BATCH START_TS_MS STALL_AFTER_S
+--   wrk -s bench_wrk.lua URL -- single|batch BATCH START_TS_MS STALL_AFTER_S [SYMBOLS]
+--   (ticks of B0 to B<SYMBOLS-1> in turn, 64 by default)
 --   wrk -s bench_wrk.lua URL -- get PATHS_FILE 0 STALL_AFTER_S   (GETs of the file's
 --   paths in turn, one a line: `tickpipe bench --read`)
 -- The bearer token comes from TICKPIPE_BENCH_TOKEN (not argv: other users see argv).
@@ -17,7 +18,7 @@ function setup(thread)
 end
 
 -- Defaults for the main Lua state, where wrk checks one request() but runs no init().
-local single, size, next_ts, stall_after_s = true, 1, 0, 10
+local single, size, next_ts, stall_after_s, symbols = true, 1, 0, 10, 64
 local get, paths = false, { "/" }
 local headers = {}
 local ok_count, seen_ok, seen_ok_at = 0, 0, 0
@@ -37,6 +38,7 @@ function init(args)
   size = single and 1 or tonumber(args[2])
   next_ts = tonumber(args[3]) + tid * THREAD_SPAN_MS
   stall_after_s = tonumber(args[4])
+  symbols = tonumber(args[5] or "64")
   headers = {
     ["Authorization"] = "Bearer " .. (os.getenv("TICKPIPE_BENCH_TOKEN") or ""),
     ["Content-Type"] = "application/json",
@@ -49,7 +51,7 @@ local format = string.format
 local function tick(n)
   return format(
     '{"symbol":"B%d","ts":%d,"price":"%d.%02d","volume":%d,"source":"bench"}',
-    n % 64, next_ts + n, 100 + n % 997, (n * 7) % 100, n % 1000
+    n % symbols, next_ts + n, 100 + n % 997, (n * 7) % 100, n % 1000
   )
 end
 

@@ -53,6 +53,7 @@ async def run_wrk(
     start_ts_ms: int,
     log_path: Path,
     paths: Path | None = None,
+    symbols: int = 64,
 ) -> dict[str, Any]:
     """One wrk run against ingest at ``url``; the report of :mod:`tickpipe.lab.bench_load`.
 
@@ -67,7 +68,7 @@ async def run_wrk(
         "--duration", f"{max(1, round(duration_s))}s",
         "--timeout", f"{math.ceil(STALL_AFTER_S)}s",
         "--script", str(SCRIPT), url + path,
-        "--", mode, first, str(start_ts_ms), str(STALL_AFTER_S),
+        "--", mode, first, str(start_ts_ms), str(STALL_AFTER_S), str(symbols),
         env={**os.environ, "TICKPIPE_BENCH_TOKEN": token},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
