@@ -21,7 +21,7 @@ import asyncpg
 import msgspec
 
 from tickpipe.core.pgpool import close_pool, keep_session, open_pool
-from tickpipe.core.ticks import EPOCH, MAX_TS_US, Tick, datetime_to_us
+from tickpipe.core.ticks import EPOCH, Tick, datetime_to_us
 
 LATEST_SQL = """
 SELECT ts, price, volume, source FROM md_ticks
@@ -96,13 +96,13 @@ _json = msgspec.json.Encoder()
 
 
 class Page(NamedTuple):
-    """Ticks as JSON text, ready to go between ``[`` and ``]``."""
+    """A page of a range: its ticks as JSON text, ready to go between ``[`` and ``]``."""
 
     ticks: bytes
-    more: bool = False
-    """Whether ticks follow the page (a range only)."""
-    last_us: int | None = None
-    """The ts of the page's last tick (a range only; None if the page is empty)."""
+    more: bool
+    """Whether ticks follow the page."""
+    last_us: int | None
+    """The ts of the page's last tick (None if the page is empty)."""
 
 
 def _datetime(ts_us: int) -> dt.datetime:
@@ -113,19 +113,13 @@ def _ticks(symbol: str, rows: Sequence[asyncpg.Record]) -> list[Tick]:
     return [
         Tick(
             symbol=symbol,
-            ts_us=_row_us(row["ts"]),
+            ts_us=datetime_to_us(row["ts"]),
             price=row["price"],
             volume=row["volume"],
             source=row["source"],
         )
         for row in rows
     ]
-
-
-def _row_us(ts: dt.datetime) -> int:
-    # asyncpg reads the last instant a tick may have, 9999-12-31T23:59:59.999999Z,
-    # as datetime.max, without a time zone (its "infinity").
-    return MAX_TS_US if ts == dt.datetime.max else datetime_to_us(ts)
 
 
 class TickHistory:
@@ -171,12 +165,12 @@ class TickHistory:
         ticks = _ticks(symbol, rows)
         return ticks[0] if ticks else None
 
-    async def newest(self, symbol: str, limit: int) -> Page:
-        """The ``limit`` most recent ticks of ``symbol``, newest first."""
+    async def newest(self, symbol: str, limit: int) -> bytes:
+        """The ``limit`` most recent ticks of ``symbol``, newest first, as JSON text."""
         ticks: bytes = await self.pool.fetchval(
             NEWEST_JSON_SQL, symbol, limit, _symbol_json(symbol)
         )
-        return Page(ticks)
+        return ticks
 
     async def between(self, symbol: str, first_us: int, last_us: int, limit: int) -> Page:
         """Up to ``limit`` ticks with ``first_us <= ts <= last_us``, oldest first."""

@@ -159,7 +159,7 @@ async def get_ticks(request: web.Request) -> web.Response:
             )
         with store_unavailable_as_503("history"):
             newest = await request.app[STORE].newest(symbol, limit)
-        return page_response({"symbol": symbol, "order": "newest_first"}, newest.ticks)
+        return page_response({"symbol": symbol, "order": "newest_first"}, newest)
 
     first_us = 0 if start_us is None else start_us
     last_us = MAX_TS_US if end_us is None else end_us - 1

@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestClient
 
 from ingest import history
 from ingest.queries import encode_cursor
-from tickpipe.core.ticks import EPOCH, MAX_TS_US, to_json
+from tickpipe.core.ticks import EPOCH, MAX_TS_US, datetime_to_us, to_json
 
 pytestmark = pytest.mark.services
 
@@ -136,7 +136,7 @@ async def test_every_page_of_a_range_is_the_python_encoders_bytes(
             body: dict[str, object] = {"symbol": symbol, "order": "oldest_first", "ticks": ticks}
             body["next_cursor"] = body["next"] = None
             if len(rows) > limit:
-                cursor = encode_cursor(history._row_us(rows[limit - 1]["ts"]))
+                cursor = encode_cursor(datetime_to_us(rows[limit - 1]["ts"]))
                 body["next_cursor"] = cursor
                 body["next"] = f"/ticks/{symbol}?{urlencode({**params, 'cursor': cursor})}"
             response = await client.get(f"/ticks/{symbol}", params=params, headers=READER)
@@ -146,7 +146,7 @@ async def test_every_page_of_a_range_is_the_python_encoders_bytes(
             if body["next_cursor"] is None:
                 break
             params["cursor"] = str(body["next_cursor"])
-            first_us = history._row_us(rows[limit - 1]["ts"]) + 1
+            first_us = datetime_to_us(rows[limit - 1]["ts"]) + 1
         assert pages == -(-1000 // limit)
 
 

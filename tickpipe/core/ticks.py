@@ -224,7 +224,13 @@ def parse_ts(value: int | float | str) -> int:
 
 
 def datetime_to_us(value: dt.datetime) -> int:
-    """Microseconds since the Unix epoch of an aware datetime (exact, no float)."""
+    """Microseconds since the Unix epoch of an aware datetime (exact, no float).
+
+    asyncpg reads the last instant a tick may have, 9999-12-31T23:59:59.999999Z, as
+    a naive ``datetime.max`` (its "infinity"): that is the instant it stands for.
+    """
+    if value == dt.datetime.max:
+        return MAX_TS_US
     return (value - EPOCH) // _ONE_US
 
 

@@ -11,6 +11,7 @@ from tickpipe.core.ticks import (
     MAX_TS_US,
     Tick,
     TickError,
+    datetime_to_us,
     decimal_from_json,
     format_ts,
     from_fields,
@@ -288,3 +289,11 @@ def test_format_ts_is_rfc3339_utc_with_microseconds_over_the_whole_range() -> No
     for ts_us in stamps:
         moment = EPOCH + dt.timedelta(microseconds=ts_us)
         assert format_ts(ts_us) == moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), ts_us
+
+
+def test_datetime_to_us_reads_asyncpgs_last_instant_as_that_instant() -> None:
+    # asyncpg returns 9999-12-31T23:59:59.999999Z read from Postgres as naive datetime.max.
+    assert datetime_to_us(dt.datetime.max) == MAX_TS_US
+    assert datetime_to_us(EPOCH + dt.timedelta(microseconds=MAX_TS_US)) == MAX_TS_US
+    with pytest.raises(TypeError):
+        datetime_to_us(dt.datetime(2024, 1, 1))  # any other naive datetime is refused
