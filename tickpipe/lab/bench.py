@@ -357,6 +357,15 @@ class Bench:
         await asyncio.sleep(1.0)  # every worker up
         return Pipeline(url, ingest, flushers, metrics_ports)
 
+    def components(self, pipeline: Pipeline) -> Components:
+        """The pipeline's processes and the servers, for their CPU time."""
+        components = Components()
+        components.add("ingest", pipeline.ingest.pid)
+        for flusher in pipeline.flushers:
+            components.add("flushers", flusher.pid)
+        self.servers(components)
+        return components
+
     def stop_pipeline(self, pipeline: Pipeline) -> None:
         for proc in (pipeline.ingest, *pipeline.flushers):
             self.stop(proc)
@@ -365,12 +374,8 @@ class Bench:
         """ingest (N workers) + K flushers under load; committed rows/s measured in Postgres."""
         await self.reset_data()
         pipeline = await self.start_pipeline()
-        ingest, flushers, metrics_ports = pipeline.ingest, pipeline.flushers, pipeline.metrics_ports
-        components = Components()
-        components.add("ingest", ingest.pid)
-        for flusher in flushers:
-            components.add("flushers", flusher.pid)
-        self.servers(components)
+        metrics_ports = pipeline.metrics_ports
+        components = self.components(pipeline)
         batches_before = metric_total(await flusher_metrics(metrics_ports), BATCHES_METRIC)
         conn = await asyncpg.connect(self.stack.database_url)
         try:

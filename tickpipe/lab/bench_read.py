@@ -151,14 +151,6 @@ class ReadBench(Bench):
             "load_cpu_s": report["cpu_s"],
         }
 
-    def components(self, pipeline: Pipeline) -> Components:
-        components = Components()
-        components.add("ingest", pipeline.ingest.pid)
-        for flusher in pipeline.flushers:
-            components.add("flushers", flusher.pid)
-        self.servers(components)
-        return components
-
     async def ingest_run(
         self, pipeline: Pipeline, rate: float = 0.0, extra: Components | None = None
     ) -> dict[str, Any]:
